@@ -1,0 +1,37 @@
+# Two commands for a fresh Debian/Ubuntu machine with Python 3.11+:
+#   make run   - creates .venv, installs Telemetra, starts it on embedded defaults (SQLite + MQTT broker)
+#   make test  - installs test dependencies and the services the suite needs, then runs all of it
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test install install-test services lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+
+run: install
+	$(BIN)/telemetra serve
+
+services:
+	./scripts/test-services.sh
+
+lint: install-test
+	$(BIN)/ruff check src tests bench
+
+test: install-test services
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install-test
+	$(BIN)/python bench/http_ingest.py
+
+clean:
+	rm -rf $(VENV) telemetra-data build *.egg-info

@@ -1,0 +1,3 @@
+"""Telemetra: a self-hosted IoT telemetry backend."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""HTTP API: one router per resource, thin — parse, call a repository or service, shape the answer."""

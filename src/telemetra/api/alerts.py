@@ -1,0 +1,58 @@
+"""Alerts (seed 003's ``/api/alerts``): active → acknowledged → cleared."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from telemetra.api.deps import Admin, ServicesDep
+from telemetra.domain.timeutil import ms_to_iso, now_ms
+from telemetra.storage.schema import AlertRow
+
+router = APIRouter(tags=["alerts"])
+
+
+def alert_out(a: AlertRow) -> dict[str, Any]:
+    def iso(ms: int | None) -> str | None:
+        return ms_to_iso(ms) if ms is not None else None
+
+    return {
+        "id": a.id,
+        "device_id": a.device_id,
+        "type": a.type,
+        "severity": a.severity,
+        "level": a.severity,
+        "message": a.message,
+        "value": a.value,
+        "status": a.status,
+        "count": a.count,
+        "payload": a.payload,
+        "created_at": iso(a.created_at),
+        "updated_at": iso(a.updated_at),
+        "acknowledged_at": iso(a.acknowledged_at),
+        "cleared_at": iso(a.cleared_at),
+    }
+
+
+@router.get("/api/v1/alerts")
+@router.get("/api/alerts", include_in_schema=False)
+async def list_alerts(
+    services: ServicesDep,
+    _: Admin,
+    status: Annotated[str | None, Query(pattern="^(active|acknowledged|cleared)$")] = None,
+    device_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    rows = await services.alerts.list(status=status, device_id=device_id, limit=limit)
+    return {"alerts": [alert_out(a) for a in rows]}
+
+
+@router.post("/api/v1/alerts/{alert_id}/acknowledge")
+async def acknowledge(alert_id: int, services: ServicesDep, _: Admin) -> dict[str, Any]:
+    return alert_out(await services.alerts.transition(alert_id, "acknowledged", now_ms=now_ms()))
+
+
+@router.post("/api/v1/alerts/{alert_id}/clear")
+async def clear(alert_id: int, services: ServicesDep, _: Admin) -> dict[str, Any]:
+    return alert_out(await services.alerts.transition(alert_id, "cleared", now_ms=now_ms()))

@@ -1,0 +1,74 @@
+"""Health (all seeds' paths), Prometheus metrics and fleet statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+from starlette.responses import JSONResponse, Response
+
+from telemetra import __version__
+from telemetra.api.deps import Admin, ServicesDep
+from telemetra.domain.timeutil import ms_to_iso, now_ms
+from telemetra.storage.schema import Device, LatestRow
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+@router.get("/api/v1/health")
+@router.get("/api/health")
+async def health(services: ServicesDep) -> JSONResponse:
+    """Status of the database, MQTT, the ingest queue and WebSockets; 503 when a dependency is down."""
+    checks: dict[str, Any] = {}
+    try:
+        async with services.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        checks["database"] = {"status": "ok", "dialect": services.engine.dialect.name}
+    except Exception as exc:  # a health check reports a failure, it does not raise it
+        checks["database"] = {"status": "down", "error": type(exc).__name__}
+    checks["ingest_queue"] = {
+        "status": "ok" if services.queue.depth < services.queue.capacity else "full",
+        "depth": services.queue.depth,
+        "capacity": services.queue.capacity,
+    }
+    for name, probe in services.extras.get("health_probes", {}).items():
+        checks[name] = probe()
+    checks.setdefault("websocket", {"status": "ok", "connections": 0})
+    healthy = all(c.get("status") in ("ok", "off") for c in checks.values())
+    body = {
+        "status": "ok" if healthy else "degraded",
+        "version": __version__,
+        "timestamp": ms_to_iso(now_ms()),
+        "checks": checks,
+    }
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v1/stats")
+@router.get("/api/stats", include_in_schema=False)
+async def stats(services: ServicesDep, _: Admin) -> dict[str, Any]:
+    """Fleet figures for dashboards (seed 003's ``/api/stats``)."""
+    now = now_ms()
+    fresh = now - services.settings.offline_after_s * 1000
+    async with services.engine.connect() as conn:
+        total = (await conn.execute(select(func.count()).select_from(Device))).scalar_one()
+        online = (
+            await conn.execute(
+                select(func.count()).select_from(Device).where(Device.online.is_(True), Device.last_seen_at >= fresh)
+            )
+        ).scalar_one()
+        series = (await conn.execute(select(func.count()).select_from(LatestRow))).scalar_one()
+    return {
+        "devices": {"total": int(total), "online": int(online), "offline": int(total) - int(online)},
+        "series": int(series),
+        "ingest": {"queue_depth": services.queue.depth},
+        "timestamp": ms_to_iso(now),
+    }

@@ -1,0 +1,154 @@
+"""Request and answer models (``Create``/``Update``/``Public`` families apart from the table models)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceCreate(_Strict):
+    id: str | None = Field(None, pattern=DEVICE_ID_PATTERN, description="generated when absent")
+    name: str | None = Field(None, max_length=128)
+    model: str | None = Field(None, max_length=128)
+    kind: Literal["device", "gateway"] = "device"
+    parent_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
+    notes: str | None = Field(None, max_length=10_000)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceUpdate(_Strict):
+    name: str | None = Field(None, max_length=128)
+    model: str | None = Field(None, max_length=128)
+    kind: Literal["device", "gateway"] | None = None
+    parent_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
+    notes: str | None = Field(None, max_length=10_000)
+    metadata: dict[str, Any] | None = None
+    disabled: bool | None = None
+
+    @field_validator("kind", "disabled", mode="before")
+    @classmethod
+    def _required_when_given(cls, value: Any) -> Any:
+        # Absent means "leave as is"; an explicit null would clear a column that must have a value.
+        if value is None:
+            raise ValueError("may be left out but not set to null")
+        return value
+
+
+class DevicePublic(BaseModel):
+    id: str
+    name: str | None
+    model: str | None
+    kind: str
+    parent_id: str | None
+    role: str | None
+    fw_version: str | None
+    online: bool
+    rssi: int | None
+    last_seen_at: str | None
+    notes: str | None
+    metadata: dict[str, Any]
+    disabled: bool
+    auto_registered: bool
+    created_at: str
+    updated_at: str
+
+
+class MqttCredentials(BaseModel):
+    username: str
+    password: str
+
+
+class Credentials(BaseModel):
+    api_key: str
+    mqtt: MqttCredentials
+
+
+class DeviceWithCredentials(BaseModel):
+    device: DevicePublic
+    credentials: Credentials
+
+
+class DeviceList(BaseModel):
+    devices: list[DevicePublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ClaimCodesCreate(_Strict):
+    count: int | None = Field(None, ge=1, le=1000, description="devices to create with generated ids")
+    device_ids: list[str] | None = Field(None, max_length=1000)
+    prefix: str = Field("dev", pattern=r"^[A-Za-z0-9_\-]{1,32}$")
+    model: str | None = Field(None, max_length=128)
+    kind: Literal["device", "gateway"] = "device"
+    ttl_s: int | None = Field(None, ge=60, le=365 * 86400)
+
+
+class ClaimCode(BaseModel):
+    device_id: str
+    claim_code: str
+    expires_at: str
+
+
+class ClaimCodes(BaseModel):
+    claim_codes: list[ClaimCode]
+
+
+class ClaimRequest(_Strict):
+    claim_code: str = Field(..., min_length=4, max_length=64)
+
+
+class IngestAccepted(BaseModel):
+    status: Literal["accepted"] = "accepted"
+    device_ids: list[str]
+    messages: int
+    points: int
+
+
+class TelemetryMessage(BaseModel):
+    """For the OpenAPI page only: the ingest path decodes raw bytes itself (see ARCHITECTURE.md)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"device_id": "esp32_01", "metrics": {"temperature": 31.4, "humidity": 62.1}},
+                {"ts": 1732300000123, "temperature": 22.5},
+                {"ts": "2026-11-23T10:00:00Z", "values": {"temperature": {"inlet": 45}}},
+            ]
+        },
+    )
+    device_id: str | None = None
+    ts: int | float | str | None = None
+    values: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class NodeTelemetry(BaseModel):
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "pir1",
+                    "uptime": 120,
+                    "heap_free": 180000,
+                    "peer_count": 3,
+                    "role": "PIR",
+                    "firmware": "1.0.0",
+                    "state": {"motion": "1"},
+                },
+            ]
+        },
+    )
+    name: str | None = None
+    role: str | None = None
+    firmware: str | None = None
+    state: dict[str, Any] | None = None

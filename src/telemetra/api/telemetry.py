@@ -1,0 +1,276 @@
+"""Reads: raw history (paginated), latest values, aggregates in time buckets, CSV export, state, events,
+rejected messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from telemetra.api.deps import Admin, Caller, ServicesDep, check_reads
+from telemetra.api.params import decode_cursor, encode_cursor, interval_ms, key_list, time_range
+from telemetra.api.present import point, series
+from telemetra.domain.errors import InvalidInput, NotFound
+from telemetra.domain.timeutil import ms_to_iso
+from telemetra.storage.queries import AGGREGATES
+
+router = APIRouter(prefix="/api/v1", tags=["telemetry"])
+
+Keys = Annotated[str | None, Query(description="comma-separated keys; all when absent")]
+Start = Annotated[str | None, Query(description="ISO 8601 or epoch s/ms; default end - 24h")]
+End = Annotated[str | None, Query(description="ISO 8601 or epoch s/ms; default now")]
+Range = Annotated[str | None, Query(alias="range", description="instead of start: a span back from end, e.g. 24h")]
+
+
+async def _known(services: Any, device_id: str) -> None:
+    if await services.directory.get(device_id) is None:
+        raise NotFound(f"device {device_id!r} not found", field="device_id")
+
+
+@router.get("/devices/{device_id}/telemetry")
+@router.get("/devices/{device_id}/history")
+async def history(
+    device_id: str,
+    services: ServicesDep,
+    principal: Caller,
+    keys: Keys = None,
+    start: Start = None,
+    end: End = None,
+    range_: Range = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    cursor: str | None = None,
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
+) -> dict[str, Any]:
+    """Raw points by keys and time range, oldest first (or ``order=desc``); follow ``next_cursor``."""
+    check_reads(principal, device_id)
+    await _known(services, device_id)
+    span = time_range(start, end, range_)
+    page = await services.queries.history(
+        device_id,
+        keys=key_list(keys),
+        start=span.start,
+        end=span.end,
+        limit=limit,
+        after=decode_cursor(cursor),
+        descending=order == "desc",
+    )
+    return {
+        "device_id": device_id,
+        "start": ms_to_iso(span.start),
+        "end": ms_to_iso(span.end),
+        "series": series(page.points),
+        "next_cursor": encode_cursor(page.next_after),
+    }
+
+
+@router.get("/devices/{device_id}/latest")
+async def latest(device_id: str, services: ServicesDep, principal: Caller, keys: Keys = None) -> dict[str, Any]:
+    check_reads(principal, device_id)
+    await _known(services, device_id)
+    points = await services.queries.latest(device_id, key_list(keys))
+    return {"device_id": device_id, "values": {p.key: point(p) for p in points}}
+
+
+async def _aggregate(
+    services: Any,
+    device_id: str,
+    keys: str | None,
+    start: str | None,
+    end: str | None,
+    range_: str | None,
+    interval: str | None,
+    fn: str | None,
+) -> dict[str, Any]:
+    await _known(services, device_id)
+    span = time_range(start, end, range_)
+    step = interval_ms(interval, span)
+    functions = [f.strip() for f in (fn or ",".join(AGGREGATES)).split(",") if f.strip()]
+    unknown = [f for f in functions if f not in AGGREGATES]
+    if unknown or not functions:
+        raise InvalidInput(
+            f"unknown function {unknown[0] if unknown else ''!r}; use {', '.join(AGGREGATES)}", field="fn"
+        )
+    wanted = key_list(keys) or [p.key for p in await services.queries.latest(device_id) if not isinstance(p.value, str)]
+    buckets = (
+        await services.queries.aggregate(
+            device_id, keys=wanted, start=span.start, end=span.end, interval_ms=step, functions=functions
+        )
+        if wanted
+        else []
+    )
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in wanted}
+    for b in buckets:
+        out.setdefault(b.key, []).append({"start": ms_to_iso(b.start), **b.values})
+    return {
+        "device_id": device_id,
+        "interval": interval,
+        "start": ms_to_iso(span.start),
+        "end": ms_to_iso(span.end),
+        "series": out,
+    }
+
+
+@router.get("/devices/{device_id}/aggregate")
+async def aggregate(
+    device_id: str,
+    services: ServicesDep,
+    principal: Caller,
+    keys: Keys = None,
+    start: Start = None,
+    end: End = None,
+    range_: Range = None,
+    interval: Annotated[str | None, Query(description="bucket width (1m, 1h, 1d); one bucket when absent")] = None,
+    fn: Annotated[str | None, Query(description="comma list of min,max,avg,sum,count,last")] = None,
+) -> dict[str, Any]:
+    check_reads(principal, device_id)
+    return await _aggregate(services, device_id, keys, start, end, range_, interval, fn)
+
+
+@router.get("/devices/{device_id}/stats")
+async def stats(
+    device_id: str, services: ServicesDep, principal: Caller, range_: Range = "24h", keys: Keys = None
+) -> dict[str, Any]:
+    """Seed 001's ``/stats?range=24h``: min/max/avg (and count) per metric over the range."""
+    check_reads(principal, device_id)
+    result = await _aggregate(services, device_id, keys, None, None, range_, None, "min,max,avg,count")
+    result["stats"] = {k: (v[0] if v else None) for k, v in result["series"].items()}
+    return result
+
+
+@router.get(
+    "/devices/{device_id}/telemetry/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}}},
+)
+async def export_csv(
+    device_id: str,
+    services: ServicesDep,
+    principal: Caller,
+    keys: Keys = None,
+    start: Start = None,
+    end: End = None,
+    range_: Range = None,
+) -> StreamingResponse:
+    """Every point in the range as CSV (``device_id,key,ts,value``), streamed in bounded memory."""
+    check_reads(principal, device_id)
+    await _known(services, device_id)
+    span = time_range(start, end, range_)
+    wanted = key_list(keys)
+
+    async def rows() -> AsyncIterator[bytes]:
+        yield b"device_id,key,ts,value\r\n"
+        lines: list[str] = []
+        async for p in services.queries.stream(device_id, keys=wanted, start=span.start, end=span.end):
+            lines.append(f"{_csv(device_id)},{_csv(p.key)},{ms_to_iso(p.ts)},{_csv(p.value)}\r\n")
+            if len(lines) >= 1000:
+                yield "".join(lines).encode()
+                lines.clear()
+        if lines:
+            yield "".join(lines).encode()
+
+    filename = f"{device_id}-telemetry.csv"
+    return StreamingResponse(
+        rows(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{filename}"'}
+    )
+
+
+def _csv(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if any(c in text for c in ',"\r\n') or (text[:1] in ("=", "+", "-", "@") and not _is_number(text)):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@router.get("/devices/{device_id}/state")
+async def device_state(device_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+    check_reads(principal, device_id)
+    await _known(services, device_id)
+    rows = await services.queries.state(device_id)
+    return {
+        "device_id": device_id,
+        "state": {r.key: {"value": r.value, "ts": ms_to_iso(r.ts), "version": r.version} for r in rows},
+    }
+
+
+@router.get("/devices/{device_id}/state/history")
+async def device_state_history(
+    device_id: str,
+    services: ServicesDep,
+    principal: Caller,
+    start: Start = None,
+    end: End = None,
+    range_: Range = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
+) -> dict[str, Any]:
+    check_reads(principal, device_id)
+    await _known(services, device_id)
+    span = time_range(start, end, range_, default_ms=30 * 86_400_000)
+    rows = await services.queries.state_history(device_id, start=span.start, end=span.end, limit=limit)
+    return {"device_id": device_id, "history": [{"key": r.key, "value": r.value, "ts": ms_to_iso(r.ts)} for r in rows]}
+
+
+@router.get("/state")
+async def shared_state(services: ServicesDep, _: Admin) -> dict[str, Any]:
+    """Seed 000's shared state of all nodes: ``{node: {key: {value, ts, version}}}``."""
+    rows = await services.queries.state()
+    nodes: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        nodes.setdefault(r.device_id, {})[r.key] = {"value": r.value, "ts": ms_to_iso(r.ts), "version": r.version}
+    return {"state": nodes}
+
+
+@router.get("/devices/{device_id}/events")
+async def events(
+    device_id: str,
+    services: ServicesDep,
+    principal: Caller,
+    name: str | None = None,
+    start: Start = None,
+    end: End = None,
+    range_: Range = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
+) -> dict[str, Any]:
+    check_reads(principal, device_id)
+    await _known(services, device_id)
+    span = time_range(start, end, range_, default_ms=30 * 86_400_000)
+    rows = await services.queries.events(device_id, start=span.start, end=span.end, limit=limit, name=name)
+    return {
+        "device_id": device_id,
+        "events": [{"id": r.id, "name": r.name, "ts": ms_to_iso(r.ts), "payload": r.payload} for r in rows],
+    }
+
+
+@router.get("/rejected")
+async def rejected(
+    services: ServicesDep, _: Admin, device_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    """Messages we could not take, newest first, with their reason."""
+    rows = await services.queries.rejected(limit=limit, device_id=device_id)
+    return {
+        "rejected": [
+            {
+                "id": r.id,
+                "received_at": ms_to_iso(r.received_at),
+                "source": r.source,
+                "topic": r.topic,
+                "device_id": r.device_id,
+                "reason": r.reason,
+                "payload": r.payload,
+            }
+            for r in rows
+        ]
+    }

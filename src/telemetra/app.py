@@ -1,0 +1,133 @@
+"""``create_app(settings)``: the app and the one lifespan that starts and stops everything it owns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+
+from telemetra import __version__
+from telemetra.api import alerts, aliases, commands, devices, health, ingest, telemetry
+from telemetra.api.deps import Services
+from telemetra.api.errors import install_error_handlers
+from telemetra.api.middleware import RequestMetrics
+from telemetra.bootstrap import ensure_admin_keys
+from telemetra.config import Settings
+from telemetra.ingest.normalize import Limits
+from telemetra.ingest.queue import IngestQueue
+from telemetra.ingest.service import IngestService
+from telemetra.metrics import Metrics
+from telemetra.mqtt.downlink import CommandService
+from telemetra.mqtt_runtime import start_mqtt
+from telemetra.storage.commands import AlertRepository, CommandRepository
+from telemetra.storage.database import create_engine, migrate
+from telemetra.storage.devices import DeviceRepository
+from telemetra.storage.directory import DeviceDirectory
+from telemetra.storage.queries import TelemetryQueries
+
+log = logging.getLogger(__name__)
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_keys=settings.max_keys_per_message,
+        max_key_length=settings.max_key_length,
+        max_depth=settings.max_depth,
+        max_text_length=settings.max_text_length,
+        max_batch_messages=settings.max_batch_messages,
+        max_future_skew_ms=settings.max_future_skew_s * 1000,
+        max_past_age_ms=settings.max_past_age_days * 86_400_000,
+    )
+
+
+def build_services(settings: Settings, metrics: Metrics, admin_keys: list[str]) -> Services:
+    engine = create_engine(settings)
+    directory = DeviceDirectory(engine)
+    queue = IngestQueue(
+        engine,
+        metrics=metrics,
+        max_points=settings.ingest_queue_max_points,
+        batch_max_points=settings.ingest_batch_max_points,
+        linger_ms=settings.ingest_batch_linger_ms,
+        retry_after_s=settings.ingest_retry_after_s,
+    )
+    devices = DeviceRepository(engine)
+    prefix = settings.mqtt_prefix
+
+    async def online(device_id: str) -> bool:
+        device = await devices.find(device_id)
+        return bool(device and device.online)
+
+    commands = CommandService(
+        CommandRepository(engine),
+        topic_for=lambda d: f"{prefix}/{d}/cmd",
+        config_topic_for=lambda d: f"{prefix}/{d}/config",
+        is_online=online,
+    )
+    queue.add_listener(commands.on_commit)
+    return Services(
+        settings=settings,
+        engine=engine,
+        metrics=metrics,
+        queue=queue,
+        directory=directory,
+        ingest=IngestService(directory, limits_from(settings), gateway_auto_register=settings.gateway_auto_register),
+        devices=devices,
+        queries=TelemetryQueries(engine),
+        admin_keys=admin_keys,
+        commands=commands,
+        alerts=AlertRepository(engine),
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        admin_keys, generated = ensure_admin_keys(settings)
+        if generated:
+            print(
+                f"\n  Generated admin key (shown once, kept in {settings.data_dir / 'admin.key'}):\n  {generated}\n",
+                flush=True,
+            )
+        services = build_services(settings, metrics, admin_keys)
+        app.state.services = services
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(services.engine.dispose)
+            await migrate(services.engine)
+            writer = asyncio.create_task(services.queue.run(), name="ingest-writer")
+
+            async def stop_writer() -> None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+
+            stack.push_async_callback(stop_writer)
+            expiry = asyncio.create_task(services.commands.run_expiry(), name="command-expiry")
+
+            async def stop_expiry() -> None:
+                expiry.cancel()
+                await asyncio.gather(expiry, return_exceptions=True)
+                await services.commands.close()
+
+            stack.push_async_callback(stop_expiry)
+            for start in app.state.starters:
+                await start(services, stack)
+            log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
+            yield
+
+    app = FastAPI(
+        title="Telemetra",
+        version=__version__,
+        lifespan=lifespan,
+        description="Self-hosted IoT telemetry backend: ingest, time series, commands, OTA.",
+    )
+    app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
+    install_error_handlers(app)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    for module in (ingest, devices, telemetry, commands, alerts, health, aliases):
+        app.include_router(module.router)
+    return app

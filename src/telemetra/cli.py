@@ -1,0 +1,249 @@
+"""``telemetra``: serve | migrate | devices | claim-codes | simulate. Settings come from the environment
+(and ``.env``); options override them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from telemetra.config import Settings
+
+T = TypeVar("T")
+console = Console()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
+
+
+def _with_repo(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work`` against the registry; a refused request (unknown id, duplicate) is a one-line error."""
+    from telemetra.domain.errors import TelemetraError
+    from telemetra.storage.database import create_engine, migrate
+    from telemetra.storage.devices import DeviceRepository
+
+    async def run() -> T:
+        engine = create_engine(settings)
+        try:
+            await migrate(engine)
+            return await work(DeviceRepository(engine))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except TelemetraError as exc:
+        raise click.ClickException(exc.reason) from None
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Telemetra: a self-hosted IoT telemetry backend. Without a command, runs `serve`."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@main.command()
+@click.option("--host", default=None, help="HTTP bind address (TELEMETRA_HOST)")
+@click.option("--port", type=int, default=None, help="HTTP port (TELEMETRA_PORT, default 8000)")
+@click.option("--data-dir", default=None, help="data directory (TELEMETRA_DATA_DIR)")
+def serve(host: str | None = None, port: int | None = None, data_dir: str | None = None) -> None:
+    """Run the server (embedded defaults: SQLite in the data directory, MQTT broker, HTTP on 8000)."""
+    import uvicorn
+
+    from telemetra.app import create_app
+    from telemetra.logs import configure_logging
+
+    settings = load_settings(host=host, port=port, data_dir=data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@main.command()
+def migrate() -> None:
+    """Apply schema migrations (the server also does this at start)."""
+    from telemetra.storage.database import create_engine
+    from telemetra.storage.database import migrate as run_migrate
+
+    settings = load_settings()
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            await run_migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    click.echo(f"schema up to date ({settings.effective_database_url.split('://')[0]})")
+
+
+@main.group()
+def devices() -> None:
+    """Create, list and re-key devices."""
+
+
+@devices.command("create")
+@click.argument("device_id")
+@click.option("--model", default=None)
+@click.option("--name", default=None)
+@click.option("--kind", type=click.Choice(["device", "gateway"]), default="device")
+def devices_create(device_id: str, model: str | None, name: str | None, kind: str) -> None:
+    """Register DEVICE_ID and print its credentials (shown once)."""
+    from telemetra.domain.timeutil import now_ms
+    from telemetra.ingest.normalize import valid_device_id
+
+    if not valid_device_id(device_id):
+        raise click.BadParameter("letters, digits, '-', '_', '.', ':' (1-128)", param_hint="DEVICE_ID")
+    settings = load_settings()
+    device, secret = _with_repo(
+        settings, lambda repo: repo.create(device_id, now_ms=now_ms(), model=model, name=name, kind=kind)
+    )
+    _print_credentials(device.id, secret)
+
+
+@devices.command("rotate")
+@click.argument("device_id")
+def devices_rotate(device_id: str) -> None:
+    """New credentials for DEVICE_ID; the old secret stops working."""
+    from telemetra.domain.timeutil import now_ms
+
+    settings = load_settings()
+    device, secret = _with_repo(settings, lambda repo: repo.rotate(device_id, now_ms=now_ms()))
+    _print_credentials(device.id, secret)
+
+
+@devices.command("list")
+@click.option("--model", default=None)
+@click.option("--search", default=None)
+@click.option("--limit", type=int, default=100)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def devices_list(model: str | None, search: str | None, limit: int, as_json: bool) -> None:
+    """List devices."""
+    from telemetra.domain.timeutil import ms_to_iso
+
+    settings = load_settings()
+    page = _with_repo(settings, lambda repo: repo.list(model=model, search=search, limit=limit))
+    rows = [
+        {
+            "id": d.id,
+            "kind": d.kind,
+            "model": d.model,
+            "fw_version": d.fw_version,
+            "last_seen_at": ms_to_iso(d.last_seen_at) if d.last_seen_at else None,
+        }
+        for d in page.devices
+    ]
+    if as_json:
+        click.echo(json.dumps({"devices": rows, "total": page.total}))
+        return
+    table = Table("id", "kind", "model", "firmware", "last seen", title=f"{page.total} devices")
+    for r in rows:
+        table.add_row(r["id"], r["kind"], r["model"] or "", r["fw_version"] or "", r["last_seen_at"] or "never")
+    console.print(table)
+
+
+@devices.command("claim-codes")
+@click.option("--count", type=int, default=1, show_default=True)
+@click.option("--prefix", default="dev", show_default=True)
+@click.option("--model", default=None)
+@click.option("--ttl", "ttl_s", type=int, default=None, help="seconds until the codes expire")
+def devices_claim_codes(count: int, prefix: str, model: str | None, ttl_s: int | None) -> None:
+    """Create COUNT devices without credentials, each with a one-time claim code."""
+    import secrets
+
+    from telemetra.domain.timeutil import now_ms
+
+    if not 1 <= count <= 1000:
+        raise click.BadParameter("between 1 and 1000", param_hint="--count")
+    settings = load_settings()
+    ids = [f"{prefix}-{secrets.token_hex(5)}" for _ in range(count)]
+    codes = _with_repo(
+        settings,
+        lambda repo: repo.create_claim_codes(
+            ids, now_ms=now_ms(), ttl_s=ttl_s or settings.claim_code_ttl_s, model=model
+        ),
+    )
+    for device_id, code in codes:
+        click.echo(f"{device_id}\t{code}")
+
+
+main.add_command(devices_claim_codes, "claim-codes")
+
+
+@main.command()
+@click.option("--devices", "device_count", type=click.IntRange(1, 100_000), default=10, show_default=True,
+              help="virtual devices (mesh: child nodes of one gateway)")
+@click.option("--rate", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
+              help="messages per second per device")
+@click.option("--protocol", type=click.Choice(["mqtt", "http"]), default="mqtt", show_default=True)
+@click.option("--profile", type=click.Choice(["env", "heatpump", "mesh"]), default="env", show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="seconds (default: until Ctrl-C)")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Telemetra's HTTP base URL")
+@click.option("--admin-key", default=None,
+              help="for provisioning (default: TELEMETRA_ADMIN_KEYS, else <TELEMETRA_DATA_DIR>/admin.key)")
+@click.option("--mqtt-host", default="127.0.0.1", show_default=True)
+@click.option("--mqtt-port", type=int, default=1883, show_default=True)
+@click.option("--prefix", default="telemetra", show_default=True, help="MQTT topic prefix")
+@click.option("--id-prefix", default="sim", show_default=True, help="device ids are <id-prefix>-001…")
+@click.option("--qos", type=click.IntRange(0, 2), default=1, show_default=True, help="MQTT QoS for telemetry")
+@click.option("--state-dir", type=click.Path(file_okay=False), default="telemetra-data", show_default=True,
+              help="where simulator-devices.json keeps the devices' credentials (0600) for re-runs")
+@click.option("--seed", type=int, default=None, help="random seed for reproducible values")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def simulate(device_count: int, rate: float, protocol: str, profile: str, duration: float | None, url: str,
+             admin_key: str | None, mqtt_host: str, mqtt_port: int, prefix: str, id_prefix: str, qos: int,
+             state_dir: str, seed: int | None, as_json: bool) -> None:
+    """Virtual devices sending realistic telemetry over MQTT or HTTP; answers commands, reports state."""
+    from pathlib import Path
+
+    from telemetra import simulate as sim
+
+    options = sim.SimOptions(
+        devices=device_count, rate=rate, protocol=protocol, profile=profile,  # type: ignore[arg-type]
+        url=url, admin_key=admin_key, mqtt_host=mqtt_host, mqtt_port=mqtt_port, prefix=prefix,
+        duration=duration, id_prefix=id_prefix, qos=qos, state_dir=Path(state_dir), seed=seed,
+    )
+    try:
+        summary = sim.run(options)
+    except sim.SimulationError as exc:
+        raise click.ClickException(str(exc)) from None
+    sim.print_summary(summary, as_json=as_json)
+    if summary.messages == 0 and summary.errors:
+        raise SystemExit(1)
+
+
+def _print_credentials(device_id: str, secret: str) -> None:
+    click.echo(
+        json.dumps(
+            {"device_id": device_id, "api_key": secret, "mqtt": {"username": device_id, "password": secret}}, indent=2
+        )
+    )
+    if sys.stderr.isatty():
+        click.echo("The secret is shown once; only its hash is stored.", err=True)
+
+
+if __name__ == "__main__":
+    main()

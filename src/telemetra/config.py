@@ -1,0 +1,182 @@
+"""Settings: one class, read once at the edge (CLI or test), validated, then passed in.
+
+Every field reads ``TELEMETRA_<NAME>``; the names documented by seeds 001/002 (``DATABASE_URL``,
+``API_SECRET_KEY``, ``DEVICE_API_KEYS``, ``LOG_LEVEL``, ``LOG_FORMAT``, ``DB_POOL_SIZE``,
+``WS_HEARTBEAT_INTERVAL``, ``HOST``, ``PORT``, ``APP_ENV``) are accepted as well so their deployments
+move over unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Admin keys shorter than this are refused outside development: they guard every device's data.
+MIN_ADMIN_KEY_LENGTH = 32
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _alias(name: str, *seed_names: str) -> AliasChoices:
+    return AliasChoices(f"TELEMETRA_{name}", *seed_names)
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True, validate_default=True)
+
+    env: Literal["development", "staging", "production"] = Field(
+        "development", validation_alias=_alias("ENV", "APP_ENV")
+    )
+    host: str = Field("0.0.0.0", validation_alias=_alias("HOST", "HOST"))
+    port: int = Field(8000, ge=1, le=65535, validation_alias=_alias("PORT", "PORT"))
+    data_dir: Path = Field(Path("./telemetra-data"), validation_alias=_alias("DATA_DIR"))
+    database_url: str | None = Field(None, validation_alias=_alias("DATABASE_URL", "DATABASE_URL"))
+    db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_alias("DB_POOL_SIZE", "DB_POOL_SIZE"))
+
+    admin_keys: CommaList = Field(default_factory=list, validation_alias=_alias("ADMIN_KEYS"))
+    api_secret_key: str | None = Field(None, validation_alias=AliasChoices("API_SECRET_KEY"))
+    device_api_keys: CommaList = Field(
+        default_factory=list, validation_alias=_alias("DEVICE_API_KEYS", "DEVICE_API_KEYS")
+    )
+    allow_anonymous_nodes: bool = Field(False, validation_alias=_alias("ALLOW_ANONYMOUS_NODES"))
+    gateway_auto_register: bool = Field(True, validation_alias=_alias("GATEWAY_AUTO_REGISTER"))
+    claim_code_ttl_s: int = Field(7 * 24 * 3600, ge=60, validation_alias=_alias("CLAIM_CODE_TTL_S"))
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", validation_alias=_alias("LOG_LEVEL", "LOG_LEVEL")
+    )
+    log_format: Literal["json", "console"] = Field("console", validation_alias=_alias("LOG_FORMAT", "LOG_FORMAT"))
+    ws_heartbeat_interval: float = Field(
+        30.0, gt=0, validation_alias=_alias("WS_HEARTBEAT_INTERVAL", "WS_HEARTBEAT_INTERVAL")
+    )
+
+    # Ingest queue and group commit.
+    ingest_queue_max_points: int = Field(200_000, ge=100, validation_alias=_alias("INGEST_QUEUE_MAX_POINTS"))
+    ingest_batch_max_points: int = Field(20_000, ge=1, validation_alias=_alias("INGEST_BATCH_MAX_POINTS"))
+    ingest_batch_linger_ms: float = Field(2.0, ge=0, validation_alias=_alias("INGEST_BATCH_LINGER_MS"))
+    ingest_retry_after_s: int = Field(1, ge=1, validation_alias=_alias("INGEST_RETRY_AFTER_S"))
+
+    # Limits on what a device may send (SPEC §4).
+    max_payload_bytes: int = Field(256 * 1024, ge=1024, validation_alias=_alias("MAX_PAYLOAD_BYTES"))
+    max_batch_messages: int = Field(1000, ge=1, validation_alias=_alias("MAX_BATCH_MESSAGES"))
+    max_keys_per_message: int = Field(256, ge=1, validation_alias=_alias("MAX_KEYS_PER_MESSAGE"))
+    max_key_length: int = Field(128, ge=8, validation_alias=_alias("MAX_KEY_LENGTH"))
+    max_depth: int = Field(8, ge=1, validation_alias=_alias("MAX_DEPTH"))
+    max_text_length: int = Field(1024, ge=1, validation_alias=_alias("MAX_TEXT_LENGTH"))
+    max_future_skew_s: int = Field(300, ge=0, validation_alias=_alias("MAX_FUTURE_SKEW_S"))
+    max_past_age_days: int = Field(3650, ge=1, validation_alias=_alias("MAX_PAST_AGE_DAYS"))
+    offline_after_s: int = Field(120, ge=5, validation_alias=_alias("OFFLINE_AFTER_S"))
+
+    # MQTT (SPEC §2).
+    mqtt_url: str | None = Field(None, validation_alias=_alias("MQTT_URL"))
+    mqtt_port: int = Field(1883, ge=0, le=65535, validation_alias=_alias("MQTT_PORT"))
+    mqtt_host: str = Field("0.0.0.0", validation_alias=_alias("MQTT_HOST"))
+    mqtt_prefix: str = Field("telemetra", validation_alias=_alias("MQTT_PREFIX"))
+    mqtt_presets: CommaList = Field(default_factory=lambda: ["default"], validation_alias=_alias("MQTT_PRESETS"))
+    mqtt_routes: CommaList = Field(default_factory=list, validation_alias=_alias("MQTT_ROUTES"))
+    mqtt_share_group: str = Field("telemetra", validation_alias=_alias("MQTT_SHARE_GROUP"))
+    mqtt_client_id: str | None = Field(None, validation_alias=_alias("MQTT_CLIENT_ID"))
+    mqtt_tls_ca: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_CA"))
+    mqtt_tls_cert: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_CERT"))
+    mqtt_tls_key: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_KEY"))
+    mqtt_tls_insecure: bool = Field(False, validation_alias=_alias("MQTT_TLS_INSECURE"))
+    # The Mosquitto dynamic-security admin (from `mosquitto_ctrl dynsec init`): when set, Telemetra keeps the
+    # broker's per-device credentials and ACLs in step with the registry, and creates the service account
+    # of TELEMETRA_MQTT_URL.
+    mqtt_dynsec_username: str | None = Field(None, validation_alias=_alias("MQTT_DYNSEC_USERNAME"))
+    mqtt_dynsec_password: str | None = Field(None, validation_alias=_alias("MQTT_DYNSEC_PASSWORD"))
+
+    _split = field_validator("admin_keys", "device_api_keys", "mqtt_presets", "mqtt_routes", mode="before")(
+        _split_commas
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value  # seed 001 documents `info`
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        url = value
+        # Seeds' deployments use plain driver names; the async drivers are what we run on.
+        for plain, async_ in (
+            ("postgres://", "postgresql+asyncpg://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
+            if url.startswith(plain):
+                url = async_ + url[len(plain) :]
+        if not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("DATABASE_URL must be a postgresql:// or sqlite:// URL (async drivers asyncpg/aiosqlite)")
+        return url
+
+    @field_validator("mqtt_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#/") or value.startswith("$"):
+            raise ValueError("MQTT prefix must be one topic level without '+', '#', '/' or a leading '$'")
+        return value
+
+    @field_validator("mqtt_presets")
+    @classmethod
+    def _known_presets(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - {"default", "paku", "telemetra", "heatpump"})
+        if unknown:
+            raise ValueError(f"unknown MQTT preset(s) {unknown}; known: default, paku, telemetra, heatpump")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
+            raise ValueError("MQTT URL must look like mqtt://user:password@host:1883 or mqtts://…")
+        return value
+
+    @model_validator(mode="after")
+    def _dynsec_pair(self) -> Settings:
+        if bool(self.mqtt_dynsec_username) != bool(self.mqtt_dynsec_password):
+            raise ValueError("set both TELEMETRA_MQTT_DYNSEC_USERNAME and TELEMETRA_MQTT_DYNSEC_PASSWORD, or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _admin_keys_strong(self) -> Settings:
+        if self.env != "development":
+            weak = [k for k in self.all_admin_keys if len(k) < MIN_ADMIN_KEY_LENGTH]
+            if weak:
+                raise ValueError(
+                    f"admin keys must be at least {MIN_ADMIN_KEY_LENGTH} characters outside development "
+                    f"({len(weak)} too short); generate one with: python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'"
+                )
+        return self
+
+    @property
+    def all_admin_keys(self) -> list[str]:
+        keys = list(self.admin_keys)
+        if self.api_secret_key:
+            keys.append(self.api_secret_key)
+        return keys
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'telemetra.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")

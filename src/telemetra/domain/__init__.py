@@ -1,0 +1,1 @@
+"""Typed records and errors shared by every layer. No I/O here."""

@@ -1,0 +1,1 @@
+"""The one message path: decode → normalize → queue → writer (group commit)."""

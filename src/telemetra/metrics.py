@@ -1,0 +1,50 @@
+"""Prometheus metrics, one registry per app so several apps (tests, workers) never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.points = Counter("telemetra_ingested_points", "Points committed to storage", ["transport"], registry=r)
+        self.messages = Counter(
+            "telemetra_ingested_messages", "Messages committed to storage", ["transport"], registry=r
+        )
+        self.rejected = Counter(
+            "telemetra_rejected_messages",
+            "Messages refused, by transport and reason",
+            ["transport", "reason"],
+            registry=r,
+        )
+        self.batches = Counter("telemetra_batches", "Group-commit batches written", registry=r)
+        self.batch_failures = Counter("telemetra_batch_failures", "Batches whose commit failed", registry=r)
+        self.batch_seconds = Histogram(
+            "telemetra_batch_seconds",
+            "Time to write and commit one batch",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.batch_points = Histogram(
+            "telemetra_batch_points",
+            "Points per committed batch",
+            registry=r,
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000, 50000),
+        )
+        self.queue_depth = Gauge("telemetra_ingest_queue_points", "Points waiting in the ingest queue", registry=r)
+        self.http_requests = Counter(
+            "telemetra_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "telemetra_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.mqtt_messages = Counter(
+            "telemetra_mqtt_messages", "MQTT messages received by the collector", ["kind"], registry=r
+        )
+        self.mqtt_connected = Gauge("telemetra_mqtt_connected", "1 while the collector is connected", registry=r)

@@ -1,0 +1,1 @@
+"""MQTT side of Telemetra: topic ACL, embedded broker, collector, downlink."""

@@ -1,0 +1,284 @@
+"""amqtt 0.12.1 glue for the embedded broker: the access gate and a hardened `Broker` subclass.
+
+We hook in by overriding `Broker` methods, not through amqtt's plugin API, because both plugin hooks
+are unsafe for us in 0.12.1:
+- auth plugins (`BaseAuthPlugin`) run only after amqtt has acted on the CONNECT's client id (deleted
+  the existing session of that id, or adopted it with its subscriptions), so anyone who knows a client
+  id could strip a connected client of its subscriptions without credentials;
+- topic plugins (`BaseTopicPlugin`) are awaited through a gather of new tasks while the broadcast loop
+  iterates the live subscription dict, so a concurrent (un)subscribe or disconnect makes that
+  broadcast fail with "dictionary changed size during iteration" and the message is lost.
+The overridden methods are private API of the pinned amqtt version; tests/mqtt covers each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from enum import IntEnum
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
+
+logger = logging.getLogger(__name__)
+
+Authenticate = Callable[[str | None, str | None], Awaitable[MqttPrincipal | None]]
+
+# amqtt reserves `Session.attributes` for extensions, keyed by a namespaced string. Keeping the
+# principal on the session (rather than in a dict keyed by client id) means it disappears with the
+# session, and adopting a persistent session always overwrites it.
+_PRINCIPAL_KEY = "telemetra.principal"
+
+_SHARED_PREFIX = "$share/"
+
+# How long shutdown waits for connections to end after closing their sockets, before cancelling.
+_SHUTDOWN_GRACE_S = 2.0
+
+
+class Connack(IntEnum):
+    """MQTT 3.1.1 CONNACK return codes (§3.2.2.3) that the gate answers with."""
+
+    ACCEPTED = 0
+    IDENTIFIER_REJECTED = 2
+    SERVER_UNAVAILABLE = 3
+    BAD_USERNAME_PASSWORD = 4
+    NOT_AUTHORIZED = 5
+
+
+def principal_of(session: Session | None) -> MqttPrincipal | None:
+    if session is None:
+        return None
+    principal = session.attributes.get(_PRINCIPAL_KEY)
+    return principal if isinstance(principal, MqttPrincipal) else None
+
+
+class AccessGate:
+    """Connect-time authentication and per-packet authorization."""
+
+    def __init__(self, authenticate: Authenticate, acl: TopicAcl) -> None:
+        self._authenticate = authenticate
+        self._acl = acl
+
+    async def admit(self, session: Session) -> Connack:
+        """Authenticate a fresh CONNECT; on success the principal is stored on the session."""
+        if not session.username:
+            logger.info("MQTT connection refused: anonymous (client id %r)", session.client_id)
+            return Connack.NOT_AUTHORIZED
+        try:
+            principal = await self._authenticate(session.username, session.password)
+        except Exception:
+            # "Server unavailable" tells the device to retry later, unlike "bad credentials".
+            logger.exception("MQTT authentication failed with an error for user %r", session.username)
+            return Connack.SERVER_UNAVAILABLE
+        if principal is None:
+            logger.info("MQTT connection refused: bad credentials for user %r", session.username)
+            return Connack.BAD_USERNAME_PASSWORD
+        # amqtt publishes the Last Will without consulting topic plugins, so a will on a topic the
+        # principal may not publish to would bypass the ACL; refuse it at CONNECT like Mosquitto does.
+        will_topic = session.will_topic if session.will_flag else None
+        if will_topic is not None and not self._acl.may_publish(principal, will_topic):
+            logger.info("MQTT connection refused: user %r may not publish its will to %r", session.username, will_topic)
+            return Connack.NOT_AUTHORIZED
+        session.attributes[_PRINCIPAL_KEY] = principal
+        return Connack.ACCEPTED
+
+    def permits(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
+        principal = principal_of(session)
+        if principal is None or topic is None:
+            return False
+        if action == Action.PUBLISH:
+            return self._acl.may_publish(principal, topic)
+        if action == Action.SUBSCRIBE:
+            return self._acl.may_subscribe(principal, topic)
+        if action == Action.RECEIVE:
+            # Checked per delivery. A device subscribes only to exact topics, so "may receive" is
+            # "may subscribe to that topic"; a second line of defence should a session ever carry a
+            # subscription its current principal could not have made.
+            return self._acl.may_subscribe(principal, topic)
+        return False
+
+
+class _KeySnapshotDict(dict[str, list[tuple[Session, int]]]):
+    """A dict whose plain iteration walks a copy of its keys.
+
+    Upstream loops `for topic in self._subscriptions:` with an await inside (retained-message replay
+    on CONNECT); any subscribe or disconnect during that await would otherwise end the loop with
+    "dictionary changed size during iteration" and crash the connecting client's task.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.keys()))
+
+
+async def _close_quietly(writer: WriterAdapter) -> None:
+    with contextlib.suppress(OSError):
+        await writer.close()
+
+
+class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's Broker authenticating before session handling, authorizing through the gate."""
+
+    def __init__(self, config: BrokerConfig, gate: AccessGate, *, connect_timeout: float) -> None:
+        super().__init__(config)
+        self._subscriptions: dict[str, list[tuple[Session, int]]] = _KeySnapshotDict()
+        self._gate = gate
+        self._connect_timeout = connect_timeout
+        # asyncio's server runs each connection in its own task; amqtt tracks only connections that
+        # completed CONNECT, so we keep all of them to close and await them on shutdown.
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - asyncio always runs this callback in a task
+            raise RuntimeError("stream_connected must run in a task")
+        task.set_name(f"mqtt-connection {writer.get_extra_info('peername')}")
+        self._connections[task] = writer
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            del self._connections[task]
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        # Left over: connections that never completed CONNECT. Closing the socket ends their read.
+        for writer in self._connections.values():
+            writer.close()
+        tasks = list(self._connections)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        peer = f"{remote_address}:{remote_port}"
+        try:
+            # Upstream waits forever for the CONNECT (an MQTT 5 CONNECT, which it misparses, hangs it).
+            async with asyncio.timeout(self._connect_timeout):
+                handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError, TimeoutError, OSError) as exc:
+            await _close_quietly(writer)
+            # Broker._client_connected handles these three types (releases the listener slot).
+            if isinstance(exc, AMQTTError | MQTTError | NoDataError):
+                raise
+            raise NoDataError(f"no valid CONNECT from {peer} ({type(exc).__name__})") from exc
+
+        verdict = await self._gate.admit(session)
+        if verdict == Connack.ACCEPTED:
+            verdict = await self._claim_client_id(session)
+        if verdict != Connack.ACCEPTED:
+            with contextlib.suppress(OSError):
+                await ConnackPacket.build(0, int(verdict)).to_stream(writer)
+            await _close_quietly(writer)
+            raise MQTTError(f"connection from {peer} refused: {verdict.name}")
+
+        # From here on as upstream, now that the client id is known to be used by its owner.
+        if session.clean_session:
+            if session.client_id:
+                await self._disconnect_previous(session.client_id)
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+            ):
+                setattr(existing, name, getattr(session, name))
+            existing.attributes[_PRINCIPAL_KEY] = session.attributes[_PRINCIPAL_KEY]
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _disconnect_previous(self, client_id: str) -> None:
+        # Upstream drops the old session of a clean-session reconnect without closing its connection,
+        # leaving it open but deaf; close it the way upstream's persistent-session takeover does.
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0].transitions.is_connected():
+            await entry[1].handle_connection_closed()
+            await entry[1].stop()
+
+    async def _claim_client_id(self, session: Session) -> Connack:
+        """Keep one principal from taking over, or inheriting, another principal's client id."""
+        entry = self._sessions.get(session.client_id) if session.client_id else None
+        if entry is None:
+            return Connack.ACCEPTED
+        existing: Session = entry[0]
+        if principal_of(existing) == principal_of(session):
+            return Connack.ACCEPTED
+        if existing.transitions.is_connected():
+            logger.info("MQTT connection refused: client id %r is in use by another user", session.client_id)
+            return Connack.IDENTIFIER_REJECTED
+        # A disconnected session of someone else: its subscriptions and queued messages are not the
+        # newcomer's to inherit.
+        await self._delete_session(session.client_id)
+        return Connack.ACCEPTED
+
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
+        # Called by upstream after _initialize_client_session, which already authenticated.
+        return principal_of(session) is not None
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        # Deliberately free of awaits: upstream calls this inside loops over live dicts (see the
+        # module docstring), which must not yield to other tasks mid-iteration.
+        if action == Action.SUBSCRIBE and topic.startswith(_SHARED_PREFIX):
+            # amqtt has no shared subscriptions: it would store `$share/...` as a literal filter
+            # that never matches, so a granted SUBACK would silently deliver nothing. Refuse it.
+            logger.warning(
+                "MQTT subscription to %r refused: the embedded broker has no shared "
+                "subscriptions; subscribe to the plain topic filter",
+                topic,
+            )
+            return False
+        return self._gate.permits(session, topic, action)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # Upstream replays, on every CONNECT, the retained messages matching *every* filter any
+        # client has subscribed to (its loop walks self._subscriptions), handing a device the
+        # retained state and config of other devices. Replay only the session's own filters.
+        holders = self._subscriptions.get(subscription[0], ())
+        if any(holder.client_id == session.client_id for holder, _qos in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    def bound_port(self, listener: str = "default") -> int:
+        server = self._servers[listener].instance
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    async def abort_start(self) -> None:
+        """Release what a failed `start()` may have acquired (listeners, plugins)."""
+        for server in self._servers.values():
+            await server.close_instance()
+        self._servers.clear()
+        await self.plugins_manager.close()

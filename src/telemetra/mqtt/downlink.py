@@ -1,0 +1,165 @@
+"""Commands and desired configuration, down to devices.
+
+A command is stored first (queued), then published QoS 1 on ``{prefix}/{device}/cmd`` when the device is
+online; it becomes ``sent`` once the broker has it, ``acked``/``failed`` when the device answers on
+``event/ack`` (or the HTTP ack), ``expired`` after its TTL. A device that is offline gets its queued
+commands when it comes back. Devices that speak only HTTP poll for them instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+
+from telemetra.domain.records import Batch
+from telemetra.domain.timeutil import now_ms
+from telemetra.storage.commands import CommandRepository
+from telemetra.storage.schema import CommandRow
+
+log = logging.getLogger(__name__)
+
+EXPIRY_SWEEP_S = 5.0
+WAIT_POLL_S = 0.5  # how often a waiter re-reads the row, for acks committed by another process
+HTTP_RESEND_S = 30  # an unanswered command is handed to an HTTP poller again after this long
+
+
+class Publisher(Protocol):
+    """What the downlink needs from an MQTT connection (the collector's client)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None: ...
+
+
+class CommandService:
+    def __init__(
+        self,
+        repo: CommandRepository,
+        *,
+        topic_for: Callable[[str], str],
+        config_topic_for: Callable[[str], str],
+        is_online: Callable[[str], Any],
+    ) -> None:
+        self.repo = repo
+        self._topic_for = topic_for
+        self._config_topic_for = config_topic_for
+        self._is_online = is_online
+        self.publisher: Publisher | None = None
+        self._changed: dict[str, asyncio.Event] = {}  # command id → set when its status may have changed
+        self._arrivals: dict[str, asyncio.Event] = {}  # device id → set when a command is queued for it
+        self._tasks: set[asyncio.Task[int]] = set()
+
+    async def create(self, device_id: str, name: str, params: Any, *, ttl_s: int) -> CommandRow:
+        command = await self.repo.create(device_id, name, params, now_ms=now_ms(), ttl_s=ttl_s)
+        self._arrivals.setdefault(device_id, asyncio.Event()).set()
+        if await self._is_online(device_id):
+            await self.dispatch(device_id)
+        return await self.repo.get(command.id)
+
+    async def dispatch(self, device_id: str) -> int:
+        """Publish what is queued for ``device_id`` (it is online now)."""
+        publisher = self.publisher
+        if publisher is None or not publisher.connected:
+            return 0
+        commands = await self.repo.queued(device_id, now_ms=now_ms())
+        sent = 0
+        for command in commands:
+            payload = orjson.dumps(
+                {"id": command.id, "name": command.name, "params": command.params or {}, "ts": command.created_at}
+            )
+            try:
+                await publisher.publish(self._topic_for(device_id), payload, qos=1, retain=False)
+            except Exception as exc:  # stays queued; the next dispatch tries again
+                log.warning("could not publish command %s: %s", command.id, exc)
+                break
+            sent += len(await self.repo.mark_sent([command.id], now_ms=now_ms()))
+            self._notify(command.id)
+        return sent
+
+    async def publish_config(self, device_id: str, config: dict[str, Any], version: int) -> bool:
+        publisher = self.publisher
+        if publisher is None or not publisher.connected:
+            return False
+        payload = orjson.dumps({**config, "version": version})
+        await publisher.publish(self._config_topic_for(device_id), payload, qos=1, retain=True)
+        return True
+
+    async def wait(self, command_id: str, wait_s: float) -> CommandRow:
+        """The command once it is answered (acked/failed/expired), or as it is when ``wait_s`` runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        event = self._changed.setdefault(command_id, asyncio.Event())
+        try:
+            while True:
+                command = await self.repo.get(command_id)
+                remaining = deadline - loop.time()
+                if command.status in ("acked", "failed", "expired") or remaining <= 0:
+                    return command
+                event.clear()
+                try:
+                    await asyncio.wait_for(event.wait(), min(remaining, WAIT_POLL_S))
+                except TimeoutError:
+                    pass
+        finally:
+            self._changed.pop(command_id, None)
+
+    async def poll(self, device_id: str, *, wait_s: float) -> list[CommandRow]:
+        """HTTP-only devices: queued commands (marked sent), waiting up to ``wait_s`` for one to arrive."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        event = self._arrivals.setdefault(device_id, asyncio.Event())
+        while True:
+            event.clear()
+            now = now_ms()
+            resend = now - HTTP_RESEND_S * 1000
+            commands = await self.repo.queued(device_id, now_ms=now, resend_sent_before=resend)
+            if commands:
+                moved = set(await self.repo.mark_sent([c.id for c in commands], now_ms=now, resend_before=resend))
+                taken = [c for c in commands if c.id in moved]
+                if taken:
+                    return taken
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            try:
+                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    def on_commit(self, batch: Batch) -> None:
+        """Commit listener: wake waiters for acks; dispatch to devices that just came online."""
+        for ack in batch.acks:
+            self._notify(ack.command_id)
+        online = {r.device_id for r in batch.reports if r.online}
+        for device_id in online:
+            task = asyncio.get_running_loop().create_task(self.dispatch(device_id), name=f"dispatch-{device_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _notify(self, command_id: str) -> None:
+        event = self._changed.get(command_id)
+        if event is not None:
+            event.set()
+
+    async def run_expiry(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_SWEEP_S)
+            try:
+                expired = await self.repo.expire(now_ms=now_ms())
+            except Exception as exc:  # the sweep retries next round
+                log.warning("command expiry sweep failed: %s", exc)
+                continue
+            if expired:
+                log.info("expired %d commands", expired)
+                for event in self._changed.values():
+                    event.set()

@@ -1,0 +1,99 @@
+"""MQTT message → ``Batch``, through the same normaliser and ownership rules as HTTP. Whatever cannot
+be taken becomes a rejected-message record with its reason: the collector never stops on bad input."""
+
+from __future__ import annotations
+
+from telemetra.domain.errors import TelemetraError
+from telemetra.domain.principal import Principal, Role
+from telemetra.domain.records import (
+    AlertRaise,
+    Batch,
+    CommandAck,
+    DeviceReport,
+    Event,
+    Rejected,
+    StateUpdate,
+)
+from telemetra.domain.timeutil import now_ms
+from telemetra.ingest.decode import decode_json
+from telemetra.ingest.service import IngestService
+from telemetra.ingest.state import ack_fields, alert_fields, normalize_state, parse_any
+from telemetra.mqtt.routes import Kind, RouteMatch, RouteTable
+from telemetra.storage.directory import DeviceDirectory
+
+
+class Inbound:
+    def __init__(
+        self, table: RouteTable, ingest: IngestService, directory: DeviceDirectory, *, max_payload_bytes: int
+    ) -> None:
+        self._table = table
+        self._ingest = ingest
+        self._directory = directory
+        self._max_bytes = max_payload_bytes
+
+    async def to_batch(self, topic: str, payload: bytes) -> Batch:
+        received = now_ms()
+        match = self._table.match(topic)
+        if match is None:
+            return _rejected(received, topic, payload, None, "no route: topic matches no configured route")
+        info = await self._directory.get(match.device_id)
+        if info is None:
+            return _rejected(received, topic, payload, match.device_id, "unknown device: not in the registry")
+        if info.disabled:
+            return _rejected(received, topic, payload, match.device_id, "disabled device")
+        role = Role.GATEWAY if info.kind == "gateway" else Role.DEVICE
+        try:
+            return await self._interpret(match, payload, received, Principal(role, match.device_id))
+        except TelemetraError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            reason = "topic mismatch" if exc.code == "forbidden" else exc.code
+            return _rejected(received, topic, payload, match.device_id, f"{reason}: {exc.reason}{where}")
+
+    async def _interpret(self, match: RouteMatch, payload: bytes, received: int, principal: Principal) -> Batch:
+        device_id = match.device_id
+        limits = self._ingest.limits
+        if len(payload) > self._max_bytes:
+            return _rejected(
+                received,
+                None,
+                payload[:256],
+                device_id,
+                f"too_large: {len(payload)} bytes; the limit is {self._max_bytes}",
+            )
+        if match.kind is Kind.TELEMETRY:
+            doc = decode_json(payload, max_bytes=self._max_bytes)
+            return await self._ingest.telemetry_batch(doc, principal)
+        batch = Batch()
+        if match.kind is Kind.STATE:
+            state = normalize_state(payload, key=match.name, limits=limits)
+            batch.reports.append(
+                DeviceReport(
+                    device_id,
+                    received,
+                    online=state.online,
+                    rssi=state.rssi,
+                    fw_version=state.fw_version,
+                    reported_config=state.reported_config,
+                )
+            )
+            if state.values:
+                batch.states.append(StateUpdate(device_id, received, state.values))
+            return batch
+        doc = parse_any(payload)
+        if match.kind is Kind.ALERT:
+            fields = alert_fields(doc)
+            batch.alerts.append(
+                AlertRaise(device_id, received, fields.type, fields.severity, fields.message, fields.value, doc)
+            )
+            batch.events.append(Event(device_id, received, "alert", doc))
+        elif match.kind is Kind.ACK:
+            ack = ack_fields(doc)
+            batch.acks.append(CommandAck(device_id, ack.command_id, received, ack.ok, ack.result))
+            batch.events.append(Event(device_id, received, "ack", doc))
+        else:
+            batch.events.append(Event(device_id, received, (match.name or "event")[:128], doc))
+        return batch
+
+
+def _rejected(received: int, topic: str | None, payload: bytes, device_id: str | None, reason: str) -> Batch:
+    return Batch(rejected=[Rejected(received, "mqtt", reason, payload, device_id=device_id, topic=topic)])

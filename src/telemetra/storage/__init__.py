@@ -1,0 +1,1 @@
+"""SQLAlchemy models, repositories and the dialect fast paths of the writer."""

@@ -1,0 +1,148 @@
+"""Commands down to devices and alerts: the rows behind their lifecycles."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from telemetra.domain.errors import Conflict, NotFound
+from telemetra.storage.schema import AlertRow, CommandRow, Device
+
+OPEN = ("queued", "sent")
+
+
+class CommandRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(self, device_id: str, name: str, params: Any, *, now_ms: int, ttl_s: int) -> CommandRow:
+        row = {
+            "id": str(uuid.uuid4()),
+            "device_id": device_id,
+            "name": name,
+            "params": params,
+            "status": "queued",
+            "created_at": now_ms,
+            "expires_at": now_ms + ttl_s * 1000,
+            "sent_at": None,
+            "acked_at": None,
+            "result": None,
+        }
+        async with self._engine.begin() as conn:
+            await conn.execute(CommandRow.__table__.insert().values(**row))
+        return CommandRow(**row)
+
+    async def get(self, command_id: str, device_id: str | None = None) -> CommandRow:
+        stmt = select(CommandRow.__table__).where(CommandRow.id == command_id)
+        if device_id is not None:
+            stmt = stmt.where(CommandRow.device_id == device_id)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise NotFound(f"command {command_id!r} not found", field="command_id")
+        return CommandRow(**row._mapping)
+
+    async def list(self, device_id: str, *, status: str | None = None, limit: int = 100) -> list[CommandRow]:
+        stmt = select(CommandRow.__table__).where(CommandRow.device_id == device_id)
+        if status:
+            stmt = stmt.where(CommandRow.status == status)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(CommandRow.created_at.desc()).limit(limit))).all()
+        return [CommandRow(**r._mapping) for r in rows]
+
+    async def queued(
+        self, device_id: str, *, now_ms: int, limit: int = 100, resend_sent_before: int | None = None
+    ) -> list[CommandRow]:
+        """Queued commands; with ``resend_sent_before``, also those sent before then and still unanswered
+        (an HTTP poller that lost its answer gets them again: at least once, like QoS 1)."""
+        wanted = CommandRow.status == "queued"
+        if resend_sent_before is not None:
+            wanted = or_(wanted, and_(CommandRow.status == "sent", CommandRow.sent_at < resend_sent_before))
+        stmt = (
+            select(CommandRow.__table__)
+            .where(CommandRow.device_id == device_id, wanted, CommandRow.expires_at > now_ms)
+            .order_by(CommandRow.created_at)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [CommandRow(**r._mapping) for r in (await conn.execute(stmt)).all()]
+
+    async def devices_with_queued(self, *, now_ms: int) -> set[str]:
+        stmt = select(CommandRow.device_id).where(CommandRow.status == "queued", CommandRow.expires_at > now_ms)
+        async with self._engine.connect() as conn:
+            return {r[0] for r in (await conn.execute(stmt.distinct())).all()}
+
+    async def mark_sent(self, command_ids: list[str], *, now_ms: int, resend_before: int | None = None) -> list[str]:
+        """Queued (or stale sent) → sent; returns the ids this call moved (a concurrent poller may have
+        taken some)."""
+        moved = []
+        wanted = CommandRow.status == "queued"
+        if resend_before is not None:
+            wanted = or_(wanted, and_(CommandRow.status == "sent", CommandRow.sent_at < resend_before))
+        async with self._engine.begin() as conn:
+            for command_id in command_ids:
+                result = await conn.execute(
+                    update(CommandRow).where(CommandRow.id == command_id, wanted).values(status="sent", sent_at=now_ms)
+                )
+                if result.rowcount:
+                    moved.append(command_id)
+        return moved
+
+    async def expire(self, *, now_ms: int) -> int:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(CommandRow)
+                .where(CommandRow.status.in_(OPEN), CommandRow.expires_at <= now_ms)
+                .values(status="expired")
+            )
+        return int(result.rowcount or 0)
+
+    async def set_desired_config(self, device_id: str, config: dict[str, Any], *, now_ms: int) -> int:
+        async with self._engine.begin() as conn:
+            version = (
+                await conn.execute(select(Device.desired_version).where(Device.id == device_id).with_for_update())
+            ).scalar_one_or_none()
+            if version is None:
+                raise NotFound(f"device {device_id!r} not found", field="device_id")
+            new_version = int(version) + 1
+            await conn.execute(
+                update(Device)
+                .where(Device.id == device_id)
+                .values(desired_config=config, desired_version=new_version, updated_at=now_ms)
+            )
+        return new_version
+
+
+class AlertRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def list(self, *, status: str | None, device_id: str | None, limit: int) -> list[AlertRow]:
+        stmt = select(AlertRow.__table__)
+        if status:
+            stmt = stmt.where(AlertRow.status == status)
+        if device_id:
+            stmt = stmt.where(AlertRow.device_id == device_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(AlertRow.id.desc()).limit(limit))).all()
+        return [AlertRow(**r._mapping) for r in rows]
+
+    async def transition(self, alert_id: int, to: str, *, now_ms: int) -> AlertRow:
+        """active → acknowledged → cleared (an active alert may also be cleared directly)."""
+        allowed_from = {"acknowledged": ("active",), "cleared": ("active", "acknowledged")}[to]
+        stamp = {"acknowledged": "acknowledged_at", "cleared": "cleared_at"}[to]
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(AlertRow)
+                .where(AlertRow.id == alert_id, AlertRow.status.in_(allowed_from))
+                .values(status=to, updated_at=now_ms, **{stamp: now_ms})
+            )
+            row = (await conn.execute(select(AlertRow.__table__).where(AlertRow.id == alert_id))).first()
+        if row is None:
+            raise NotFound(f"alert {alert_id} not found", field="alert_id")
+        if not result.rowcount:
+            raise Conflict(f"alert {alert_id} is {row.status}; cannot move to {to}", field="status")
+        return AlertRow(**row._mapping)

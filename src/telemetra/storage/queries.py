@@ -1,0 +1,219 @@
+"""Read queries over telemetry, latest values, state and events. Every query is bounded by device, keys
+and a time range, and served by a primary key or index (``telemetry`` is keyed (device, key, ts))."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, and_, func, literal_column, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from telemetra.domain.records import ValueType
+from telemetra.storage.schema import DeviceState, EventRow, LatestRow, RejectedMessage, StateHistory, TelemetryRow
+
+AGGREGATES = ("min", "max", "avg", "sum", "count", "last")
+
+
+@dataclass(frozen=True, slots=True)
+class PointOut:
+    key: str
+    ts: int
+    value: float | bool | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    points: list[PointOut]
+    next_after: tuple[int, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    key: str
+    start: int
+    values: dict[str, float | int | bool | str | None]
+
+
+def _value(num: float | None, text: str | None, vtype: int) -> float | bool | str | None:
+    if vtype == ValueType.TEXT:
+        return text
+    if vtype == ValueType.BOOL:
+        return bool(num)
+    return num
+
+
+class TelemetryQueries:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def keys(self, device_id: str) -> list[str]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(LatestRow.key).where(LatestRow.device_id == device_id).order_by(LatestRow.key)
+            )
+        return [r[0] for r in rows]
+
+    async def history(
+        self,
+        device_id: str,
+        *,
+        keys: Sequence[str] | None,
+        start: int,
+        end: int,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        descending: bool = False,
+    ) -> HistoryPage:
+        t = TelemetryRow
+        conditions = [t.device_id == device_id, t.ts >= start, t.ts < end]
+        if keys:
+            conditions.append(t.key.in_(list(keys)))
+        if after is not None:
+            cursor = tuple_(t.ts, t.key)
+            conditions.append(cursor < tuple_(*after) if descending else cursor > tuple_(*after))
+        order = (t.ts.desc(), t.key.desc()) if descending else (t.ts, t.key)
+        stmt = (
+            select(t.key, t.ts, t.value_num, t.value_text, t.vtype)
+            .where(and_(*conditions))
+            .order_by(*order)
+            .limit(limit + 1)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        points = [PointOut(r.key, r.ts, _value(r.value_num, r.value_text, r.vtype)) for r in rows]
+        next_after = (points[-1].ts, points[-1].key) if more and points else None
+        return HistoryPage(points, next_after)
+
+    async def stream(
+        self, device_id: str, *, keys: Sequence[str] | None, start: int, end: int, chunk: int = 5000
+    ) -> AsyncIterator[PointOut]:
+        """Every point in the range, read in chunks (CSV export of any size in bounded memory)."""
+        after: tuple[int, str] | None = None
+        while True:
+            page = await self.history(device_id, keys=keys, start=start, end=end, limit=chunk, after=after)
+            for point in page.points:
+                yield point
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    async def latest(self, device_id: str, keys: Sequence[str] | None = None) -> list[PointOut]:
+        t = LatestRow
+        stmt = select(t.key, t.ts, t.value_num, t.value_text, t.vtype).where(t.device_id == device_id)
+        if keys:
+            stmt = stmt.where(t.key.in_(list(keys)))
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(t.key))).all()
+        return [PointOut(r.key, r.ts, _value(r.value_num, r.value_text, r.vtype)) for r in rows]
+
+    async def aggregate(
+        self,
+        device_id: str,
+        *,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        interval_ms: int | None,
+        functions: Sequence[str],
+    ) -> list[Bucket]:
+        """Buckets aligned to multiples of ``interval_ms`` since the epoch; one bucket from ``start`` when
+        there is no interval. Text series are left out (no arithmetic on text)."""
+        t = TelemetryRow
+        if interval_ms:
+            # Inlined (a validated int), so PostgreSQL sees the same expression in SELECT and GROUP BY.
+            iv = literal_column(str(int(interval_ms)), BigInteger)
+            bucket = (t.ts - t.ts % iv).label("bucket")
+            group: list[Any] = [t.key, bucket]
+        else:
+            bucket = literal_column(str(int(start)), BigInteger).label("bucket")
+            group = [t.key]
+        where = and_(
+            t.device_id == device_id, t.key.in_(list(keys)), t.ts >= start, t.ts < end, t.vtype != int(ValueType.TEXT)
+        )
+        cols = [
+            t.key,
+            bucket,
+            func.min(t.value_num).label("min"),
+            func.max(t.value_num).label("max"),
+            func.avg(t.value_num).label("avg"),
+            func.sum(t.value_num).label("sum"),
+            func.count().label("count"),
+            func.max(t.ts).label("last_ts"),
+        ]
+        stmt = select(*cols).where(where).group_by(*group).order_by(t.key, "bucket")
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+            last_values: dict[tuple[str, int], float | None] = {}
+            if "last" in functions and rows:
+                pairs = [(r.key, r.last_ts) for r in rows]
+                for i in range(0, len(pairs), 500):
+                    chunk = pairs[i : i + 500]
+                    found = await conn.execute(
+                        select(t.key, t.ts, t.value_num).where(t.device_id == device_id, tuple_(t.key, t.ts).in_(chunk))
+                    )
+                    last_values.update({(f.key, f.ts): f.value_num for f in found})
+        buckets = []
+        for r in rows:
+            all_values: dict[str, Any] = {
+                "min": r.min,
+                "max": r.max,
+                "avg": float(r.avg) if r.avg is not None else None,
+                "sum": r.sum,
+                "count": int(r.count),
+                "last": last_values.get((r.key, r.last_ts)),
+            }
+            buckets.append(Bucket(r.key, int(r.bucket), {f: all_values[f] for f in functions}))
+        return buckets
+
+    async def state(self, device_id: str | None = None) -> list[DeviceState]:
+        stmt = select(DeviceState.__table__)
+        if device_id is not None:
+            stmt = stmt.where(DeviceState.device_id == device_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(DeviceState.device_id, DeviceState.key))).all()
+        return [DeviceState(**r._mapping) for r in rows]
+
+    async def state_history(self, device_id: str, *, start: int, end: int, limit: int) -> list[StateHistory]:
+        t = StateHistory
+        stmt = (
+            select(t.__table__)
+            .where(t.device_id == device_id, t.ts >= start, t.ts < end)
+            .order_by(t.ts.desc(), t.id.desc())
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [StateHistory(**r._mapping) for r in rows]
+
+    async def events(
+        self, device_id: str, *, start: int, end: int, limit: int, name: str | None = None
+    ) -> list[EventRow]:
+        t = EventRow
+        stmt = select(t.__table__).where(t.device_id == device_id, t.ts >= start, t.ts < end)
+        if name:
+            stmt = stmt.where(t.name == name)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(t.ts.desc(), t.id.desc()).limit(limit))).all()
+        return [EventRow(**r._mapping) for r in rows]
+
+    async def rejected(self, *, limit: int, device_id: str | None = None) -> list[RejectedMessage]:
+        t = RejectedMessage
+        stmt = select(t.__table__)
+        if device_id:
+            stmt = stmt.where(t.device_id == device_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(t.id.desc()).limit(limit))).all()
+        return [RejectedMessage(**r._mapping) for r in rows]
+
+    async def count_points(self, device_id: str | None = None, *, since: int | None = None) -> int:
+        stmt = select(func.count()).select_from(TelemetryRow)
+        if device_id:
+            stmt = stmt.where(TelemetryRow.device_id == device_id)
+        if since is not None:
+            stmt = stmt.where(TelemetryRow.ts >= since)
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(stmt)).scalar_one())

@@ -1,0 +1,170 @@
+"""Tables. Every time is UTC epoch milliseconds in a BIGINT: one representation on SQLite and
+PostgreSQL, exact to the millisecond, cheap to bucket (``ts - ts % interval``) and to partition by range.
+
+Telemetry is narrow — (device, key, ts) → numeric or text value — so any payload shape fits; its primary
+key is also what makes device-timestamped readings idempotent. There is deliberately no foreign key from
+the hot tables to ``devices``: the writer never pays for the check, and deleting a device deletes its
+rows explicitly (``storage.devices.delete_device``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Double, Index, Integer, SmallInteger, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID = String(128)
+KEY = String(128)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="device")
+    parent_id: Mapped[str | None] = mapped_column(ID, index=True)
+    role: Mapped[str | None] = mapped_column(String(128))
+    fw_version: Mapped[str | None] = mapped_column(String(64))
+    notes: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # sha256 of the device secret: the secret has ≥128 random bits, so a slow hash buys nothing and a
+    # fast, indexed one lets a bare X-API-Key find its device in one lookup.
+    secret_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    auto_registered: Mapped[bool] = mapped_column(Boolean, default=False)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    rssi: Mapped[int | None] = mapped_column(Integer)
+    last_seen_at: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    desired_config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    desired_version: Mapped[int] = mapped_column(Integer, default=0)
+    reported_config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reported_version: Mapped[int | None] = mapped_column(Integer)
+
+
+class ClaimCode(Base):
+    __tablename__ = "claim_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID, index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    used_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class TelemetryRow(Base):
+    __tablename__ = "telemetry"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    value_num: Mapped[float | None] = mapped_column(Double)
+    value_text: Mapped[str | None] = mapped_column(Text)
+    vtype: Mapped[int] = mapped_column(SmallInteger)
+
+
+class LatestRow(Base):
+    __tablename__ = "latest"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    value_num: Mapped[float | None] = mapped_column(Double)
+    value_text: Mapped[str | None] = mapped_column(Text)
+    vtype: Mapped[int] = mapped_column(SmallInteger)
+
+
+class DeviceState(Base):
+    __tablename__ = "device_state"
+
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class StateHistory(Base):
+    __tablename__ = "state_history"
+    __table_args__ = (Index("ix_state_history_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID)
+    key: Mapped[str] = mapped_column(KEY)
+    value: Mapped[str] = mapped_column(Text)
+    ts: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[Any] = mapped_column(JSON)
+
+
+class RejectedMessage(Base):
+    __tablename__ = "rejected_messages"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    received_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    source: Mapped[str] = mapped_column(String(16))
+    topic: Mapped[str | None] = mapped_column(Text)
+    device_id: Mapped[str | None] = mapped_column(ID)
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+
+
+class CommandRow(Base):
+    """A command down to a device: queued → sent → acked | failed | expired."""
+
+    __tablename__ = "commands"
+    __table_args__ = (Index("ix_commands_device_status", "device_id", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID)
+    name: Mapped[str] = mapped_column(String(128))
+    params: Mapped[Any] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    sent_at: Mapped[int | None] = mapped_column(BigInteger)
+    acked_at: Mapped[int | None] = mapped_column(BigInteger)
+    result: Mapped[Any] = mapped_column(JSON)
+
+
+class AlertRow(Base):
+    """An alert: active → acknowledged → cleared. One active alert per (device, type): a repeat updates it."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index("ix_alerts_status_created", "status", "created_at"),
+        Index("ix_alerts_device_type", "device_id", "type"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID)
+    type: Mapped[str] = mapped_column(String(128))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str | None] = mapped_column(Text)
+    value: Mapped[float | None] = mapped_column(Double)
+    payload: Mapped[Any] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    acknowledged_at: Mapped[int | None] = mapped_column(BigInteger)
+    cleared_at: Mapped[int | None] = mapped_column(BigInteger)

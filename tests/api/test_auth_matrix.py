@@ -1,0 +1,339 @@
+"""Who may call what (SPEC §1): every HTTP endpoint × every kind of caller, with the exact status.
+
+Callers: the admin key; device A; device B; gateway G (``kind=gateway``) whose child is C; a fleet key
+(seed 001's ``DEVICE_API_KEYS``); no key; a key nobody issued. The matrix runs on both backends against
+one app per backend (``shared_app``): a cell costs a request or two, an app start would cost more than the
+whole row. Cells that change a device (delete, rotate) act on a fresh device of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from tests.api.shared_app import lenient_client, shared_app_fixture, unique
+from tests.conftest import ADMIN, AppFactory, Running
+
+FLEET_KEY = "fleet-key-for-the-auth-matrix-0123456789"
+CALLERS = ("admin", "dev_a", "dev_b", "gateway", "fleet", "none", "wrong")
+
+shared = shared_app_fixture(device_api_keys=[FLEET_KEY])
+module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+@dataclass
+class World:
+    a: str
+    b: str
+    g: str
+    c: str
+    headers: dict[str, dict[str, str]]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(shared: Running) -> World:
+    a, b, g, c = "dev-a", "dev-b", "gw-g", "child-c"
+    key_a = await shared.create_device(a)
+    key_b = await shared.create_device(b)
+    key_g = await shared.create_device(g, kind="gateway")
+    await shared.create_device(c, parent_id=g)
+    headers = {
+        "admin": ADMIN,
+        "dev_a": {"X-API-Key": key_a},
+        "dev_b": {"Authorization": f"Bearer {key_b}"},  # both header forms are in play
+        "gateway": {"X-API-Key": key_g},
+        "fleet": {"X-API-Key": FLEET_KEY},
+        "none": {},
+        "wrong": {"X-API-Key": "not-a-key-anybody-issued"},
+    }
+    return World(a, b, g, c, headers)
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    path: str
+    expect: tuple[int, ...]  # in CALLERS order
+    body: Any = None
+    bug: str | None = None  # a known defect in src/: the row is a strict xfail until it is fixed
+
+    @property
+    def id(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def codes(text: str) -> tuple[int, ...]:
+    parts = tuple(int(p) for p in text.split())
+    assert len(parts) == len(CALLERS)
+    return parts
+
+
+
+#                    admin A   B   G   fleet none wrong
+READ_A = codes("200 200 403 403 403 401 401")  # a device reads only its own data
+READ_C = codes("200 403 403 403 403 401 401")  # a gateway writes for its children but does not read them
+ADMIN_ONLY = codes("200 403 403 403 403 401 401")
+PUBLIC = codes("200 200 200 200 200 200 200")
+WRITE_A = codes("202 202 403 403 202 401 401")
+WRITE_C = codes("202 403 403 202 202 401 401")
+NODE_A = codes("200 200 403 403 200 401 401")
+NODE_C = codes("200 403 403 200 200 401 401")
+
+ROWS = [
+    # Device side (SPEC §3).
+    Row("POST", "/api/v1/ingest", WRITE_A, {"device_id": "{A}", "t": 1}),
+    Row("POST", "/api/v1/ingest", WRITE_C, {"device_id": "{C}", "t": 1}),
+    # Without device_id: a device or gateway key names its own device; admin and fleet must say which.
+    Row("POST", "/api/v1/ingest", codes("422 202 202 202 422 401 401"), {"t": 1}),
+    Row("POST", "/api/v1/ingest/batch", WRITE_A, [{"device_id": "{A}", "t": 1}]),
+    Row("POST", "/api/v1/ingest/batch", WRITE_C, {"readings": [{"device_id": "{C}", "t": 1}]}),
+    Row("POST", "/api/v1/devices/{A}/telemetry", NODE_A, {"uptime": 1}),
+    Row("POST", "/api/v1/devices/{C}/telemetry", NODE_C, {"uptime": 1}),
+    Row("POST", "/api/v1/nodes/{A}/telemetry", NODE_A, {"uptime": 1, "state": {"motion": "0"}}),
+    Row("POST", "/api/v1/nodes/{C}/telemetry", NODE_C, {"uptime": 1}),
+    Row(
+        "POST",
+        "/api/v1/provision/claim",
+        codes("200 200 200 200 200 200 200"),
+        {"claim_code": "{CLAIM}"},
+    ),
+    Row("POST", "/api/v1/provision/claim", codes("404 404 404 404 404 404 404"), {"claim_code": "NOPE-NOPE-NOPE"}),
+    # Registry (admin).
+    Row("POST", "/api/v1/devices", codes("201 403 403 403 403 401 401"), {"id": "{NEW}"}),
+    Row("GET", "/api/v1/devices", ADMIN_ONLY),
+    Row("GET", "/api/v1/nodes", ADMIN_ONLY),
+    Row("GET", "/api/v1/devices/{A}", READ_A),
+    Row("GET", "/api/v1/nodes/{A}", READ_A),
+    Row("PATCH", "/api/v1/devices/{A}", ADMIN_ONLY, {"notes": "patched"}),
+    Row("PUT", "/api/v1/devices/{A}", ADMIN_ONLY, {"notes": "put"}),
+    Row("DELETE", "/api/v1/devices/{FRESH}", codes("204 403 403 403 403 401 401")),
+    Row("POST", "/api/v1/devices/{FRESH}/rotate", ADMIN_ONLY),
+    Row("POST", "/api/v1/devices/{FRESH}/credentials", ADMIN_ONLY),
+    Row("POST", "/api/v1/claim-codes", codes("201 403 403 403 403 401 401"), {"count": 1}),
+    # Reads of one device's data.
+    Row("GET", "/api/v1/devices/{A}/telemetry", READ_A),
+    Row("GET", "/api/v1/devices/{A}/history?range=24h", READ_A),
+    Row("GET", "/api/v1/devices/{A}/latest", READ_A),
+    Row("GET", "/api/v1/devices/{A}/aggregate?interval=1h", READ_A),
+    Row("GET", "/api/v1/devices/{A}/stats?range=24h", READ_A),
+    Row("GET", "/api/v1/devices/{A}/telemetry/export", READ_A),
+    Row("GET", "/api/v1/devices/{A}/state", READ_A),
+    Row("GET", "/api/v1/devices/{A}/state/history", READ_A),
+    Row("GET", "/api/v1/devices/{A}/events", READ_A),
+    Row("GET", "/api/v1/devices/{C}/latest", READ_C),
+    Row("GET", "/api/v1/devices/{C}/telemetry", READ_C),
+    # Fleet-wide reads (admin).
+    Row("GET", "/api/v1/state", ADMIN_ONLY),
+    Row("GET", "/api/v1/rejected", ADMIN_ONLY),
+    Row("GET", "/api/v1/stats", ADMIN_ONLY),
+    # Seed 003 aliases.
+    Row("GET", "/api/devices", ADMIN_ONLY),
+    Row("GET", "/api/stats", ADMIN_ONLY),
+    Row("GET", "/api/devices/{A}", READ_A),
+    Row("GET", "/api/devices/{A}/status", READ_A),
+    Row("GET", "/api/devices/{A}/readings", READ_A),
+    Row("GET", "/api/devices/{A}/readings/latest", READ_A),
+    # Operations: open to probes and scrapers, whatever they send.
+    Row("GET", "/health", PUBLIC),
+    Row("GET", "/api/v1/health", PUBLIC),
+    Row("GET", "/api/health", PUBLIC),
+    Row("GET", "/metrics", PUBLIC),
+]
+
+
+async def _placeholders(running: Running, w: World, row: Row) -> dict[str, str]:
+    values = {"A": w.a, "B": w.b, "C": w.c, "G": w.g, "NEW": unique("new")}
+    text = f"{row.path} {row.body}"
+    if "{FRESH}" in text:
+        values["FRESH"] = unique("fresh")
+        await running.create_device(values["FRESH"])
+    if "{CLAIM}" in text:
+        r = await running.client.post("/api/v1/claim-codes", json={"count": 1}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        values["CLAIM"] = r.json()["claim_codes"][0]["claim_code"]
+    return values
+
+
+def _fill(obj: Any, values: dict[str, str]) -> Any:
+    if isinstance(obj, str):
+        return obj.format(**values)
+    if isinstance(obj, list):
+        return [_fill(o, values) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _fill(v, values) for k, v in obj.items()}
+    return obj
+
+
+@module_loop
+@pytest.mark.parametrize(
+    "row",
+    [pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.bug)] if r.bug else []) for r in ROWS],
+)
+async def test_auth_matrix(shared: Running, world: World, row: Row) -> None:
+    """One row, every caller; the failure message lists every cell that differs, not just the first."""
+    wrong: list[str] = []
+    async with lenient_client(shared) as client:
+        for caller, expected in zip(CALLERS, row.expect, strict=True):
+            await _cell(shared, client, world, row, caller, expected, wrong)
+    assert not wrong, "\n".join(wrong)
+
+
+async def _cell(
+    shared: Running, client: httpx.AsyncClient, world: World, row: Row, caller: str, expected: int, wrong: list[str]
+) -> None:
+    values = await _placeholders(shared, world, row)
+    kwargs: dict[str, Any] = {"headers": world.headers[caller]}
+    if row.body is not None:
+        kwargs["json"] = _fill(row.body, values)
+    r = await client.request(row.method, _fill(row.path, values), **kwargs)
+    if r.status_code != expected:
+        wrong.append(f"{caller}: expected {expected}, got {r.status_code} {r.text[:200]}")
+    elif r.status_code in (401, 403):
+        body = r.json()
+        if not body.get("detail") or not body.get("field"):
+            wrong.append(f"{caller}: refusal without detail and field: {body}")
+        elif r.status_code == 401 and body["field"] != "X-API-Key":
+            wrong.append(f"{caller}: 401 should name X-API-Key: {body}")
+
+
+@module_loop
+async def test_unknown_device_is_404_for_admin_but_403_for_another_device(shared: Running, world: World) -> None:
+    """A device key learns nothing about which other devices exist."""
+    missing = unique("missing")
+    for path in ("", "/latest", "/telemetry", "/state"):
+        r = await shared.client.get(f"/api/v1/devices/{missing}{path}", headers=ADMIN)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["field"] == "device_id"
+        r = await shared.client.get(f"/api/v1/devices/{missing}{path}", headers=world.headers["dev_a"])
+        assert r.status_code == 403, (path, r.text)
+
+
+@module_loop
+async def test_fleet_key_auto_registers_an_unknown_device(shared: Running) -> None:
+    new = unique("fleet-new")
+    r = await shared.client.post(
+        "/api/v1/ingest", json={"device_id": new, "metrics": {"t": 21.5}}, headers={"X-API-Key": FLEET_KEY}
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["device_ids"] == [new]
+    device = (await shared.client.get(f"/api/v1/devices/{new}", headers=ADMIN)).json()
+    assert device["auto_registered"] is True
+    assert device["kind"] == "device" and device["parent_id"] is None
+    latest = (await shared.client.get(f"/api/v1/devices/{new}/latest", headers=ADMIN)).json()
+    assert latest["values"]["t"]["value"] == 21.5
+    # Also through the node path, and in a batch naming two new devices.
+    other, third = unique("fleet-node"), unique("fleet-batch")
+    r = await shared.client.post(
+        f"/api/v1/nodes/{other}/telemetry", json={"uptime": 5}, headers={"X-API-Key": FLEET_KEY}
+    )
+    assert r.status_code == 200, r.text
+    r = await shared.client.post(
+        "/api/v1/ingest/batch",
+        json=[{"device_id": third, "a": 1}, {"device_id": new, "a": 2}],
+        headers={"X-API-Key": FLEET_KEY},
+    )
+    assert r.status_code == 202 and r.json()["device_ids"] == sorted([third, new])
+    for device_id in (other, third):
+        assert (await shared.client.get(f"/api/v1/devices/{device_id}", headers=ADMIN)).status_code == 200
+
+
+@module_loop
+async def test_gateway_writes_for_its_children_and_registers_new_ones(shared: Running, world: World) -> None:
+    gw = world.headers["gateway"]
+    new_child = unique("mesh")
+    r = await shared.client.post(f"/api/v1/nodes/{new_child}/telemetry", json={"uptime": 7}, headers=gw)
+    assert r.status_code == 200, r.text
+    device = (await shared.client.get(f"/api/v1/devices/{new_child}", headers=ADMIN)).json()
+    assert device["parent_id"] == world.g and device["auto_registered"] is True
+    # Now a known child: the gateway may keep writing; another device may not.
+    r = await shared.client.post("/api/v1/ingest", json={"device_id": new_child, "x": 1}, headers=gw)
+    assert r.status_code == 202, r.text
+    r = await shared.client.post(
+        "/api/v1/ingest", json={"device_id": new_child, "x": 1}, headers=world.headers["dev_a"]
+    )
+    assert r.status_code == 403
+    # A batch mixing a child and a stranger is refused whole: nothing of it is stored.
+    before = (await shared.client.get(f"/api/v1/devices/{new_child}/telemetry?keys=mixed", headers=ADMIN)).json()
+    r = await shared.client.post(
+        "/api/v1/ingest/batch",
+        json=[{"device_id": new_child, "mixed": 1}, {"device_id": world.b, "mixed": 2}],
+        headers=gw,
+    )
+    assert r.status_code == 403, r.text
+    after = (await shared.client.get(f"/api/v1/devices/{new_child}/telemetry?keys=mixed", headers=ADMIN)).json()
+    assert before["series"] == after["series"] == {}
+    # Another gateway's child is not ours either.
+    other_gw = unique("gw2")
+    other_key = await shared.create_device(other_gw, kind="gateway")
+    r = await shared.client.post(
+        f"/api/v1/nodes/{new_child}/telemetry", json={"uptime": 1}, headers={"X-API-Key": other_key}
+    )
+    assert r.status_code == 403
+
+
+@module_loop
+async def test_malformed_authorization_headers_are_anonymous(shared: Running, world: World) -> None:
+    key_a = world.headers["dev_a"]["X-API-Key"]
+    for headers in ({"Authorization": f"Basic {key_a}"}, {"Authorization": "Bearer "}, {"X-API-Key": ""}):
+        r = await shared.client.get(f"/api/v1/devices/{world.a}/latest", headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+    r = await shared.client.get(f"/api/v1/devices/{world.a}/latest", headers={"Authorization": f"bearer {key_a}"})
+    assert r.status_code == 200
+
+
+async def test_anonymous_node_posts_only_when_allowed(app_factory: AppFactory) -> None:
+    async with app_factory() as closed:
+        r = await closed.client.post("/api/v1/nodes/pir1/telemetry", json={"uptime": 1})
+        assert r.status_code == 401
+        assert "ALLOW_ANONYMOUS_NODES" in r.json()["detail"]
+    async with app_factory(allow_anonymous_nodes=True) as open_:
+        r = await open_.client.post("/api/v1/nodes/pir1/telemetry", json={"uptime": 1, "name": "pir1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["node_id"] == "pir1"
+        device = (await open_.client.get("/api/v1/devices/pir1", headers=ADMIN)).json()
+        assert device["auto_registered"] is True and device["name"] == "pir1"
+        r = await open_.client.post("/api/v1/devices/pir2/telemetry", json={"uptime": 1})
+        assert r.status_code == 200
+        # Anonymous means "no key", not "any key"; and only the node paths are open.
+        r = await open_.client.post("/api/v1/nodes/pir1/telemetry", json={"uptime": 1}, headers={"X-API-Key": "bogus"})
+        assert r.status_code == 401
+        r = await open_.client.post("/api/v1/ingest", json={"device_id": "pir1", "uptime": 1})
+        assert r.status_code == 401
+        r = await open_.client.get("/api/v1/devices/pir1/latest")
+        assert r.status_code == 401
+
+
+async def test_gateway_auto_registration_can_be_turned_off(app_factory: AppFactory) -> None:
+    async with app_factory(gateway_auto_register=False) as t:
+        key = await t.create_device("gw", kind="gateway")
+        await t.create_device("known-child", parent_id="gw")
+        r = await t.client.post("/api/v1/nodes/unknown-child/telemetry", json={"uptime": 1}, headers={"X-API-Key": key})
+        assert r.status_code == 403
+        assert r.json()["field"] == "device_id"
+        assert (await t.client.get("/api/v1/devices/unknown-child", headers=ADMIN)).status_code == 404
+        r = await t.client.post("/api/v1/nodes/known-child/telemetry", json={"uptime": 1}, headers={"X-API-Key": key})
+        assert r.status_code == 200
+
+
+def test_matrix_covers_every_core_route() -> None:
+    """A new endpoint of the core routers without a row here fails this test instead of going unchecked.
+    (Commands, alerts, OTA and realtime have their own suites.)"""
+    from telemetra.api import aliases, devices, health, ingest, telemetry
+
+    routes: set[tuple[str, str]] = set()
+    for module in (ingest, devices, telemetry, health, aliases):
+        for route in module.router.routes:
+            for method in route.methods - {"HEAD"}:  # type: ignore[attr-defined]
+                routes.add((method, route.path.replace("{device_id}", "{X}")))  # type: ignore[attr-defined]
+    covered = set()
+    for row in ROWS:
+        path = row.path.split("?")[0]
+        for name in ("{A}", "{C}", "{FRESH}"):
+            path = path.replace(name, "{X}")
+        covered.add((row.method, path))
+    assert len(routes) > 30, "the routers are listed differently now; fix this test"
+    assert routes - covered == set()

@@ -1,0 +1,261 @@
+"""The ``telemetra`` console script, run for real in a subprocess with its own data directory: migrate,
+devices create/list/rotate, claim codes, settings errors, and ``serve`` generating an admin key on the
+first start. Credentials the CLI prints are checked against the app started on the same SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from telemetra.config import Settings
+from tests.conftest import ADMIN, make_settings, running_app
+
+SCRIPT = Path(sys.executable).with_name("telemetra")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "telemetra.cli"]
+SEED_NAMES = {
+    "DATABASE_URL",
+    "API_SECRET_KEY",
+    "DEVICE_API_KEYS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "DB_POOL_SIZE",
+    "WS_HEARTBEAT_INTERVAL",
+    "HOST",
+    "PORT",
+    "APP_ENV",
+}
+
+
+def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_") and k not in SEED_NAMES}
+    env.update({"TELEMETRA_DATA_DIR": str(data_dir), "TELEMETRA_MQTT_PORT": "0", **extra})
+    return env
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty cwd: no .env of the repository's is picked up."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return cwd
+
+
+def cli(workdir: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=workdir,
+        env=clean_env(workdir / "data", **extra_env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def app_settings(workdir: Path) -> Settings:
+    data_dir = workdir / "data"
+    return make_settings(f"sqlite+aiosqlite:///{(data_dir / 'telemetra.db').resolve()}", data_dir)
+
+
+async def ingest_statuses(workdir: Path, keys: list[str]) -> list[int]:
+    async with running_app(app_settings(workdir)) as t:
+        statuses = []
+        for key in keys:
+            r = await t.client.post("/api/v1/ingest", json={"t": 1}, headers={"X-API-Key": key})
+            statuses.append(r.status_code)
+        return statuses
+
+
+def test_migrate_create_list_rotate(workdir: Path) -> None:
+    assert "schema up to date (sqlite+aiosqlite)" in ok(cli(workdir, "migrate"))
+    assert (workdir / "data" / "telemetra.db").exists()
+
+    created = json.loads(ok(cli(workdir, "devices", "create", "X", "--model", "m", "--name", "Boiler")))
+    assert created["device_id"] == "X"
+    assert created["mqtt"] == {"username": "X", "password": created["api_key"]}
+    first_key = created["api_key"]
+
+    listed = json.loads(ok(cli(workdir, "devices", "list", "--json")))
+    assert listed["total"] == 1
+    assert listed["devices"][0] | {"last_seen_at": None} == {
+        "id": "X",
+        "kind": "device",
+        "model": "m",
+        "fw_version": None,
+        "last_seen_at": None,
+    }
+    assert first_key not in json.dumps(listed)
+
+    # The key printed by the CLI works against the server on the same database.
+    assert asyncio.run(ingest_statuses(workdir, [first_key])) == [202]
+
+    rotated = json.loads(ok(cli(workdir, "devices", "rotate", "X")))
+    assert rotated["device_id"] == "X" and rotated["api_key"] != first_key
+    assert asyncio.run(ingest_statuses(workdir, [first_key, rotated["api_key"]])) == [401, 202]
+
+    missing = cli(workdir, "devices", "rotate", "nope")
+    assert missing.returncode == 1 and "'nope' not found" in missing.stderr
+    bad_id = cli(workdir, "devices", "create", "has space")
+    assert bad_id.returncode == 2 and "DEVICE_ID" in bad_id.stderr
+
+
+def test_creating_an_existing_device_is_a_clear_error(workdir: Path) -> None:
+    ok(cli(workdir, "devices", "create", "X"))
+    again = cli(workdir, "devices", "create", "X")
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_claim_codes(workdir: Path) -> None:
+    out = ok(cli(workdir, "claim-codes", "--count", "2", "--prefix", "kit", "--model", "env-v2"))
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    assert len(lines) == 2 and all(len(parts) == 2 for parts in lines)
+    for device_id, code in lines:
+        assert device_id.startswith("kit-")
+        assert len(code) == 19 and code.count("-") == 3
+    assert lines[0][1] != lines[1][1]
+    # The same command under `devices`.
+    out = ok(cli(workdir, "devices", "claim-codes", "--prefix", "kit", "--model", "env-v2"))
+    lines += [line.split("\t") for line in out.strip().splitlines()]
+    assert len(lines) == 3
+    listed = json.loads(ok(cli(workdir, "devices", "list", "--json", "--model", "env-v2")))
+    assert sorted(d["id"] for d in listed["devices"]) == sorted(d for d, _ in lines)
+    bad = cli(workdir, "claim-codes", "--count", "0")
+    assert bad.returncode == 2 and "--count" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TELEMETRA_DATABASE_URL": "mysql://db/x"}, "DATABASE_URL must be"),
+        ({"TELEMETRA_ENV": "production", "TELEMETRA_ADMIN_KEYS": "weakkey-Q9"}, "at least 32 characters"),
+    ],
+)
+def test_invalid_settings_exit_non_zero_with_a_clear_message(workdir: Path, env: dict[str, str], message: str) -> None:
+    result = cli(workdir, "migrate", **env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: invalid settings:")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "weakkey-Q9" not in result.stderr  # a key is never echoed
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, workdir: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._out = log.open("w")
+        self.process = subprocess.Popen(
+            [*COMMAND, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=workdir,
+            env=clean_env(workdir / "data", TELEMETRA_LOG_LEVEL="WARNING"),
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_healthy(self, timeout: float = 30) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=1)
+                if r.status_code == 200:
+                    body: dict[str, object] = r.json()
+                    return body
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"serve not healthy after {timeout} s:\n{self.output()}")
+
+    def stop(self) -> bool:
+        """SIGTERM; True when the server went down by itself (uvicorn re-raises the signal after its
+        graceful shutdown, so the exit status is -SIGTERM or 0), False when it had to be killed."""
+        graceful = True
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                graceful = False
+                self.process.kill()
+                self.process.wait()
+        if not self._out.closed:
+            self._out.close()
+        return graceful and self.process.returncode in (0, -signal.SIGTERM)
+
+    def output(self) -> str:
+        if not self._out.closed:
+            self._out.flush()
+        return self.log.read_text()
+
+
+@pytest.fixture
+def serve(workdir: Path) -> Iterator[list[Server]]:
+    servers: list[Server] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_serve_generates_an_admin_key_once(workdir: Path, serve: list[Server]) -> None:
+    first = Server(workdir, workdir / "serve-1.log")
+    serve.append(first)
+    health = first.wait_healthy()
+    assert health["status"] == "ok"
+
+    key_file = workdir / "data" / "admin.key"
+    assert key_file.exists()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    assert len(key) >= 32
+    r = httpx.get(f"{first.url}/api/v1/devices", headers={"X-API-Key": key})
+    assert r.status_code == 200 and r.json()["total"] == 0
+    assert httpx.get(f"{first.url}/api/v1/devices", headers=ADMIN).status_code == 401  # no configured keys
+    assert httpx.get(f"{first.url}/api/v1/devices").status_code == 401
+    r = httpx.post(f"{first.url}/api/v1/devices", json={"id": "served"}, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 201
+    device_key = r.json()["credentials"]["api_key"]
+    assert httpx.post(f"{first.url}/api/v1/ingest", json={"t": 1}, headers={"X-API-Key": device_key}).status_code == 202
+
+    assert first.stop()  # a clean shutdown on SIGTERM
+    output = first.output()
+    assert "Generated admin key" in output
+    assert output.count(key) == 1  # printed once, never logged again
+
+    # The second start keeps the key and does not print it.
+    second = Server(workdir, workdir / "serve-2.log")
+    serve.append(second)
+    second.wait_healthy()
+    assert httpx.get(f"{second.url}/api/v1/devices", headers={"X-API-Key": key}).json()["total"] == 1
+    assert second.stop()
+    assert "Generated admin key" not in second.output() and key not in second.output()
+    assert key_file.read_text().strip() == key
