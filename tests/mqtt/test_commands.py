@@ -132,13 +132,6 @@ class SlowLink:
         await self.inner.publish(topic, payload, qos=qos, retain=retain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CommandService.dispatch (mqtt/downlink.py) reads the queued commands, publishes them and only "
-    "then marks them sent, with no per-device serialisation; on_commit starts one dispatch task per committed "
-    "online report, so a device that reports online again while a dispatch is in flight gets the same "
-    "commands published again",
-)
 async def test_queued_commands_are_delivered_once_when_device_reports_online_repeatedly(mqtt_app: MqttApp) -> None:
     services = mqtt_app.services
     services.commands.publisher = SlowLink(services.commands.publisher, 0.15)
@@ -241,3 +234,22 @@ async def test_http_only_device_polls_and_acks_a_command(mqtt_app: MqttApp) -> N
     # Nothing left to poll.
     again = await mqtt_app.client.get("/api/v1/device/commands", headers=device_key)
     assert again.status_code == 200 and again.json()["commands"] == []
+
+
+async def test_http_device_marked_online_by_its_telemetry_still_gets_commands_by_poll(mqtt_app: MqttApp) -> None:
+    """HTTP telemetry marks a device online, so a new command goes out over MQTT at once; the device does not
+    listen there, and its next poll must hand the command over rather than wait out the resend window."""
+    secret = await mqtt_app.create_device("dev-http-online")
+    device_key = {"X-API-Key": secret}
+    r = await mqtt_app.client.post("/api/v1/ingest", json={"temperature": 21.5}, headers=device_key)
+    assert r.status_code == 202, r.text
+    r = await mqtt_app.client.post("/api/v1/devices/dev-http-online/commands", json={"name": "reboot"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    command_id = r.json()["id"]
+    assert r.json()["status"] == "sent"  # published over MQTT (control: the case this test is about)
+    poll = await mqtt_app.client.get("/api/v1/device/commands", headers=device_key)
+    assert poll.status_code == 200, poll.text
+    assert [c["id"] for c in poll.json()["commands"]] == [command_id]
+    # Taken by the poll: a second poll right away does not hand it out again.
+    again = await mqtt_app.client.get("/api/v1/device/commands", headers=device_key)
+    assert again.json()["commands"] == []

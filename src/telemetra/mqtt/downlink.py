@@ -3,7 +3,8 @@
 A command is stored first (queued), then published QoS 1 on ``{prefix}/{device}/cmd`` when the device is
 online; it becomes ``sent`` once the broker has it, ``acked``/``failed`` when the device answers on
 ``event/ack`` (or the HTTP ack), ``expired`` after its TTL. A device that is offline gets its queued
-commands when it comes back. Devices that speak only HTTP poll for them instead.
+commands when it comes back. Devices that speak only HTTP poll for them instead; a poll also takes
+commands that went out over MQTT and stay unanswered.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class Publisher(Protocol):
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None: ...
 
 
+class _DeviceLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class CommandService:
     def __init__(
         self,
@@ -52,6 +61,7 @@ class CommandService:
         self.publisher: Publisher | None = None
         self._changed: dict[str, asyncio.Event] = {}  # command id → set when its status may have changed
         self._arrivals: dict[str, asyncio.Event] = {}  # device id → set when a command is queued for it
+        self._dispatching: dict[str, _DeviceLock] = {}  # device id → held while publishing to it
         self._tasks: set[asyncio.Task[int]] = set()
 
     async def create(self, device_id: str, name: str, params: Any, *, ttl_s: int) -> CommandRow:
@@ -62,22 +72,39 @@ class CommandService:
         return await self.repo.get(command.id)
 
     async def dispatch(self, device_id: str) -> int:
-        """Publish what is queued for ``device_id`` (it is online now)."""
+        """Publish what is queued for ``device_id`` (it is online now).
+
+        Each command is claimed (queued → sent, a guarded UPDATE) before it is published, so two
+        dispatches — here or in another process — never both publish it; a failed publish puts it back.
+        The per-device lock keeps the order in which commands were queued."""
         publisher = self.publisher
         if publisher is None or not publisher.connected:
             return 0
-        commands = await self.repo.queued(device_id, now_ms=now_ms())
+        entry = self._dispatching.setdefault(device_id, _DeviceLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                return await self._dispatch(device_id, publisher)
+        finally:
+            entry.users -= 1
+            if entry.users == 0:  # nobody waits behind us: forget the lock
+                del self._dispatching[device_id]
+
+    async def _dispatch(self, device_id: str, publisher: Publisher) -> int:
         sent = 0
-        for command in commands:
+        for command in await self.repo.queued(device_id, now_ms=now_ms()):
+            if not await self.repo.mark_sent([command.id], now_ms=now_ms(), via="mqtt"):
+                continue  # someone else took it
             payload = orjson.dumps(
                 {"id": command.id, "name": command.name, "params": command.params or {}, "ts": command.created_at}
             )
             try:
                 await publisher.publish(self._topic_for(device_id), payload, qos=1, retain=False)
-            except Exception as exc:  # stays queued; the next dispatch tries again
+            except Exception as exc:  # back to queued; the next dispatch tries again
                 log.warning("could not publish command %s: %s", command.id, exc)
+                await self.repo.release([command.id])
                 break
-            sent += len(await self.repo.mark_sent([command.id], now_ms=now_ms()))
+            sent += 1
             self._notify(command.id)
         return sent
 
@@ -109,7 +136,10 @@ class CommandService:
             self._changed.pop(command_id, None)
 
     async def poll(self, device_id: str, *, wait_s: float) -> list[CommandRow]:
-        """HTTP-only devices: queued commands (marked sent), waiting up to ``wait_s`` for one to arrive."""
+        """HTTP-only devices: queued commands (marked sent), waiting up to ``wait_s`` for one to arrive.
+
+        Commands already published over MQTT but unanswered are handed over too: a device that polls is
+        not listening on MQTT (HTTP telemetry marks it online, so ``create`` may have published)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         event = self._arrivals.setdefault(device_id, asyncio.Event())
@@ -117,9 +147,10 @@ class CommandService:
             event.clear()
             now = now_ms()
             resend = now - HTTP_RESEND_S * 1000
-            commands = await self.repo.queued(device_id, now_ms=now, resend_sent_before=resend)
+            commands = await self.repo.queued(device_id, now_ms=now, for_poll_before=resend)
             if commands:
-                moved = set(await self.repo.mark_sent([c.id for c in commands], now_ms=now, resend_before=resend))
+                ids = [c.id for c in commands]
+                moved = set(await self.repo.mark_sent(ids, now_ms=now, via="http", for_poll_before=resend))
                 taken = [c for c in commands if c.id in moved]
                 if taken:
                     return taken

@@ -14,6 +14,18 @@ from telemetra.storage.schema import AlertRow, CommandRow, Device
 OPEN = ("queued", "sent")
 
 
+def _takeable(for_poll_before: int | None) -> Any:
+    wanted = CommandRow.status == "queued"
+    if for_poll_before is None:
+        return wanted
+    unanswered = CommandRow.status == "sent"
+    return or_(
+        wanted,
+        and_(unanswered, CommandRow.sent_via == "mqtt"),
+        and_(unanswered, CommandRow.sent_at < for_poll_before),
+    )
+
+
 class CommandRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -27,6 +39,7 @@ class CommandRepository:
             "status": "queued",
             "created_at": now_ms,
             "expires_at": now_ms + ttl_s * 1000,
+            "sent_via": None,
             "sent_at": None,
             "acked_at": None,
             "result": None,
@@ -54,16 +67,14 @@ class CommandRepository:
         return [CommandRow(**r._mapping) for r in rows]
 
     async def queued(
-        self, device_id: str, *, now_ms: int, limit: int = 100, resend_sent_before: int | None = None
+        self, device_id: str, *, now_ms: int, limit: int = 100, for_poll_before: int | None = None
     ) -> list[CommandRow]:
-        """Queued commands; with ``resend_sent_before``, also those sent before then and still unanswered
-        (an HTTP poller that lost its answer gets them again: at least once, like QoS 1)."""
-        wanted = CommandRow.status == "queued"
-        if resend_sent_before is not None:
-            wanted = or_(wanted, and_(CommandRow.status == "sent", CommandRow.sent_at < resend_sent_before))
+        """Queued commands; with ``for_poll_before`` (an HTTP poll), also those published over MQTT that
+        are still unanswered (the device is evidently not listening there) and those handed to an
+        HTTP poller before then that are still unanswered (it lost its answer: at least once, like QoS 1)."""
         stmt = (
             select(CommandRow.__table__)
-            .where(CommandRow.device_id == device_id, wanted, CommandRow.expires_at > now_ms)
+            .where(CommandRow.device_id == device_id, _takeable(for_poll_before), CommandRow.expires_at > now_ms)
             .order_by(CommandRow.created_at)
             .limit(limit)
         )
@@ -75,21 +86,33 @@ class CommandRepository:
         async with self._engine.connect() as conn:
             return {r[0] for r in (await conn.execute(stmt.distinct())).all()}
 
-    async def mark_sent(self, command_ids: list[str], *, now_ms: int, resend_before: int | None = None) -> list[str]:
-        """Queued (or stale sent) → sent; returns the ids this call moved (a concurrent poller may have
-        taken some)."""
+    async def mark_sent(
+        self, command_ids: list[str], *, now_ms: int, via: str, for_poll_before: int | None = None
+    ) -> list[str]:
+        """Claim commands for sending: queued (or, for a poll, takeable) → sent. Returns the ids this call
+        moved; another dispatcher or poller, in this process or another, may have taken the rest."""
         moved = []
-        wanted = CommandRow.status == "queued"
-        if resend_before is not None:
-            wanted = or_(wanted, and_(CommandRow.status == "sent", CommandRow.sent_at < resend_before))
         async with self._engine.begin() as conn:
             for command_id in command_ids:
                 result = await conn.execute(
-                    update(CommandRow).where(CommandRow.id == command_id, wanted).values(status="sent", sent_at=now_ms)
+                    update(CommandRow)
+                    .where(CommandRow.id == command_id, _takeable(for_poll_before))
+                    .values(status="sent", sent_at=now_ms, sent_via=via)
                 )
                 if result.rowcount:
                     moved.append(command_id)
         return moved
+
+    async def release(self, command_ids: list[str]) -> None:
+        """Back to queued: claimed for publishing, but the publish failed."""
+        if not command_ids:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(CommandRow)
+                .where(CommandRow.id.in_(command_ids), CommandRow.status == "sent")
+                .values(status="queued", sent_at=None, sent_via=None)
+            )
 
     async def expire(self, *, now_ms: int) -> int:
         async with self._engine.begin() as conn:

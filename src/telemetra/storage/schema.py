@@ -141,6 +141,7 @@ class CommandRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    sent_via: Mapped[str | None] = mapped_column(String(8))  # "mqtt" or "http": how it went out
     sent_at: Mapped[int | None] = mapped_column(BigInteger)
     acked_at: Mapped[int | None] = mapped_column(BigInteger)
     result: Mapped[Any] = mapped_column(JSON)

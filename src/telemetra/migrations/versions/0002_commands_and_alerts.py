@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.BigInteger(), nullable=False),
+        sa.Column("sent_via", sa.String(length=8), nullable=True),
         sa.Column("sent_at", sa.BigInteger(), nullable=True),
         sa.Column("acked_at", sa.BigInteger(), nullable=True),
         sa.Column("result", sa.JSON(), nullable=False),
