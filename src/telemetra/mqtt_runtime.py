@@ -50,6 +50,7 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
         broker = EmbeddedBroker(host=settings.mqtt_host, port=settings.mqtt_port,
                                 authenticate=_registry_auth(services, password), acl=acl)
         await stack.enter_async_context(broker)
+        _follow_registry_embedded(services, stack, broker)
         address = BrokerAddress("127.0.0.1", broker.port, SERVICE_USERNAME, password, False)
         tls = None
         # amqtt has no shared subscriptions; with an embedded broker there is one Telemetra process anyway.
@@ -92,6 +93,25 @@ def _registry_auth(services: Services, service_password: str) -> Any:
         return MqttPrincipal(username=username, device_id=info.id)
 
     return authenticate
+
+
+def _follow_registry_embedded(services: Services, stack: AsyncExitStack, broker: EmbeddedBroker) -> None:
+    """The embedded broker checks credentials only at CONNECT: close the connections of a device whose
+    credentials stop being valid. registry_changed() has already dropped them from the directory cache,
+    so a reconnect with the old secret is refused."""
+
+    async def close_revoked_sessions(device_id: str, secret: str | None, enabled: bool | None, deleted: bool) -> None:
+        # A new secret (rotation; also creation and claiming, where nothing is connected yet), a
+        # disable, or a delete. `enabled=True` comes with every PATCH and revokes nothing.
+        if not (deleted or secret is not None or enabled is False):
+            return
+        try:
+            await broker.disconnect_device(device_id, forget=deleted)
+        except Exception:
+            log.exception("could not close the embedded MQTT connections of device %s", device_id)
+
+    services.registry_hooks.append(close_revoked_sessions)
+    stack.callback(services.registry_hooks.remove, close_revoked_sessions)
 
 
 async def _provision_mosquitto(services: Services, stack: AsyncExitStack, address: BrokerAddress,

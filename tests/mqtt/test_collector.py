@@ -7,6 +7,7 @@ permitted control message; once the control message is stored, the denied one wo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -126,21 +127,12 @@ async def test_rotation_takes_effect_at_the_broker(mqtt_app: MqttApp) -> None:
     await eventually(lambda: _has_key(mqtt_app, "dev-rot", "after"), what="telemetry under the new secret")
 
 
-EMBEDDED_KEEPS_SESSIONS = (
-    "BUG: the embedded broker checks credentials only at CONNECT; mqtt_runtime.start_mqtt registers no registry "
-    "hook in embedded mode (Mosquitto mode does, and dynsec drops the sessions), so a session opened with a "
-    "rotated, disabled or deleted device's credentials stays connected and keeps publishing/subscribing"
-)
-
-
 @pytest.mark.parametrize("action", ["rotate", "disable", "delete"])
-async def test_registry_change_closes_sessions_opened_with_old_credentials(
-    mqtt_app: MqttApp, action: str, request: pytest.FixtureRequest
-) -> None:
-    if mqtt_app.mode == "embedded":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=EMBEDDED_KEEPS_SESSIONS))
+async def test_registry_change_closes_sessions_opened_with_old_credentials(mqtt_app: MqttApp, action: str) -> None:
     secret = await mqtt_app.create_device("dev-cut")
-    session = await mqtt_app.connect_device("dev-cut", secret, timeout=2.0)
+    service = await mqtt_app.connect_service()
+    await service.subscribe("telemetra/dev-cut/state")
+    session = await mqtt_app.connect_device("dev-cut", secret, timeout=2.0, will=("telemetra/dev-cut/state", "offline"))
     if action == "rotate":
         r = await mqtt_app.client.post("/api/v1/devices/dev-cut/rotate", headers=ADMIN)
     elif action == "disable":
@@ -149,6 +141,57 @@ async def test_registry_change_closes_sessions_opened_with_old_credentials(
         r = await mqtt_app.client.delete("/api/v1/devices/dev-cut", headers=ADMIN)
     assert r.status_code in (200, 204), r.text
     await session.wait_disconnected()  # a leaked key must stop working now, not at the next reconnect
+    assert (await mqtt_app.device("dev-cut", secret).connect()).is_failure
+    # Revoked, not lost: like Mosquitto's dynamic security, the broker does not publish the Last Will.
+    await service.assert_no_message()
+
+
+@pytest.mark.parametrize("mqtt_app", ["embedded"], indirect=True)  # Mosquitto does not ask the registry
+@pytest.mark.parametrize("stage", ["authenticating", "registering"])
+async def test_rotation_while_connecting_shuts_the_old_secret_out(
+    mqtt_app: MqttApp, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    secret = await mqtt_app.create_device("dev-race")
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def pause() -> None:
+        paused.set()
+        await resume.wait()
+
+    if stage == "authenticating":
+        directory = mqtt_app.services.directory
+        by_secret = directory.by_secret
+
+        async def slow_by_secret(key: str) -> Any:
+            info = await by_secret(key)
+            if key == secret:  # read before the rotation, answered after it
+                await pause()
+            return info
+
+        monkeypatch.setattr(directory, "by_secret", slow_by_secret)
+    else:
+        broker = mqtt_app.services.extras["mqtt_broker"]._broker
+        disconnect_previous = broker._disconnect_previous
+
+        async def slow_disconnect_previous(client_id: str) -> None:
+            # Authenticated and accepted, but not yet among the sessions a revocation looks through.
+            await disconnect_previous(client_id)
+            if client_id == device.client_id:
+                await pause()
+
+        monkeypatch.setattr(broker, "_disconnect_previous", slow_disconnect_previous)
+    device = mqtt_app.device("dev-race", secret)
+    connecting = asyncio.create_task(device.connect())
+    await asyncio.wait_for(paused.wait(), 5)
+    r = await mqtt_app.client.post("/api/v1/devices/dev-race/rotate", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    resume.set()
+    rc = await connecting
+    if stage == "authenticating":
+        assert rc.is_failure
+    else:
+        assert not rc.is_failure  # the CONNACK was decided before the rotation
+        await device.wait_disconnected()
 
 
 async def test_last_will_marks_device_offline(mqtt_app: MqttApp) -> None:

@@ -8,7 +8,9 @@ are unsafe for us in 0.12.1:
 - topic plugins (`BaseTopicPlugin`) are awaited through a gather of new tasks while the broadcast loop
   iterates the live subscription dict, so a concurrent (un)subscribe or disconnect makes that
   broadcast fail with "dictionary changed size during iteration" and the message is lost.
-The overridden methods are private API of the pinned amqtt version; tests/mqtt covers each of them.
+Revoking a device (`GuardedBroker.disconnect_device`) likewise goes through amqtt's private session
+table, `Broker._sessions`. The overridden methods are private API of the pinned amqtt version;
+tests/mqtt covers each of them.
 """
 
 from __future__ import annotations
@@ -126,6 +128,16 @@ async def _close_quietly(writer: WriterAdapter) -> None:
         await writer.close()
 
 
+async def _end_connection(session: Session, handler: BrokerProtocolHandler) -> None:
+    """Have a connected session's own message loop disconnect it (it stops the handler, closing the
+    socket, and marks the session disconnected), without publishing its Last Will."""
+    session.will_flag = False
+    # Sets the handler's disconnect waiter, which the message loop waits on; unlike handler.stop()
+    # from this task, nothing here can block on the connection (a full socket buffer, a reader task
+    # that never started).
+    await handler.handle_connection_closed()
+
+
 class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt's Broker authenticating before session handling, authorizing through the gate."""
 
@@ -137,6 +149,10 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         # asyncio's server runs each connection in its own task; amqtt tracks only connections that
         # completed CONNECT, so we keep all of them to close and await them on shutdown.
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        # Per connection not yet in its message loop: the device ids revoked meanwhile. Such a
+        # connection may have authenticated with the revoked credentials without being in `_sessions`
+        # yet, out of `disconnect_device`'s reach; it checks this set before serving its client.
+        self._admitting: dict[asyncio.Task[Any], set[str]] = {}
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -146,10 +162,12 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             raise RuntimeError("stream_connected must run in a task")
         task.set_name(f"mqtt-connection {writer.get_extra_info('peername')}")
         self._connections[task] = writer
+        self._admitting[task] = set()
         try:
             await super().stream_connected(reader, writer, listener_name)
         finally:
             del self._connections[task]
+            self._admitting.pop(task, None)
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -181,6 +199,10 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         verdict = await self._gate.admit(session)
         if verdict == Connack.ACCEPTED:
             verdict = await self._claim_client_id(session)
+        if verdict == Connack.ACCEPTED and self._revoked_while_admitting(session):
+            # Authenticated against credentials revoked while that was under way.
+            logger.info("MQTT connection refused: the credentials of user %r were just revoked", session.username)
+            verdict = Connack.NOT_AUTHORIZED
         if verdict != Connack.ACCEPTED:
             with contextlib.suppress(OSError):
                 await ConnackPacket.build(0, int(verdict)).to_stream(writer)
@@ -226,6 +248,58 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         if entry is not None and entry[0].transitions.is_connected():
             await entry[1].handle_connection_closed()
             await entry[1].stop()
+
+    async def disconnect_device(self, device_id: str, *, forget: bool = False) -> int:
+        """Close every connection authenticated as `device_id`; returns how many were open.
+
+        For credentials that stopped being valid (rotated, device disabled or deleted). As Mosquitto's
+        dynamic security does, the Last Will is not published. A persistent session survives, for the
+        device to resume with its new credentials, unless `forget` (the device is gone): then its
+        subscriptions and queued messages are dropped too.
+        """
+        for revoked in self._admitting.values():
+            revoked.add(device_id)
+        closed = 0
+        for client_id, (session, handler) in list(self._sessions.items()):
+            principal = principal_of(session)
+            if principal is None or principal.device_id != device_id:
+                continue
+            if forget:
+                # No principal: no more subscribing or receiving, should the connection still be
+                # handling a packet; and no adoption by a later device of the same id.
+                del session.attributes[_PRINCIPAL_KEY]
+            if session.transitions.is_connected():
+                closed += 1
+                logger.info("MQTT connection of %r (client id %r) closed: credentials revoked", device_id, client_id)
+                await _end_connection(session, handler)
+            if forget and self._sessions.get(client_id, (None, None))[0] is session:
+                await self._delete_session(client_id)
+        return closed
+
+    def _revoked_while_admitting(self, session: Session) -> bool:
+        principal = principal_of(session)
+        task = asyncio.current_task()
+        revoked = self._admitting.get(task) if task is not None else None
+        return principal is not None and revoked is not None and principal.device_id in revoked
+
+    async def _client_message_loop(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        # The connection is now in `_sessions`, where `disconnect_device` finds it; a revocation that
+        # happened since its authentication was not yet able to.
+        if self._revoked_while_admitting(session):
+            logger.info("MQTT connection of user %r closed: credentials revoked while connecting", session.username)
+            await _end_connection(session, handler)
+        task = asyncio.current_task()
+        if task is not None:
+            self._admitting.pop(task, None)
+        try:
+            await super()._client_message_loop(session, handler)
+        finally:
+            # Upstream leaves the loop without disconnecting after a protocol violation (a PUBLISH to
+            # a wildcard, `$` or empty topic) or a cancellation, leaving a connection that is still
+            # delivered to but that no loop would ever notice a revocation on. End it.
+            if session.transitions.is_connected() and self._sessions.get(session.client_id, (None, None))[1] is handler:
+                await self._stop_handler(handler)
+                session.transitions.disconnect()
 
     async def _claim_client_id(self, session: Session) -> Connack:
         """Keep one principal from taking over, or inheriting, another principal's client id."""

@@ -62,6 +62,15 @@ class EmbeddedBroker:
             raise RuntimeError("the embedded MQTT broker is not running")
         return self._port
 
+    async def disconnect_device(self, device_id: str, *, forget: bool = False) -> int:
+        """Close every connection authenticated as `device_id` (its credentials were rotated, or the
+        device disabled or deleted); returns how many were open. Credentials are checked only at
+        CONNECT, so this is what makes a revocation reach connected clients. `forget` also drops the
+        device's persistent sessions (subscriptions, queued messages). A no-op when not running."""
+        if self._broker is None:
+            return 0
+        return await self._broker.disconnect_device(device_id, forget=forget)
+
     def _config(self) -> BrokerConfig:
         # amqtt splits `bind` on the last ':' so IPv6 hosts need no brackets (brackets break it).
         listener = ListenerConfig(type=ListenerType.TCP, bind=f"{self._host}:{self._requested_port}")
