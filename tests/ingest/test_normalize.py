@@ -53,10 +53,10 @@ def as_dict(message: Message) -> dict[str, Any]:
     """key → plain value as the API would answer it (bool for BOOL, text for TEXT, float otherwise)."""
     out: dict[str, Any] = {}
     for v in message.values:
-        if v.vtype is ValueType.TEXT:
+        if v.vtype == ValueType.TEXT:
             assert v.num is None
             out[v.key] = v.text
-        elif v.vtype is ValueType.BOOL:
+        elif v.vtype == ValueType.BOOL:
             assert v.text is None and v.num in (0.0, 1.0)
             out[v.key] = v.num == 1.0
         else:
@@ -117,7 +117,7 @@ def test_round_trip_every_finite_number_comes_back_under_its_key(doc: dict[str, 
     assert message.ts is None and message.device_id is None
     assert as_dict(message) == {k: float(v) for k, v in doc.items()}
     assert [v.key for v in message.values] == list(doc)
-    assert all(v.vtype is ValueType.NUMBER for v in message.values)
+    assert all(v.vtype == ValueType.NUMBER for v in message.values)
 
 
 @fast
@@ -181,7 +181,7 @@ def test_arrays_give_indexed_keys_and_skip_nulls_inside() -> None:
 def test_booleans_are_numeric_0_1_typed_bool(doc: dict[str, bool]) -> None:
     message = norm(doc)
     for value in message.values:
-        assert value.vtype is ValueType.BOOL
+        assert value.vtype == ValueType.BOOL
         assert value.num == (1.0 if doc[value.key] else 0.0)
         assert value.text is None
 
@@ -424,7 +424,7 @@ def test_any_json_document_normalises_or_is_refused_cleanly(doc: Any, ts: Any, d
     assert len({v.key for v in message.values}) == len(message.values)
     for v in message.values:
         assert 0 < len(v.key) <= LIMITS.max_key_length
-        assert (v.num is None) == (v.vtype is ValueType.TEXT)
+        assert (v.num is None) == (v.vtype == ValueType.TEXT)
 
 
 # ---------------------------------------------------------------------------------------------- node posts

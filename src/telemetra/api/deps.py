@@ -52,9 +52,16 @@ class Services:
             await hook(device_id, secret, enabled, deleted)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain ``def`` dependency in the thread pool, a thread hop per request.
     services: Services = request.app.state.services
     return services
+
+
+async def principal_of(request: Request, services: Services) -> Principal:
+    """The caller, read straight from the headers (for hot paths that skip dependency resolution)."""
+    headers = request.headers
+    return await resolve_principal(services, _presented_key(headers.get("x-api-key"), headers.get("authorization")))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

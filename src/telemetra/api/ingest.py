@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from telemetra.api.deps import Caller, MaybePrincipal, Services, ServicesDep
+from telemetra.api.deps import Services, principal_of
 from telemetra.api.schemas import IngestAccepted, NodeTelemetry, TelemetryMessage
 from telemetra.domain.errors import Forbidden, InvalidInput, MalformedPayload, PayloadTooLarge, Unauthorized
 from telemetra.domain.principal import Principal, Role
@@ -23,6 +23,34 @@ from telemetra.ingest.normalize import valid_device_id
 router = APIRouter(tags=["ingest (device side)"])
 
 
+_KEY_HEADERS = [
+    {
+        "name": "X-API-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "device, gateway or fleet key (or admin)",
+    },
+    {
+        "name": "Authorization",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Bearer <key>",
+    },
+]
+
+
+async def _caller(request: Request, *, anonymous_ok: bool = False) -> tuple[Services, Principal]:
+    """Services and caller without FastAPI's dependency resolution: on these paths it cost more per
+    request than normalising the payload does."""
+    services: Services = request.app.state.services
+    principal = await principal_of(request, services)
+    if principal.role is Role.ANONYMOUS and not anonymous_ok:
+        raise Unauthorized("an API key is required (X-API-Key or Authorization: Bearer)", field="X-API-Key")
+    return services, principal
+
+
 def _body_schema(model: type[Any], *, array: bool = False) -> dict[str, Any]:
     schema = model.model_json_schema()
     if array:
@@ -32,7 +60,10 @@ def _body_schema(model: type[Any], *, array: bool = False) -> dict[str, Any]:
                 {"type": "object", "properties": {"readings": {"type": "array", "items": schema}}},
             ]
         }
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    return {
+        "parameters": _KEY_HEADERS,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+    }
 
 
 async def _read_json(request: Request, services: Services) -> Any:
@@ -76,8 +107,9 @@ def _accepted(batch: Batch, points: int) -> Response:
     response_model=IngestAccepted,
     openapi_extra=_body_schema(TelemetryMessage, array=False),
 )
-async def ingest(request: Request, services: ServicesDep, principal: Caller) -> Response:
+async def ingest(request: Request) -> Response:
     """One telemetry message (seeds 001/002) — or an array of them — with a device, gateway or fleet key."""
+    services, principal = await _caller(request)
     doc = await _read_json(request, services)
     batch = await services.ingest.telemetry_batch(doc, principal)
     result = await services.queue.submit(batch, transport="http")
@@ -90,8 +122,9 @@ async def ingest(request: Request, services: ServicesDep, principal: Caller) -> 
     response_model=IngestAccepted,
     openapi_extra=_body_schema(TelemetryMessage, array=True),
 )
-async def ingest_batch(request: Request, services: ServicesDep, principal: Caller) -> Response:
+async def ingest_batch(request: Request) -> Response:
     """A JSON array of messages, or ``{"readings": [...]}``; stored together, answered after commit."""
+    services, principal = await _caller(request)
     doc = await _read_json(request, services)
     if not isinstance(doc, list) and not (isinstance(doc, dict) and isinstance(doc.get("readings"), list)):
         raise InvalidInput('expected a JSON array of messages or {"readings": [...]}', field="body")
@@ -129,16 +162,14 @@ async def _post_for_device(device_id: str, request: Request, services: Services,
 
 
 @router.post("/api/v1/devices/{device_id}/telemetry", openapi_extra=_body_schema(NodeTelemetry))
-async def post_device_telemetry(
-    device_id: str, request: Request, services: ServicesDep, principal: MaybePrincipal
-) -> Response:
+async def post_device_telemetry(device_id: str, request: Request) -> Response:
     """A gateway (for its children) or an admin posts for a device; seed 000's node shape is accepted."""
+    services, principal = await _caller(request, anonymous_ok=True)
     return await _post_for_device(device_id, request, services, _node_principal(principal, services))
 
 
 @router.post("/api/v1/nodes/{device_id}/telemetry", openapi_extra=_body_schema(NodeTelemetry))
-async def post_node_telemetry(
-    device_id: str, request: Request, services: ServicesDep, principal: MaybePrincipal
-) -> Response:
+async def post_node_telemetry(device_id: str, request: Request) -> Response:
     """Seed 000's path: ``{"name","uptime","heap_free","peer_count","role","firmware","state":{…}}``."""
+    services, principal = await _caller(request, anonymous_ok=True)
     return await _post_for_device(device_id, request, services, _node_principal(principal, services))

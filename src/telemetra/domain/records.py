@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class ValueType(enum.IntEnum):
@@ -13,27 +13,27 @@ class ValueType(enum.IntEnum):
     TEXT = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
-    """One key's value at one time. ``ts`` is UTC epoch milliseconds."""
+class Value(NamedTuple):
+    """One key's value in a message. ``vtype`` is a plain ``int`` of ``ValueType``: it goes to the
+    database as it is. A named tuple, because the ingest path makes one per reading."""
 
     key: str
-    ts: int
     num: float | None
     text: str | None
-    vtype: ValueType
+    vtype: int
 
 
 @dataclass(frozen=True, slots=True)
 class Telemetry:
-    """The points of one message for one device.
+    """The values of one message for one device, all taken at ``ts`` (UTC epoch milliseconds).
 
     ``device_ts`` is True when the device stamped the reading itself; those readings are idempotent
     on (device, key, ts), so redeliveries are stored once.
     """
 
     device_id: str
-    points: tuple[Point, ...]
+    ts: int
+    values: tuple[Value, ...]
     device_ts: bool
 
 
@@ -128,7 +128,7 @@ class Batch:
 
     @property
     def point_count(self) -> int:
-        return sum(len(t.points) for t in self.telemetry)
+        return sum([len(t.values) for t in self.telemetry])
 
     @property
     def weight(self) -> int:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 from telemetra.domain.errors import InvalidInput
-from telemetra.domain.records import Point, ValueType
+from telemetra.domain.records import Value, ValueType
 from telemetra.domain.timeutil import epoch_to_ms, parse_iso_ms
 
 DEVICE_FIELDS = ("device_id", "device", "deviceId")
@@ -40,19 +41,13 @@ class Limits:
     max_past_age_ms: int = 3650 * 86_400_000
 
 
-@dataclass(frozen=True, slots=True)
-class Value:
-    key: str
-    num: float | None
-    text: str | None
-    vtype: ValueType
-
-    def at(self, ts: int) -> Point:
-        return Point(self.key, ts, self.num, self.text, self.vtype)
+# Built with tuple.__new__ directly: a named tuple's own constructor is a Python-level call, and the
+# hot path makes one value per reading.
+_new_value = partial(tuple.__new__, Value)
+_NUMBER, _BOOL, _TEXT = int(ValueType.NUMBER), int(ValueType.BOOL), int(ValueType.TEXT)
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One normalised telemetry message. ``ts`` is None when the device sent no timestamp."""
 
     device_id: str | None
@@ -90,21 +85,38 @@ def split_batch(doc: Any, *, limits: Limits) -> list[Any]:
 
 
 def normalize_message(obj: Any, *, received_ms: int, limits: Limits, path: str = "body") -> Message:
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise InvalidInput("each message must be a JSON object", field=path)
     device_id = _device_id(obj, path)
     ts = _timestamp(obj, received_ms=received_ms, limits=limits, path=path)
     values: list[Value] = []
+    append = values.append
+    clean_keys, max_key_length = _CLEAN_KEYS, limits.max_key_length
+    nested = False
     for name, raw in obj.items():
-        if name in META_FIELDS:
+        if raw is None or name in META_FIELDS:
             continue
-        if name in WRAPPER_FIELDS and isinstance(raw, Mapping):
-            values.extend(_flatten(raw, "", 1, limits, f"{path}.{name}"))
+        kind = type(raw)
+        if kind is dict or kind is list:
+            nested = True
+            if name in WRAPPER_FIELDS and kind is dict:
+                values.extend(_flatten(raw, "", 1, limits, f"{path}.{name}"))
+            else:
+                values.extend(_flatten(raw, name, 2, limits, path))
+            if len(values) > limits.max_keys:
+                raise InvalidInput(f"more than {limits.max_keys} keys in one message", field=path)
+            continue
+        # The common case, a flat reading: no generator, no wrapping dict, no call for a finite float.
+        if name not in clean_keys or len(name) > max_key_length:
+            _check_key(name, limits, path)
+        if kind is float and raw - raw == 0.0:  # finite (inf - inf and nan - nan are nan)
+            append(_new_value((name, raw, None, _NUMBER)))
         else:
-            values.extend(_flatten({name: raw}, "", 1, limits, path))
-        if len(values) > limits.max_keys:
-            raise InvalidInput(f"more than {limits.max_keys} keys in one message", field=path)
-    _no_duplicates(values, path)
+            append(_value(name, raw, limits, path))
+    if len(values) > limits.max_keys:
+        raise InvalidInput(f"more than {limits.max_keys} keys in one message", field=path)
+    if nested:  # a flat object cannot repeat a key; a dotted key beside a nested one can
+        _no_duplicates(values, path)
     return Message(device_id, ts, tuple(values))
 
 
@@ -157,6 +169,8 @@ def _optional_text(obj: Mapping[str, Any], name: str, limits: Limits) -> str | N
 
 
 def _device_id(obj: Mapping[str, Any], path: str) -> str | None:
+    if "device_id" not in obj and "device" not in obj and "deviceId" not in obj:
+        return None  # the usual case: the key or the path names the device
     for name in DEVICE_FIELDS:
         value = obj.get(name)
         if value is None:
@@ -174,23 +188,26 @@ def valid_device_id(value: str) -> bool:
 
 
 def _timestamp(obj: Mapping[str, Any], *, received_ms: int, limits: Limits, path: str) -> int | None:
-    for name in TS_FIELDS:
-        if name not in obj or obj[name] is None:
-            continue
-        ts = parse_timestamp(obj[name])
-        field = f"{path}.{name}"
-        if ts is None:
-            raise InvalidInput("timestamp must be epoch seconds/milliseconds or ISO 8601", field=field)
-        if ts > received_ms + limits.max_future_skew_ms:
-            raise InvalidInput(
-                f"timestamp is {(ts - received_ms) / 1000:.0f} s in the future; the allowed clock skew is "
-                f"{limits.max_future_skew_ms / 1000:.0f} s",
-                field=field,
-            )
-        if ts < received_ms - limits.max_past_age_ms:
-            raise InvalidInput("timestamp is older than the accepted age", field=field)
-        return ts
-    return None
+    name, raw = "ts", obj.get("ts")
+    if raw is None:
+        name, raw = "timestamp", obj.get("timestamp")
+        if raw is None:
+            return None
+    if type(raw) is int and 100_000_000_000 <= raw < 100_000_000_000_000:  # epoch ms, the usual
+        ts: int | None = raw
+    else:
+        ts = parse_timestamp(raw)
+    if ts is None:
+        raise InvalidInput("timestamp must be epoch seconds/milliseconds or ISO 8601", field=f"{path}.{name}")
+    if ts > received_ms + limits.max_future_skew_ms:
+        raise InvalidInput(
+            f"timestamp is {(ts - received_ms) / 1000:.0f} s in the future; the allowed clock skew is "
+            f"{limits.max_future_skew_ms / 1000:.0f} s",
+            field=f"{path}.{name}",
+        )
+    if ts < received_ms - limits.max_past_age_ms:
+        raise InvalidInput("timestamp is older than the accepted age", field=f"{path}.{name}")
+    return ts
 
 
 def parse_timestamp(raw: Any) -> int | None:
@@ -215,48 +232,67 @@ def parse_timestamp(raw: Any) -> int | None:
         return None
 
 
-def _flatten(obj: Mapping[str, Any] | list[Any], prefix: str, depth: int, limits: Limits, path: str) -> Iterator[Value]:
+def _flatten(obj: dict[str, Any] | list[Any], prefix: str, depth: int, limits: Limits, path: str) -> Iterator[Value]:
     if depth > limits.max_depth:
         raise InvalidInput(f"nested deeper than {limits.max_depth} levels", field=f"{path}.{prefix}".rstrip("."))
-    items = obj.items() if isinstance(obj, Mapping) else ((str(i), v) for i, v in enumerate(obj))
+    items = obj.items() if isinstance(obj, dict) else ((str(i), v) for i, v in enumerate(obj))
     for name, raw in items:
         if not isinstance(name, str):
             raise InvalidInput("keys must be strings", field=path)
         key = f"{prefix}.{name}" if prefix else name
         if raw is None:
             continue
-        if isinstance(raw, Mapping | list):
+        if isinstance(raw, dict | list):
             yield from _flatten(raw, key, depth + 1, limits, path)
             continue
         _check_key(key, limits, path)
-        yield _value(key, raw, limits, f"{path}.{key}")
+        yield _value(key, raw, limits, path)
+
+
+# Keys seen to be free of control characters. Devices send the same few keys over and over, so the
+# character scan runs once per key instead of once per reading; bounded, cleared when full.
+_CLEAN_KEYS: set[str] = set()
+_CLEAN_KEYS_MAX = 100_000
 
 
 def _check_key(key: Any, limits: Limits, path: str) -> None:
+    if key in _CLEAN_KEYS:
+        if len(key) > limits.max_key_length:
+            raise InvalidInput(f"key longer than {limits.max_key_length} characters", field=f"{path}.{key[:32]}…")
+        return
     if not isinstance(key, str) or not key:
         raise InvalidInput("keys must be non-empty strings", field=path)
     if len(key) > limits.max_key_length:
         raise InvalidInput(f"key longer than {limits.max_key_length} characters", field=f"{path}.{key[:32]}…")
     if any(ord(c) < 32 or c == "\x7f" for c in key):
         raise InvalidInput("key contains control characters", field=path)
+    if len(_CLEAN_KEYS) >= _CLEAN_KEYS_MAX:
+        _CLEAN_KEYS.clear()
+    _CLEAN_KEYS.add(key)
 
 
-def _value(key: str, raw: Any, limits: Limits, field: str) -> Value:
-    if isinstance(raw, bool):
-        return Value(key, 1.0 if raw else 0.0, None, ValueType.BOOL)
+def _value(key: str, raw: Any, limits: Limits, path: str) -> Value:
+    """``path`` is where ``key`` sits; the field named in an error is built only when there is one."""
+    kind = type(raw)
+    if kind is float:
+        if raw - raw != 0.0:  # inf or nan, without a call
+            raise InvalidInput("number out of range", field=f"{path}.{key}")
+        return _new_value((key, raw, None, _NUMBER))
+    if kind is bool:
+        return _new_value((key, 1.0 if raw else 0.0, None, _BOOL))
     if isinstance(raw, int | float):
         try:
             num = float(raw)
         except OverflowError:
-            raise InvalidInput("number out of range", field=field) from None
+            raise InvalidInput("number out of range", field=f"{path}.{key}") from None
         if not math.isfinite(num):
-            raise InvalidInput("number out of range", field=field)
-        return Value(key, num, None, ValueType.NUMBER)
+            raise InvalidInput("number out of range", field=f"{path}.{key}")
+        return _new_value((key, num, None, _NUMBER))
     if isinstance(raw, str):
         if len(raw) > limits.max_text_length:
-            raise InvalidInput(f"text longer than {limits.max_text_length} characters", field=field)
-        return Value(key, None, raw, ValueType.TEXT)
-    raise InvalidInput(f"unsupported value type {type(raw).__name__}", field=field)
+            raise InvalidInput(f"text longer than {limits.max_text_length} characters", field=f"{path}.{key}")
+        return _new_value((key, None, raw, _TEXT))
+    raise InvalidInput(f"unsupported value type {type(raw).__name__}", field=f"{path}.{key}")
 
 
 def _no_duplicates(values: list[Value], path: str) -> None:

@@ -87,7 +87,7 @@ class IngestService:
 
     def to_telemetry(self, device_id: str, message: Message) -> Telemetry:
         ts = message.ts if message.ts is not None else self._clock.stamp(device_id)
-        return Telemetry(device_id, tuple(v.at(ts) for v in message.values), message.ts is not None)
+        return Telemetry(device_id, ts, message.values, message.ts is not None)
 
     def _target(self, body_device: str | None, principal: Principal, path_device: str | None, field: str) -> str:
         if path_device is not None and body_device is not None and body_device != path_device:
