@@ -13,6 +13,7 @@ from telemetra import __version__
 from telemetra.api import alerts, aliases, commands, devices, health, ingest, telemetry
 from telemetra.api.deps import Services
 from telemetra.api.errors import install_error_handlers
+from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
 from telemetra.bootstrap import ensure_admin_keys
 from telemetra.config import Settings
@@ -127,7 +128,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
     install_error_handlers(app)
-    app.add_middleware(RequestMetrics, metrics=metrics)
     for module in (ingest, devices, telemetry, commands, alerts, health, aliases):
         app.include_router(module.router)
+    # Added first, so it sits inside the metrics middleware.
+    app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -35,3 +35,21 @@ async def test_redelivered_device_timestamped_reading_is_stored_once(api: Runnin
         )
     ).json()
     assert history["series"]["t"] == [{"ts": "2026-11-22T10:00:00.123Z", "value": 1.5}]
+
+
+async def test_ingest_requests_are_counted_and_refused_in_the_api_shape(api: Running) -> None:
+    """The ingest paths skip FastAPI's routing (api/fastpath.py): they must still be counted in /metrics
+    under their route, and their refusals must come in the same JSON shape as everywhere else."""
+    key = await api.create_device("counted")
+    for _ in range(3):
+        r = await api.client.post("/api/v1/ingest", json={"t": 1.0}, headers={"X-API-Key": key})
+        assert r.status_code == 202, r.text
+    r = await api.client.post("/api/v1/ingest/batch", json=[{"t": 2.0}], headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401
+    assert r.json() == {"detail": "invalid API key", "field": "X-API-Key", "code": "unauthorized"}
+    r = await api.client.post("/api/v1/ingest", content=b"{", headers={"X-API-Key": key})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    text = (await api.client.get("/metrics")).text
+    assert 'telemetra_http_requests_total{method="POST",route="/api/v1/ingest",status="202"} 3.0' in text
+    assert 'telemetra_http_requests_total{method="POST",route="/api/v1/ingest/batch",status="401"} 1.0' in text
+    assert 'telemetra_http_requests_total{method="POST",route="/api/v1/ingest",status="400"} 1.0' in text

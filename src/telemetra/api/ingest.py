@@ -22,6 +22,9 @@ from telemetra.ingest.normalize import valid_device_id
 
 router = APIRouter(tags=["ingest (device side)"])
 
+# Served by api/fastpath.py ahead of FastAPI's routing; their endpoints take only the Request.
+FAST_PATHS = ("/api/v1/ingest", "/api/v1/ingest/batch")
+
 
 _KEY_HEADERS = [
     {
