@@ -54,6 +54,8 @@ def build_services(settings: Settings, metrics: Metrics, admin_keys: list[str]) 
         batch_max_points=settings.ingest_batch_max_points,
         linger_ms=settings.ingest_batch_linger_ms,
         retry_after_s=settings.ingest_retry_after_s,
+        # SQLite has one writer at a time; a second transaction would only wait for the lock.
+        commits_in_flight=1 if engine.dialect.name == "sqlite" else settings.ingest_commits_in_flight,
     )
     devices = DeviceRepository(engine)
     prefix = settings.mqtt_prefix

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     ingest_queue_max_points: int = Field(200_000, ge=100, validation_alias=_alias("INGEST_QUEUE_MAX_POINTS"))
     ingest_batch_max_points: int = Field(20_000, ge=1, validation_alias=_alias("INGEST_BATCH_MAX_POINTS"))
     ingest_batch_linger_ms: float = Field(2.0, ge=0, validation_alias=_alias("INGEST_BATCH_LINGER_MS"))
+    ingest_commits_in_flight: int = Field(2, ge=1, le=16, validation_alias=_alias("INGEST_COMMITS_IN_FLIGHT"))
     ingest_retry_after_s: int = Field(1, ge=1, validation_alias=_alias("INGEST_RETRY_AFTER_S"))
 
     # Limits on what a device may send (SPEC §4).

@@ -1,9 +1,14 @@
-"""The bounded ingest queue and its single writer task (group commit).
+"""The bounded ingest queue and its writer task (group commit).
 
 Producers hand in a ``Batch`` and get a future that resolves once the batch is committed. The writer
 drains whatever is waiting — up to ``batch_max_points`` — into one transaction, so under load many client
-messages share one commit, and with no load a message is written at once. One writer per process is also
-what SQLite wants (one writer, readers beside it in WAL mode).
+messages share one commit, and with no load a message is written at once.
+
+On PostgreSQL the writer keeps up to ``commits_in_flight`` transactions going at once (on separate
+connections): while the database works through one batch, the next is already being sent, instead of
+the process idling for the database and the database idling for the process. Nothing depends on
+commit order: latest values only move forward in time, duplicates are skipped, and each producer's
+future resolves with its own transaction. SQLite has a single writer, so there it is one at a time.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class IngestQueue:
         batch_max_points: int,
         linger_ms: float = 0.0,
         retry_after_s: int = 1,
+        commits_in_flight: int = 1,
     ) -> None:
         self._engine = engine
         self._metrics = metrics
@@ -64,6 +70,8 @@ class IngestQueue:
         self._space = asyncio.Condition()
         self._listeners: list[CommitListener] = []
         self._closed = False
+        self._slots = asyncio.Semaphore(commits_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     @property
     def depth(self) -> int:
@@ -113,14 +121,24 @@ class IngestQueue:
                 await self._wakeup.wait()
                 if self._linger and self._weight < self._batch_max_points:
                     await asyncio.sleep(self._linger)
-                await self._drain_once()
+                await self._slots.acquire()
+                taken, weight = self._take()
+                if not taken:
+                    self._slots.release()
+                    continue
+                task = asyncio.create_task(self._commit_and_release(taken, weight))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
         except asyncio.CancelledError:
             self._closed = True
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
             while self._items:
-                await self._drain_once()
+                taken, weight = self._take()
+                await self._commit(taken)
+                await self._release(weight)
             raise
 
-    async def _drain_once(self) -> None:
+    def _take(self) -> tuple[list[_Item], int]:
         taken: list[_Item] = []
         weight = 0
         while self._items and (not taken or weight + self._items[0].weight <= self._batch_max_points):
@@ -129,12 +147,22 @@ class IngestQueue:
             weight += item.weight
         if not self._items:
             self._wakeup.clear()
-        if taken:
+        return taken, weight
+
+    async def _commit_and_release(self, taken: list[_Item], weight: int) -> None:
+        try:
             await self._commit(taken)
-            self._weight -= weight
-            self._metrics.queue_depth.set(self._weight)
-            async with self._space:
-                self._space.notify_all()
+        finally:
+            self._slots.release()
+            await self._release(weight)
+
+    async def _release(self, weight: int) -> None:
+        # The queue's room comes back only once the points are stored: the bound covers what is
+        # waiting and what is being written.
+        self._weight -= weight
+        self._metrics.queue_depth.set(self._weight)
+        async with self._space:
+            self._space.notify_all()
 
     async def _commit(self, items: list[_Item]) -> None:
         merged = Batch()
