@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", validation_alias=_alias("LOG_LEVEL", "LOG_LEVEL")
     )
+    opentelemetry: bool = Field(False, validation_alias=_alias("OPENTELEMETRY"))
     log_format: Literal["json", "console"] = Field("console", validation_alias=_alias("LOG_FORMAT", "LOG_FORMAT"))
     ws_heartbeat_interval: float = Field(
         30.0, gt=0, validation_alias=_alias("WS_HEARTBEAT_INTERVAL", "WS_HEARTBEAT_INTERVAL")
