@@ -112,11 +112,7 @@ def _accepted(batch: Batch, points: int) -> Response:
 )
 async def ingest(request: Request) -> Response:
     """One telemetry message (seeds 001/002) — or an array of them — with a device, gateway or fleet key."""
-    services, principal = await _caller(request)
-    doc = await _read_json(request, services)
-    batch = await services.ingest.telemetry_batch(doc, principal)
-    result = await services.queue.submit(batch, transport="http")
-    return _accepted(batch, result.points)
+    return await _ingest(request, array_only=False)
 
 
 @router.post(
@@ -127,9 +123,13 @@ async def ingest(request: Request) -> Response:
 )
 async def ingest_batch(request: Request) -> Response:
     """A JSON array of messages, or ``{"readings": [...]}``; stored together, answered after commit."""
+    return await _ingest(request, array_only=True)
+
+
+async def _ingest(request: Request, *, array_only: bool) -> Response:
     services, principal = await _caller(request)
     doc = await _read_json(request, services)
-    if not isinstance(doc, list) and not (isinstance(doc, dict) and isinstance(doc.get("readings"), list)):
+    if array_only and not (isinstance(doc, list) or (isinstance(doc, dict) and isinstance(doc.get("readings"), list))):
         raise InvalidInput('expected a JSON array of messages or {"readings": [...]}', field="body")
     batch = await services.ingest.telemetry_batch(doc, principal)
     result = await services.queue.submit(batch, transport="http")

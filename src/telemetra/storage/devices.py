@@ -41,19 +41,7 @@ class DeviceRepository:
         self, device_id: str, *, now_ms: int, with_secret: bool = True, **fields: Any
     ) -> tuple[Device, str | None]:
         secret = new_device_secret() if with_secret else None
-        device = Device(
-            id=device_id,
-            kind=fields.pop("kind", None) or "device",
-            meta=fields.pop("meta", None) or {},
-            secret_hash=hash_secret(secret) if secret else None,
-            disabled=False,
-            auto_registered=False,
-            online=False,
-            created_at=now_ms,
-            updated_at=now_ms,
-            desired_version=0,
-            **fields,
-        )
+        device = _new_device(device_id, now_ms, secret_hash=hash_secret(secret) if secret else None, **fields)
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(Device.__table__.insert().values(**_row(device)))
@@ -169,18 +157,7 @@ class DeviceRepository:
                 if existing is not None and existing[0] is not None:
                     raise Conflict(f"device {device_id!r} already has credentials", field="device_ids")
                 if existing is None:
-                    device = Device(
-                        id=device_id,
-                        kind=fields.get("kind") or "device",
-                        model=fields.get("model"),
-                        meta={},
-                        disabled=False,
-                        auto_registered=False,
-                        online=False,
-                        created_at=now_ms,
-                        updated_at=now_ms,
-                        desired_version=0,
-                    )
+                    device = _new_device(device_id, now_ms, kind=fields.get("kind"), model=fields.get("model"))
                     await conn.execute(Device.__table__.insert().values(**_row(device)))
                 code = new_claim_code()
                 await conn.execute(
@@ -224,6 +201,22 @@ class DeviceRepository:
             )
             device_id = row.device_id
         return await self.get(device_id), secret
+
+
+def _new_device(device_id: str, now_ms: int, **fields: Any) -> Device:
+    """A registry row as the admin creates it: enabled, offline, not auto-registered."""
+    return Device(
+        id=device_id,
+        kind=fields.pop("kind", None) or "device",
+        meta=fields.pop("meta", None) or {},
+        disabled=False,
+        auto_registered=False,
+        online=False,
+        created_at=now_ms,
+        updated_at=now_ms,
+        desired_version=0,
+        **fields,
+    )
 
 
 def _row(device: Device) -> dict[str, Any]:
