@@ -28,8 +28,13 @@ topic_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"))
 
 @pytest.mark.parametrize(
     "topic",
-    ["telemetra/A/telemetry", "telemetra/A/state", "telemetra/A/event/ack", "heatpump/A/status/mode",
-     "telemetra/A/cmd/extra"],
+    [
+        "telemetra/A/telemetry",
+        "telemetra/A/state",
+        "telemetra/A/event/ack",
+        "heatpump/A/status/mode",
+        "telemetra/A/cmd/extra",
+    ],
 )
 def test_device_may_publish_under_its_own_roots(topic: str) -> None:
     assert ACL.may_publish(A, topic)

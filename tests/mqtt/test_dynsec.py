@@ -79,9 +79,7 @@ class Clients:
         self.opened.append(client)
         return client
 
-    async def connected(
-        self, username: str, password: str | None, *, protocol: int = mqtt.MQTTv5
-    ) -> PahoTestClient:
+    async def connected(self, username: str, password: str | None, *, protocol: int = mqtt.MQTTv5) -> PahoTestClient:
         client = self.new(username, password, protocol=protocol)
         rc = await client.connect()
         assert not rc.is_failure, f"{username} refused: {rc}"
@@ -129,9 +127,7 @@ async def test_device_publishes_own_topics_and_service_receives(prov: DynsecProv
 
 
 @pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt311"])
-async def test_device_cannot_publish_as_another_device(
-    prov: DynsecProvisioner, clients: Clients, protocol: int
-):
+async def test_device_cannot_publish_as_another_device(prov: DynsecProvisioner, clients: Clients, protocol: int):
     await prov.upsert_device("dev-a", "pw-a")
     await prov.upsert_device("dev-b", "pw-b")
     service = await clients.service("telemetra/#", "heatpump/#")
@@ -517,9 +513,7 @@ def deploy_broker(tmp_path: Path) -> Iterator[DeployBroker]:
         data.mkdir()
         mqtt_port, ws_port = free_port(), free_port()
         conf = DEPLOY_CONF.read_text()
-        conf = conf.replace("/mosquitto/data", str(data)).replace(
-            "/usr/lib/mosquitto_dynamic_security.so", plugin
-        )
+        conf = conf.replace("/mosquitto/data", str(data)).replace("/usr/lib/mosquitto_dynamic_security.so", plugin)
         conf = conf.replace("\nlistener 1883\n", f"\nlistener {mqtt_port} 127.0.0.1\n")
         conf = conf.replace("\nlistener 9001\n", f"\nlistener {ws_port} 127.0.0.1\n")
         assert f"listener {mqtt_port} " in conf and f"listener {ws_port} " in conf, "deploy listeners changed"

@@ -46,13 +46,21 @@ class Paho:
     """A paho client with awaitable connect / subscribe / publish / receive."""
 
     def __init__(
-        self, port: int, username: str | None, *, password: str | None = None, client_id: str = "",
-        clean_session: bool = True, will: tuple[str, bytes] | None = None,
+        self,
+        port: int,
+        username: str | None,
+        *,
+        password: str | None = None,
+        client_id: str = "",
+        clean_session: bool = True,
+        will: tuple[str, bytes] | None = None,
     ) -> None:
         self.port = port
         self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-            clean_session=clean_session, protocol=mqtt.MQTTv311,
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
         )
         if username is not None:
             self.client.username_pw_set(username, password if password is not None else PASSWORDS[username])
@@ -140,19 +148,29 @@ def clients() -> Iterator[list[Paho]]:
 
 class Connect(Protocol):
     async def __call__(
-        self, username: str | None, *, password: str | None = None, client_id: str = "",
-        clean_session: bool = True, will: tuple[str, bytes] | None = None,
+        self,
+        username: str | None,
+        *,
+        password: str | None = None,
+        client_id: str = "",
+        clean_session: bool = True,
+        will: tuple[str, bytes] | None = None,
     ) -> Paho: ...
 
 
 @pytest.fixture
 def connect(broker: EmbeddedBroker, clients: list[Paho]) -> Connect:
     async def _connect(
-        username: str | None, *, password: str | None = None, client_id: str = "",
-        clean_session: bool = True, will: tuple[str, bytes] | None = None,
+        username: str | None,
+        *,
+        password: str | None = None,
+        client_id: str = "",
+        clean_session: bool = True,
+        will: tuple[str, bytes] | None = None,
     ) -> Paho:
-        client = Paho(broker.port, username, password=password, client_id=client_id,
-                      clean_session=clean_session, will=will)
+        client = Paho(
+            broker.port, username, password=password, client_id=client_id, clean_session=clean_session, will=will
+        )
         clients.append(client)
         rc = await client.connect()
         assert not rc.is_failure, f"{username} refused: {rc}"
@@ -162,11 +180,16 @@ def connect(broker: EmbeddedBroker, clients: list[Paho]) -> Connect:
 
 
 async def refused(
-    broker: EmbeddedBroker, clients: list[Paho], username: str | None, *, password: str | None = None,
-    client_id: str = "", clean_session: bool = True, will: tuple[str, bytes] | None = None,
+    broker: EmbeddedBroker,
+    clients: list[Paho],
+    username: str | None,
+    *,
+    password: str | None = None,
+    client_id: str = "",
+    clean_session: bool = True,
+    will: tuple[str, bytes] | None = None,
 ) -> str:
-    client = Paho(broker.port, username, password=password, client_id=client_id,
-                  clean_session=clean_session, will=will)
+    client = Paho(broker.port, username, password=password, client_id=client_id, clean_session=clean_session, will=will)
     clients.append(client)
     rc = await client.connect()
     assert rc.is_failure
@@ -281,8 +304,9 @@ async def test_unauthenticated_client_cannot_disturb_a_session_by_client_id(
     service = await connect("svc", client_id="telemetra-collector")
     await service.subscribe("telemetra/+/telemetry")
     for clean_session in (True, False):
-        await refused(broker, clients, "svc", password="guess", client_id="telemetra-collector",
-                      clean_session=clean_session)
+        await refused(
+            broker, clients, "svc", password="guess", client_id="telemetra-collector", clean_session=clean_session
+        )
     device = await connect("dev-a")
     await device.publish("telemetra/A/telemetry", b"still subscribed")
     assert (await service.next_message()).payload == b"still subscribed"

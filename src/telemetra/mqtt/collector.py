@@ -5,17 +5,24 @@ manual acknowledgement — PUBACK goes back only after the message's batch is co
 dies first the broker redelivers; device-timestamped redeliveries are then stored once by the primary key.
 Several processes share the load through ``$share/<group>/…``.
 
-paho runs its network loop in its own thread; that thread only hands messages to the event loop with
-``call_soon_threadsafe`` and never touches asyncio objects itself.
+The paho client runs on the asyncio event loop (paho's "external loop" mode: the loop watches the socket
+and calls ``loop_read``/``loop_write``; ``loop_misc`` keeps the connection alive), not in a thread of its
+own. Per message that saves the thread hand-off (a wake-up of the loop per message, and one of the paho
+thread per PUBACK) and the contention for the GIL between the two. Messages are taken in chunks: every
+read drains the socket into an inbox, the consumer turns what is there into one ``Batch`` (one directory
+lookup, one queue entry), and once that batch is committed all its PUBACKs go out in one write. Only the
+blocking TCP/TLS connect runs in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
+import struct
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -27,7 +34,7 @@ from telemetra.domain.records import Batch, Rejected
 from telemetra.domain.timeutil import now_ms
 from telemetra.ingest.queue import IngestQueue
 from telemetra.metrics import Metrics
-from telemetra.mqtt.connection import BrokerAddress, new_client
+from telemetra.mqtt.connection import BrokerAddress, BufferedClient, Publish, new_client
 from telemetra.mqtt.inbound import Inbound
 
 log = logging.getLogger(__name__)
@@ -37,16 +44,19 @@ log = logging.getLogger(__name__)
 RECEIVE_MAXIMUM = 5000
 # The broker keeps our session (subscriptions and undelivered messages) this long while we are away.
 SESSION_EXPIRY_S = 7 * 24 * 3600
+KEEPALIVE_S = 30
 RETRY_COMMIT_S = 1.0
 PUBLISH_WAIT_S = 10.0
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
+# Messages turned into one Batch (one queue entry, one lookup of their devices) at most.
+CHUNK_MESSAGES = 1000
+# Messages read per callback before the loop gets a turn (HTTP requests, commits).
+READ_MESSAGES_PER_TURN = 2000
+# Without a receive maximum (MQTT 3.1.1) the broker may send faster than we commit: past this many
+# messages waiting to be interpreted, stop reading the socket (TCP holds the rest in the broker).
+INBOX_PAUSE = 4 * RECEIVE_MAXIMUM
 
-
-@dataclass(frozen=True, slots=True)
-class _Inbox:
-    mid: int
-    qos: int
-    topic: str
-    payload: bytes
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id (MQTT 3.1.1 and 5: reason "success")
 
 
 class Collector:
@@ -61,28 +71,46 @@ class Collector:
         queue: IngestQueue,
         metrics: Metrics,
         tls: Any = None,
-        on_connect: Callable[[mqtt.Client], None] | None = None, mqtt5: bool = True,
+        on_connect: Callable[[mqtt.Client], None] | None = None,
+        mqtt5: bool = True,
     ) -> None:
         self._address = address
         self._filters = [f"$share/{share_group}/{f}" if share_group else f for f in subscriptions]
         self._inbound = inbound
         self._queue = queue
         self._metrics = metrics
-        self._inbox: asyncio.Queue[_Inbox] = asyncio.Queue()
+        self._accepted = metrics.mqtt_messages.labels("accepted")
+        self._rejected = metrics.mqtt_messages.labels("rejected")
+        # (mid, qos, topic, payload), appended by paho's on_message during a read, taken by the consumer.
+        self._inbox: list[Publish] = []
+        self._inbox_ready = asyncio.Event()
+        self._paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._sock: Any = None
         self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._stopping = False
+        self._was_connected = False
         self._on_connect_hook = on_connect
-        self._consumer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connecting: asyncio.Future[Any] | None = None
         self._pending_acks: set[asyncio.Task[None]] = set()
         self._published: dict[int, asyncio.Future[None]] = {}
         self._mqtt5 = mqtt5
-        self.client = new_client(client_id, address, tls=tls, mqtt5=mqtt5)
-        self.client.manual_ack_set(True)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
+        client = new_client(client_id, address, tls=tls, mqtt5=mqtt5, client_class=BufferedClient)
+        assert isinstance(client, BufferedClient)
+        self.client = client
+        client.manual_ack_set(True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
 
     @property
     def connected(self) -> bool:
@@ -90,14 +118,20 @@ class Collector:
 
     async def start(self, *, connect_wait_s: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
-        self._consumer = asyncio.create_task(self._consume(), name="mqtt-collector")
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        self._loop_thread = threading.get_ident()
+        props: Properties | None = None
+        if self._mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
         self.client.connect_async(
-            self._address.host, self._address.port, keepalive=30, clean_start=False, properties=props
+            self._address.host, self._address.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
         )
-        self.client.loop_start()
+        self._tasks = [
+            asyncio.create_task(self._consume(), name="mqtt-collector"),
+            asyncio.create_task(self._keep_connected(), name="mqtt-connection"),
+            asyncio.create_task(self._keep_alive(), name="mqtt-keepalive"),
+        ]
         try:
             await asyncio.wait_for(self._connected.wait(), connect_wait_s)
         except TimeoutError:
@@ -109,13 +143,28 @@ class Collector:
 
     async def stop(self) -> None:
         """Stop taking messages, let what is queued commit and be acknowledged, then disconnect."""
-        if self._consumer is not None:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
+        self._stopping = True
+        consumer, *others = self._tasks or [None]
+        if consumer is not None:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
         if self._pending_acks:
             await asyncio.wait(self._pending_acks, timeout=10)
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if self._connecting is not None:
+            await asyncio.wait([self._connecting], timeout=30)
+        if self._sock is not None:
+            self.client.disconnect()  # queued after the last PUBACKs; the socket closes once it is written
+            try:
+                await asyncio.wait_for(self._closed.wait(), 5)
+            except TimeoutError:
+                log.warning("MQTT collector: DISCONNECT not written in 5 s; closing")
+        if self._sock is not None:
+            sock = self._sock
+            self._unwatch(sock)
+            sock.close()
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         """Publish and, for QoS 1, wait until the broker has it (PUBACK)."""
@@ -126,7 +175,7 @@ class Collector:
             raise ConnectionError(f"publish refused by the client: {mqtt.error_string(info.rc)}")
         if qos == 0:
             return
-        # Registered before the first await: the PUBACK callback is run on this loop, after us.
+        # Registered before the first await: the PUBACK is read on this loop, after us.
         future = asyncio.get_running_loop().create_future()
         self._published[info.mid] = future
         try:
@@ -142,7 +191,121 @@ class Collector:
             else:
                 future.set_result(None)
 
-    # -- paho thread ------------------------------------------------------------------------------------
+    # -- connection (event loop; the blocking connect in a worker thread) ------------------------------
+    async def _keep_connected(self) -> None:
+        delay = RECONNECT_MIN_S
+        while not self._stopping:
+            self._lost.clear()
+            self._was_connected = False
+            # Shielded: a thread cannot be cancelled, and stop() waits for it before closing the socket.
+            self._connecting = asyncio.ensure_future(asyncio.to_thread(self.client.reconnect))
+            try:
+                await asyncio.shield(self._connecting)
+            except Exception as exc:
+                log.warning("MQTT broker %s:%s: %s", self._address.host, self._address.port, exc)
+                self._lost.set()
+            await self._lost.wait()
+            if self._was_connected:
+                delay = RECONNECT_MIN_S
+            # Randomised, so a fleet of processes does not stampede a restarted broker.
+            await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
+            delay = min(RECONNECT_MAX_S, delay * 2)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._sock is not None:
+                self.client.loop_misc()
+
+    # -- paho callbacks (event loop, except socket open/register from the connecting thread) ------------
+    def _on_socket_open(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._in_loop(self._watch, sock)
+
+    def _on_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._in_loop(self._unwatch, sock)
+
+    def _on_socket_register_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._in_loop(self._watch_write, sock)
+
+    def _on_socket_unregister_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._in_loop(self._unwatch_write, sock)
+
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the event loop now; from another thread, wait until it has run there (a socket
+        must be unregistered before paho closes it, and registered in the order paho asked)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result(timeout=10)
+
+    def _watch(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._sock = sock
+        self._closed.clear()
+        self._paused = False
+        self._loop.add_reader(sock, self._on_readable)
+
+    def _unwatch(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        if sock is self._sock:
+            self._sock = None
+            self._closed.set()
+
+    def _watch_write(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, self._on_writable)
+
+    def _unwatch_write(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    def _on_readable(self) -> None:
+        client, inbox = self.client, self._inbox
+        room = READ_MESSAGES_PER_TURN
+        while room > 0:
+            if not client.fill():
+                break  # drained: the loop calls again when the socket is readable
+            room -= client.take_publishes(inbox, room)
+            if client.buffered:  # the next packet is for paho (or only partly read)
+                if client.loop_read():
+                    break  # connection lost: paho has closed the socket and told us
+        else:
+            # Stopped for the loop's other work; the rest may be in the read buffer, which the socket's
+            # readiness does not show, so ask again.
+            if self._sock is not None and not self._paused:
+                assert self._loop is not None
+                self._loop.call_soon(self._on_readable)
+        if inbox:
+            self._inbox_ready.set()
+            if len(inbox) >= INBOX_PAUSE and self._sock is not None and not self._paused:
+                self._paused = True
+                assert self._loop is not None
+                self._loop.remove_reader(self._sock)
+
+    def _resume_reading(self) -> None:
+        if self._paused and self._sock is not None:
+            assert self._loop is not None
+            self._paused = False
+            self._loop.add_reader(self._sock, self._on_readable)
+            self._loop.call_soon(self._on_readable)  # what is already in the read buffer
+
+    def _on_writable(self) -> None:
+        self.client.loop_write()
+
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
         if reason.is_failure:
             log.error("MQTT connection refused: %s", reason)
@@ -156,57 +319,101 @@ class Collector:
         )
         if self._on_connect_hook is not None:
             self._on_connect_hook(client)
-        self._call(self._connected.set)
-        self._call(self._metrics.mqtt_connected.set, 1)
+        self._was_connected = True
+        self._connected.set()
+        self._metrics.mqtt_connected.set(1)
 
     def _on_disconnect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
-        self._call(self._connected.clear)
-        self._call(self._metrics.mqtt_connected.set, 0)
-        # Randomise the next reconnect so a fleet of processes does not stampede a restarted broker.
-        client.reconnect_delay_set(min_delay=random.uniform(0.5, 2.0), max_delay=30)
-        log.warning("MQTT collector disconnected: %s", reason)
+        self._connected.clear()
+        self._metrics.mqtt_connected.set(0)
+        self._lost.set()
+        if not self._stopping:
+            log.warning("MQTT collector disconnected: %s", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._call(self._inbox.put_nowait, _Inbox(message.mid, message.qos, message.topic, message.payload))
+        # What BufferedClient.take_publishes leaves to paho (a packet split across reads, an odd one).
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = ""  # not valid UTF-8 (brokers refuse those): matches no route, kept as rejected
+        self._inbox.append((message.mid, message.qos, topic, message.payload))
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
-        self._call(self._published_done, mid, str(reason) if reason.is_failure else None)
+        self._published_done(mid, str(reason) if reason.is_failure else None)
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    # -- event loop -------------------------------------------------------------------------------------
+    # -- messages → ingest queue → acknowledgements ------------------------------------------------------
     async def _consume(self) -> None:
         while True:
-            item = await self._inbox.get()
-            try:
-                batch = await self._inbound.to_batch(item.topic, item.payload)
-            except Exception:  # one bad message is logged and kept, never stops delivery
-                log.exception("could not interpret message on %s", item.topic)
-                batch = Batch(
-                    rejected=[
-                        Rejected(now_ms(), "mqtt", "internal: could not interpret", item.payload, topic=item.topic)
-                    ]
-                )
-            kind = "rejected" if batch.rejected else "accepted"
-            self._metrics.mqtt_messages.labels(kind).inc()
+            if not self._inbox:
+                self._inbox_ready.clear()
+                await self._inbox_ready.wait()
+            if len(self._inbox) <= CHUNK_MESSAGES:
+                chunk, self._inbox = self._inbox, []
+            else:
+                chunk = self._inbox[:CHUNK_MESSAGES]
+                del self._inbox[:CHUNK_MESSAGES]
+            if self._paused and len(self._inbox) < INBOX_PAUSE // 2:
+                self._resume_reading()
+            parts = await self._interpret(chunk)
+            if len(parts) == 1:
+                batch = parts[0]
+            else:
+                batch = Batch()
+                for part in parts:
+                    batch.extend(part)
+            rejected = sum(1 for part in parts if part.rejected)
+            if rejected:
+                self._rejected.inc(rejected)
+            if rejected < len(parts):
+                self._accepted.inc(len(parts) - rejected)
             future = await self._queue.put(batch, transport="mqtt")
-            task = asyncio.create_task(self._ack_after_commit(item, batch, future), name="mqtt-ack")
+            mids = [mid for mid, qos, _, _ in chunk if qos]
+            task = asyncio.create_task(self._ack_after_commit(mids, parts, future), name="mqtt-ack")
             self._pending_acks.add(task)
             task.add_done_callback(self._pending_acks.discard)
 
-    async def _ack_after_commit(self, item: _Inbox, batch: Batch, future: asyncio.Future[Any]) -> None:
+    async def _interpret(self, chunk: list[Publish]) -> list[Batch]:
+        try:
+            return await self._inbound.to_batches([(topic, payload) for _, _, topic, payload in chunk])
+        except Exception:
+            log.exception("could not interpret %d MQTT messages", len(chunk))
+        parts: list[Batch] = []
+        for _, _, topic, payload in chunk:  # one by one, as far as each goes
+            try:
+                parts.append(await self._inbound.to_batch(topic, payload))
+            except Exception:  # one bad message is logged and kept, never stops delivery
+                log.exception("could not interpret message on %s", topic)
+                parts.append(
+                    Batch(rejected=[Rejected(now_ms(), "mqtt", "internal: could not interpret", payload, topic=topic)])
+                )
+        return parts
+
+    async def _ack_after_commit(self, mids: list[int], parts: list[Batch], future: asyncio.Future[Any]) -> None:
+        try:
+            await future
+        except Exception as exc:
+            # Not stored, so not acknowledged. One bad record must not hold back its chunk: each message
+            # is retried on its own until it is stored (the broker would redeliver only after a reconnect;
+            # holding the messages here keeps order and loses nothing).
+            log.warning("commit of %d MQTT messages failed (%s); retrying", len(parts), exc)
+            await asyncio.gather(*(self._commit_until_stored(part) for part in parts))
+        self._ack(mids)
+
+    async def _commit_until_stored(self, batch: Batch) -> None:
         while True:
             try:
-                await future
-                break
+                await (await self._queue.put(batch, transport="mqtt"))
+                return
             except Exception as exc:
-                # Not stored, so not acknowledged: retry until the database is back (the broker would
-                # redeliver only after a reconnect; holding the message here keeps order and loses nothing).
                 log.warning("commit of MQTT message failed (%s); retrying", exc)
                 await asyncio.sleep(RETRY_COMMIT_S)
-                future = await self._queue.put(batch, transport="mqtt")
-        if item.qos > 0:
-            self.client.ack(item.mid, item.qos)
 
+    def _ack(self, mids: list[int]) -> None:
+        """PUBACK every message of a committed chunk, in one write."""
+        if not mids or not self.connected:
+            # Not connected: the broker redelivers these on the next session (stored once by their key).
+            return
+        pack = _PUBACK.pack
+        packet = b"".join([pack(mqtt.PUBACK, 2, mid) for mid in mids])
+        # paho writes queued packets in order, and a queued packet may hold several MQTT packets.
+        self.client._packet_queue(mqtt.PUBACK, packet, 0, 0)

@@ -3,6 +3,9 @@ be taken becomes a rejected-message record with its reason: the collector never 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from telemetra.domain.errors import TelemetraError
 from telemetra.domain.principal import Principal, Role
 from telemetra.domain.records import (
@@ -21,6 +24,8 @@ from telemetra.ingest.state import ack_fields, alert_fields, normalize_state, pa
 from telemetra.mqtt.routes import Kind, RouteMatch, RouteTable
 from telemetra.storage.directory import DeviceDirectory
 
+log = logging.getLogger(__name__)
+
 
 class Inbound:
     def __init__(
@@ -32,22 +37,49 @@ class Inbound:
         self._max_bytes = max_payload_bytes
 
     async def to_batch(self, topic: str, payload: bytes) -> Batch:
+        return (await self.to_batches([(topic, payload)]))[0]
+
+    async def to_batches(self, messages: Sequence[tuple[str, bytes]]) -> list[Batch]:
+        """One ``Batch`` per ``(topic, payload)``, in order, with one directory lookup for all of them.
+        A message that cannot be interpreted becomes a rejected record; only a failed directory lookup
+        raises (for the whole chunk)."""
         received = now_ms()
-        match = self._table.match(topic)
-        if match is None:
-            return _rejected(received, topic, payload, None, "no route: topic matches no configured route")
-        info = await self._directory.get(match.device_id)
-        if info is None:
-            return _rejected(received, topic, payload, match.device_id, "unknown device: not in the registry")
-        if info.disabled:
-            return _rejected(received, topic, payload, match.device_id, "disabled device")
-        role = Role.GATEWAY if info.kind == "gateway" else Role.DEVICE
-        try:
-            return await self._interpret(match, payload, received, Principal(role, match.device_id))
-        except TelemetraError as exc:
-            where = f" ({exc.field})" if exc.field else ""
-            reason = "topic mismatch" if exc.code == "forbidden" else exc.code
-            return _rejected(received, topic, payload, match.device_id, f"{reason}: {exc.reason}{where}")
+        match = self._table.match
+        matches = [match(topic) for topic, _ in messages]
+        ids = {m.device_id for m in matches if m is not None}
+        known = await self._directory.get_many(ids) if ids else {}
+        principals: dict[str, Principal] = {}
+        telemetry, max_bytes, telemetry_batch = Kind.TELEMETRY, self._max_bytes, self._ingest.telemetry_batch
+        out: list[Batch] = []
+        for (topic, payload), found in zip(messages, matches, strict=True):
+            if found is None:
+                out.append(_rejected(received, topic, payload, None, "no route: topic matches no configured route"))
+                continue
+            device_id = found.device_id
+            info = known.get(device_id)
+            if info is None:
+                out.append(_rejected(received, topic, payload, device_id, "unknown device: not in the registry"))
+                continue
+            if info.disabled:
+                out.append(_rejected(received, topic, payload, device_id, "disabled device"))
+                continue
+            principal = principals.get(device_id)
+            if principal is None:
+                principal = Principal(Role.GATEWAY if info.kind == "gateway" else Role.DEVICE, device_id)
+                principals[device_id] = principal
+            try:
+                if found.kind is telemetry and len(payload) <= max_bytes:  # the bulk of the traffic
+                    out.append(await telemetry_batch(decode_json(payload, max_bytes=max_bytes), principal))
+                else:
+                    out.append(await self._interpret(found, payload, received, principal))
+            except TelemetraError as exc:
+                where = f" ({exc.field})" if exc.field else ""
+                reason = "topic mismatch" if exc.code == "forbidden" else exc.code
+                out.append(_rejected(received, topic, payload, device_id, f"{reason}: {exc.reason}{where}"))
+            except Exception:  # one bad message is logged and kept, never stops delivery
+                log.exception("could not interpret message on %s", topic)
+                out.append(_rejected(received, topic, payload, device_id, "internal: could not interpret"))
+        return out
 
     async def _interpret(self, match: RouteMatch, payload: bytes, received: int, principal: Principal) -> Batch:
         device_id = match.device_id

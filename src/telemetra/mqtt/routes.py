@@ -18,6 +18,7 @@ class Kind(enum.Enum):
     ACK = "ack"
 
 
+MATCH_CACHE_ENTRIES = 50_000
 _PLACEHOLDER = re.compile(r"\{(device|name|path)\}")
 
 
@@ -138,13 +139,23 @@ class RouteTable:
             raise ValueError("no MQTT routes configured")
         self.routes = list(routes)
         self.downlink_prefix = downlink_prefix
+        # topic → match: a fleet publishes on a few topics per device, over and over (MQTT hot path).
+        self._matches: dict[str, RouteMatch | None] = {}
 
     def match(self, topic: str) -> RouteMatch | None:
+        try:
+            return self._matches[topic]
+        except KeyError:
+            pass
+        found = None
         for route in self.routes:
             found = route.match(topic)
             if found is not None:
-                return found
-        return None
+                break
+        if len(self._matches) >= MATCH_CACHE_ENTRIES:
+            self._matches.clear()
+        self._matches[topic] = found
+        return found
 
     @property
     def subscriptions(self) -> list[str]:
