@@ -143,8 +143,12 @@ class Result:
         return self.acked - self.stored + self.latency_acked - self.latency_stored
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"acked_s": self.acked_s, "stored_s": self.stored_s,
-                               "readings_s": self.steady_s * READINGS_PER_MESSAGE, "loss": self.loss}
+        return asdict(self) | {
+            "acked_s": self.acked_s,
+            "stored_s": self.stored_s,
+            "readings_s": self.steady_s * READINGS_PER_MESSAGE,
+            "loss": self.loss,
+        }
 
 
 # --- machine, processes ----------------------------------------------------------------------------
@@ -157,8 +161,10 @@ def machine_line() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return (f"machine: {len(os.sched_getaffinity(0))} cores (nproc), {model}, Python {platform.python_version()}, "
-            f"{platform.platform()}")
+    return (
+        f"machine: {len(os.sched_getaffinity(0))} cores (nproc), {model}, Python {platform.python_version()}, "
+        f"{platform.platform()}"
+    )
 
 
 def free_port() -> int:
@@ -312,8 +318,13 @@ def publisher_main(spec: PublisherSpec, conn: Connection, sent_counts: Any, gate
         last_ack[0] = time.time()
 
     for device_id, secret in spec.devices:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311,
-                             clean_session=True, reconnect_on_failure=False)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=device_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+            reconnect_on_failure=False,
+        )
         dev = _Dev(device_id, f"{PREFIX}/{device_id}/telemetry", client)
         client.user_data_set(dev)
         client.username_pw_set(device_id, secret)
@@ -371,7 +382,11 @@ def publisher_main(spec: PublisherSpec, conn: Connection, sent_counts: Any, gate
                     dev.last_ts = ts = ms if ms > dev.last_ts else dev.last_ts + 1
                     dev.seq += 1
                     payload = b'{"ts":%d,"temperature":%.1f,"humidity":%.1f,"voltage":%.2f}' % (
-                        ts, 20 + rng.random() * 5, 40 + rng.random() * 20, 3.7 + rng.random() * 0.4)
+                        ts,
+                        20 + rng.random() * 5,
+                        40 + rng.random() * 20,
+                        3.7 + rng.random() * 0.4,
+                    )
                     info = dev.client.publish(dev.topic, payload, qos=1)
                     if info.rc == mqtt.MQTT_ERR_SUCCESS:
                         dev.inflight += 1
@@ -393,15 +408,31 @@ def publisher_main(spec: PublisherSpec, conn: Connection, sent_counts: Any, gate
         dev.client.disconnect()
         with contextlib.suppress(Exception):
             dev.client.loop_write()
-    conn.send({"sent": sent, "acked": sum(d.acked for d in devs), "errors": errors, "last_ack": last_ack[0],
-               "cpu": cpu, "unacked": sum(d.inflight for d in devs)})
+    conn.send(
+        {
+            "sent": sent,
+            "acked": sum(d.acked for d in devs),
+            "errors": errors,
+            "last_ack": last_ack[0],
+            "cpu": cpu,
+            "unacked": sum(d.inflight for d in devs),
+        }
+    )
 
 
 class Publishers:
     """``procs`` publisher processes sharing the devices; started together at one wall-clock instant."""
 
-    def __init__(self, host: str, port: int, devices: list[tuple[str, str]], opts: Options, *,
-                 rate: float | None = None, duration: float | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        devices: list[tuple[str, str]],
+        opts: Options,
+        *,
+        rate: float | None = None,
+        duration: float | None = None,
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
@@ -412,11 +443,23 @@ class Publishers:
         self.gate = ctx.Value("b", 1, lock=False)
         for i in range(n):
             share = devices[i::n]
-            spec = PublisherSpec(host, port, share, opts.window, self.duration,
-                                 rate * len(share) / len(devices) if rate else 0.0, opts.drain_timeout, i)
+            spec = PublisherSpec(
+                host,
+                port,
+                share,
+                opts.window,
+                self.duration,
+                rate * len(share) / len(devices) if rate else 0.0,
+                opts.drain_timeout,
+                i,
+            )
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=publisher_main, args=(spec, child, self.sent_counts, self.gate),
-                               name=f"publisher-{i}", daemon=True)
+            proc = ctx.Process(
+                target=publisher_main,
+                args=(spec, child, self.sent_counts, self.gate),
+                name=f"publisher-{i}",
+                daemon=True,
+            )
             proc.start()
             self.procs.append(proc)
             self.conns.append(parent)
@@ -486,8 +529,9 @@ class BacklogGate:
 # --- subscriber for the bare scenarios (child process) ---------------------------------------------
 
 
-def subscriber_main(host: str, port: int, username: str | None, password: str | None, mqtt5: bool,
-                    conn: Connection, shared_count: Any) -> None:
+def subscriber_main(
+    host: str, port: int, username: str | None, password: str | None, mqtt5: bool, conn: Connection, shared_count: Any
+) -> None:
     """Count QoS 1 messages on telemetra/+/telemetry (live in ``shared_count``); report (count, time of the
     last one) on request."""
     count = 0
@@ -496,8 +540,9 @@ def subscriber_main(host: str, port: int, username: str | None, password: str | 
     if mqtt5:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-sub-{os.getpid()}", protocol=mqtt.MQTTv5)
     else:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-sub-{os.getpid()}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"bare-sub-{os.getpid()}", protocol=mqtt.MQTTv311, clean_session=True
+        )
     if username:
         client.username_pw_set(username, password)
 
@@ -533,9 +578,12 @@ class Subscriber:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.count = ctx.Value("q", 0, lock=False)
-        self.proc = ctx.Process(target=subscriber_main,
-                                args=(host, port, username, password, mqtt5, child, self.count),
-                                daemon=True, name="bare-subscriber")
+        self.proc = ctx.Process(
+            target=subscriber_main,
+            args=(host, port, username, password, mqtt5, child, self.count),
+            daemon=True,
+            name="bare-subscriber",
+        )
         self.proc.start()
         if not self.conn.poll(30) or not self.conn.recv()["ready"]:
             raise RuntimeError("the baseline subscriber could not subscribe")
@@ -630,7 +678,8 @@ class StoreWatcher:
                     rows = await conn.fetch(
                         "SELECT device_id, ts FROM telemetry WHERE key = 'temperature' "
                         "AND device_id = ANY($1::text[]) AND ts > $2",
-                        self.sample, min(last.values()),
+                        self.sample,
+                        min(last.values()),
                     )
                     seen = time.time() * 1000
                     for row in rows:
@@ -669,15 +718,17 @@ def mosquitto_version(binary: str) -> str:
     return first.replace("mosquitto version", "").strip() or "unknown"
 
 
-async def dynsec_provision(host: str, port: int, admin_user: str, admin_password: str, service_password: str,
-                           devices: list[tuple[str, str]]) -> None:
+async def dynsec_provision(
+    host: str, port: int, admin_user: str, admin_password: str, service_password: str, devices: list[tuple[str, str]]
+) -> None:
     """For the bare scenario: the service account and device clients, as Telemetra would create them."""
     from telemetra.mqtt.dynsec import DynsecProvisioner
 
     roots = (f"{PREFIX}/{{device}}/",)
     downlink = (f"{PREFIX}/{{device}}/cmd", f"{PREFIX}/{{device}}/config")
-    async with DynsecProvisioner(host=host, port=port, username=admin_user, password=admin_password,
-                                 device_roots=roots, downlink=downlink) as prov:
+    async with DynsecProvisioner(
+        host=host, port=port, username=admin_user, password=admin_password, device_roots=roots, downlink=downlink
+    ) as prov:
         await prov.ensure_service_account(SERVICE_USER, service_password)
         for device_id, secret in devices:
             await prov.upsert_device(device_id, secret)
@@ -696,21 +747,35 @@ class Telemetra:
 
 
 @contextmanager
-def telemetra(workdir: Path, name: str, env_extra: dict[str, str], mqtt_port: int,
-              user_env: dict[str, str]) -> Iterator[Telemetra]:
+def telemetra(
+    workdir: Path, name: str, env_extra: dict[str, str], mqtt_port: int, user_env: dict[str, str]
+) -> Iterator[Telemetra]:
     port = free_port()
     admin_key = secrets.token_urlsafe(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_") and k != "DATABASE_URL"}
     # JSON logs as in deploy/compose.prod.yaml (the console renderer draws rich tracebacks on the event loop).
-    env |= {"TELEMETRA_ADMIN_KEYS": admin_key, "TELEMETRA_LOG_LEVEL": "WARNING", "TELEMETRA_LOG_FORMAT": "json",
-            "PYTHONUNBUFFERED": "1"}
+    env |= {
+        "TELEMETRA_ADMIN_KEYS": admin_key,
+        "TELEMETRA_LOG_LEVEL": "WARNING",
+        "TELEMETRA_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
     env |= env_extra | user_env
     log_path = workdir / f"telemetra-{name}.log"
-    cmd = [str(VENV_BIN / "telemetra"), "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(workdir / f"data-{name}")]
+    cmd = [
+        str(VENV_BIN / "telemetra"),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(workdir / f"data-{name}"),
+    ]
     with log_path.open("wb") as out:
-        process = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = Telemetra(process, f"http://127.0.0.1:{port}", log_path, admin_key, mqtt_port)
     try:
         deadline = time.monotonic() + 60
@@ -731,8 +796,11 @@ def telemetra(workdir: Path, name: str, env_extra: dict[str, str], mqtt_port: in
 
 def scrape_commits(servers: list[Telemetra]) -> tuple[float, float, float]:
     """(commits, points, seconds in commits) summed over the servers' /metrics."""
-    totals = {"telemetra_batch_points_count": 0.0, "telemetra_batch_points_sum": 0.0,
-              "telemetra_batch_seconds_sum": 0.0}
+    totals = {
+        "telemetra_batch_points_count": 0.0,
+        "telemetra_batch_points_sum": 0.0,
+        "telemetra_batch_seconds_sum": 0.0,
+    }
     for server in servers:
         with contextlib.suppress(httpx.HTTPError):
             text = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": server.admin_key}, timeout=5).text
@@ -740,8 +808,11 @@ def scrape_commits(servers: list[Telemetra]) -> tuple[float, float, float]:
                 name, _, value = line.partition(" ")
                 if name in totals:
                     totals[name] += float(value)
-    return (totals["telemetra_batch_points_count"], totals["telemetra_batch_points_sum"],
-            totals["telemetra_batch_seconds_sum"])
+    return (
+        totals["telemetra_batch_points_count"],
+        totals["telemetra_batch_points_sum"],
+        totals["telemetra_batch_seconds_sum"],
+    )
 
 
 def provision(server: Telemetra, ids: list[str]) -> list[tuple[str, str]]:
@@ -815,8 +886,17 @@ def steady_rate(points: list[tuple[float, int]], start: float, end: float) -> fl
     return (n1 - n0) / (t1 - t0)
 
 
-def run_bare(result: Result, host: str, port: int, devices: list[tuple[str, str]], opts: Options,
-             sub_auth: tuple[str | None, str | None], broker_pids: Callable[[], list[int]], *, mqtt5: bool) -> Result:
+def run_bare(
+    result: Result,
+    host: str,
+    port: int,
+    devices: list[tuple[str, str]],
+    opts: Options,
+    sub_auth: tuple[str | None, str | None],
+    broker_pids: Callable[[], list[int]],
+    *,
+    mqtt5: bool,
+) -> Result:
     sub = Subscriber(host, port, *sub_auth, mqtt5=mqtt5)
     pubs = Publishers(host, port, devices, opts)
     timeline = CountTimeline(lambda: int(sub.count.value))
@@ -845,8 +925,14 @@ def run_bare(result: Result, host: str, port: int, devices: list[tuple[str, str]
     return result
 
 
-def run_telemetra(result: Result, servers: list[Telemetra], dsn: str, devices: list[tuple[str, str]],
-                  opts: Options, broker_pids: Callable[[], list[int]]) -> Result:
+def run_telemetra(
+    result: Result,
+    servers: list[Telemetra],
+    dsn: str,
+    devices: list[tuple[str, str]],
+    opts: Options,
+    broker_pids: Callable[[], list[int]],
+) -> Result:
     """Capacity phase (full speed behind the backlog gate, or --rate), then, at full speed, a latency phase
     at a fraction of the capacity found: latency under saturation only measures the queue."""
     ids = [d for d, _ in devices]
@@ -857,8 +943,13 @@ def run_telemetra(result: Result, servers: list[Telemetra], dsn: str, devices: l
         pubs = Publishers("127.0.0.1", port, devices, opts)
         try:
             pubs.wait_ready()
-            meter = CpuMeter({"telemetra": lambda: [s.process.pid for s in servers],
-                              "postgres": lambda: pids_named("postgres"), "broker": broker_pids})
+            meter = CpuMeter(
+                {
+                    "telemetra": lambda: [s.process.pid for s in servers],
+                    "postgres": lambda: pids_named("postgres"),
+                    "broker": broker_pids,
+                }
+            )
             watcher.start()
             meter.start()
             if opts.profile_pid_file:
@@ -887,8 +978,11 @@ def run_telemetra(result: Result, servers: list[Telemetra], dsn: str, devices: l
         result.stored = count
         if count < result.acked:
             for server in servers:
-                print(f"  stored {count:,} of {result.acked:,} acked; {server.log.name} (last lines):\n"
-                      + tail(server.log, 25), flush=True)
+                print(
+                    f"  stored {count:,} of {result.acked:,} acked; {server.log.name} (last lines):\n"
+                    + tail(server.log, 25),
+                    flush=True,
+                )
         # When the last message was committed: the first count poll that saw the final count.
         done_at = next((t for t, n in watcher.timeline if n >= count), time.time())
         result.stored_seconds = max(last_ack, done_at) - start_at
@@ -897,8 +991,9 @@ def run_telemetra(result: Result, servers: list[Telemetra], dsn: str, devices: l
         if not opts.rate and opts.latency_duration > 0 and result.steady_s > 0:
             # Latency phase: open loop at a fraction of the steady rate just measured.
             result.latency_rate = round(result.steady_s * opts.latency_fraction, -1) or 10.0
-            pubs = Publishers("127.0.0.1", port, devices, opts, rate=result.latency_rate,
-                              duration=opts.latency_duration)
+            pubs = Publishers(
+                "127.0.0.1", port, devices, opts, rate=result.latency_rate, duration=opts.latency_duration
+            )
             try:
                 pubs.wait_ready()
                 first_latency = len(watcher.latencies)
@@ -910,8 +1005,9 @@ def run_telemetra(result: Result, servers: list[Telemetra], dsn: str, devices: l
             watcher.count_interval = COUNT_POLL_S
             result.latency_acked = sum(o["acked"] for o in outcomes)
             target = count + result.latency_acked
-            result.latency_stored = settle(lambda: watcher.latest()[1], target, opts.drain_timeout,
-                                           quiet_s=opts.quiet) - count
+            result.latency_stored = (
+                settle(lambda: watcher.latest()[1], target, opts.drain_timeout, quiet_s=opts.quiet) - count
+            )
         watcher.stop_latency()
         percentiles(result, watcher.latencies[first_latency:])
     finally:
@@ -937,10 +1033,19 @@ def scenario_bare_mosquitto(mosq: Any, opts: Options) -> Result:
     result = Result("bare", "mosquitto", stores=False, note="paho → Mosquitto → paho subscriber, nothing stored")
     devices = [(f"bare-{i:03d}", secrets.token_urlsafe(16)) for i in range(opts.devices)]
     service_password = opts.service_password
-    asyncio.run(dynsec_provision(mosq.host, mosq.port, mosq.admin_username, mosq.admin_password,
-                                 service_password, devices))
-    run_bare(result, mosq.host, mosq.port, devices, opts, (SERVICE_USER, service_password),
-             lambda: [mosq.process.pid], mqtt5=True)
+    asyncio.run(
+        dynsec_provision(mosq.host, mosq.port, mosq.admin_username, mosq.admin_password, service_password, devices)
+    )
+    run_bare(
+        result,
+        mosq.host,
+        mosq.port,
+        devices,
+        opts,
+        (SERVICE_USER, service_password),
+        lambda: [mosq.process.pid],
+        mqtt5=True,
+    )
     result.broker_rss_mb = proc_status_kb(mosq.process.pid, "VmRSS") / 1024
     return result
 
@@ -960,8 +1065,10 @@ def scenario_telemetra_mosquitto(mosq: Any, opts: Options, workdir: Path) -> Res
             "TELEMETRA_MQTT_DYNSEC_PASSWORD": mosq.admin_password,
         }
         with contextlib.ExitStack() as stack:
-            servers = [stack.enter_context(telemetra(workdir, f"mosquitto-{i}", env, mosq.port, opts.server_env))
-                       for i in range(opts.servers)]
+            servers = [
+                stack.enter_context(telemetra(workdir, f"mosquitto-{i}", env, mosq.port, opts.server_env))
+                for i in range(opts.servers)
+            ]
             devices = provision(servers[0], [f"bench-{i:03d}" for i in range(opts.devices)])
             run_telemetra(result, servers, dsn, devices, opts, lambda: [mosq.process.pid])
     result.broker_rss_mb = proc_status_kb(mosq.process.pid, "VmRSS") / 1024
@@ -972,8 +1079,7 @@ def scenario_telemetra_embedded(opts: Options, workdir: Path) -> Result:
     result = Result("telemetra", "embedded", stores=True, note="embedded amqtt broker (MQTT 3.1.1), PostgreSQL")
     mqtt_port = free_port()
     with pg_database("telemetra_mqtt_bench") as dsn:
-        env = {"TELEMETRA_DATABASE_URL": dsn, "TELEMETRA_MQTT_PORT": str(mqtt_port),
-               "TELEMETRA_MQTT_HOST": "127.0.0.1"}
+        env = {"TELEMETRA_DATABASE_URL": dsn, "TELEMETRA_MQTT_PORT": str(mqtt_port), "TELEMETRA_MQTT_HOST": "127.0.0.1"}
         with telemetra(workdir, "embedded", env, mqtt_port, opts.server_env) as server:
             devices = provision(server, [f"bench-{i:03d}" for i in range(opts.devices)])
             run_telemetra(result, [server], dsn, devices, opts, lambda: [])  # the broker is Telemetra's own
@@ -999,13 +1105,22 @@ asyncio.run(main(int(sys.argv[1])))
 
 
 def scenario_bare_amqtt(opts: Options, workdir: Path) -> Result:
-    result = Result("bare", "amqtt", stores=False,
-                    note="paho → amqtt (Telemetra's EmbeddedBroker alone, all allowed) → paho subscriber")
+    result = Result(
+        "bare",
+        "amqtt",
+        stores=False,
+        note="paho → amqtt (Telemetra's EmbeddedBroker alone, all allowed) → paho subscriber",
+    )
     port = free_port()
     log_path = workdir / "amqtt.log"
     with log_path.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-c", AMQTT_BROKER, str(port)], cwd=ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", AMQTT_BROKER, str(port)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 30
         while "ready" not in log_path.read_text(errors="replace"):
@@ -1024,8 +1139,10 @@ def scenario_bare_amqtt(opts: Options, workdir: Path) -> Result:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'scenario':<22} {'acked/s':>8} {'stored/s':>8} {'overall/s':>9} {'readings/s':>10} {'loss':>5} "
-              f"{'backlog':>7} {'p50 ms':>7} {'p99 ms':>7} {'@ msg/s':>7} {'RSS MB':>8}  CPU s (component)")
+    header = (
+        f"{'scenario':<22} {'acked/s':>8} {'stored/s':>8} {'overall/s':>9} {'readings/s':>10} {'loss':>5} "
+        f"{'backlog':>7} {'p50 ms':>7} {'p99 ms':>7} {'@ msg/s':>7} {'RSS MB':>8}  CPU s (component)"
+    )
     print()
     print(header)
     print("-" * (len(header) + 30))
@@ -1038,27 +1155,34 @@ def print_table(results: list[Result]) -> None:
             lat = f"{'-':>7} {'-':>7} {'-':>7}"
         rss = f"{r.rss_peak_mb:.0f}" if r.stores else f"b:{r.broker_rss_mb:.0f}"
         cpu = " ".join(f"{k} {v:.1f}" for k, v in r.cpu.items())
-        print(f"{name:<22} {r.acked_s:>8,.0f} {r.steady_s:>8,.0f} {r.stored_s:>9,.0f} {readings:>10} {r.loss:>5} "
-              f"{r.backlog_at_end:>7,} {lat} {rss:>8}  {cpu}")
+        print(
+            f"{name:<22} {r.acked_s:>8,.0f} {r.steady_s:>8,.0f} {r.stored_s:>9,.0f} {readings:>10} {r.loss:>5} "
+            f"{r.backlog_at_end:>7,} {lat} {rss:>8}  {cpu}"
+        )
     print()
     for r in results:
         what = "received" if not r.stores else "stored"
         extra = ""
         if r.stores:
-            extra = (f"; rows {r.readings:,} (= {r.readings / max(1, r.stored + r.latency_stored):.2f}/msg)"
-                     f"; server RSS peak {r.rss_peak_mb:.0f} MB, VmHWM {r.rss_hwm_mb:.0f} MB")
+            extra = (
+                f"; rows {r.readings:,} (= {r.readings / max(1, r.stored + r.latency_stored):.2f}/msg)"
+                f"; server RSS peak {r.rss_peak_mb:.0f} MB, VmHWM {r.rss_hwm_mb:.0f} MB"
+            )
         if r.broker_rss_mb:
             extra += f"; broker RSS {r.broker_rss_mb:.0f} MB"
         if r.commits:
-            extra += (f"; {r.commits:,} commits, {r.commit_points:,.0f} points and {r.commit_ms:.1f} ms each "
-                      "(/metrics)")
+            extra += f"; {r.commits:,} commits, {r.commit_points:,.0f} points and {r.commit_ms:.1f} ms each (/metrics)"
         if r.gate_closed_s:
             extra += f"; publishers held at the backlog cap {r.gate_closed_s:.1f} s"
         if r.latency_rate:
-            extra += (f"; latency phase at {r.latency_rate:,.0f} msg/s: acked {r.latency_acked:,}, {what} "
-                      f"{r.latency_stored:,}, {r.latency_samples:,} samples")
-        print(f"  {r.scenario} {r.broker}: sent {r.sent:,}, acked {r.acked:,} in {r.seconds:.1f} s, {what} "
-              f"{r.stored:,} by {r.stored_seconds:.1f} s, publish errors {r.publish_errors}{extra}. {r.note}")
+            extra += (
+                f"; latency phase at {r.latency_rate:,.0f} msg/s: acked {r.latency_acked:,}, {what} "
+                f"{r.latency_stored:,}, {r.latency_samples:,} samples"
+            )
+        print(
+            f"  {r.scenario} {r.broker}: sent {r.sent:,}, acked {r.acked:,} in {r.seconds:.1f} s, {what} "
+            f"{r.stored:,} by {r.stored_seconds:.1f} s, publish errors {r.publish_errors}{extra}. {r.note}"
+        )
 
 
 def find(results: list[Result], scenario: str, broker: str) -> Result | None:
@@ -1073,8 +1197,13 @@ def verdicts(results: list[Result]) -> list[tuple[str, str, bool | None]]:
         if not r.stores:
             continue
         ok = r.steady_s >= TARGET_MSGS_S and r.loss == 0
-        rows.append((f"{r.scenario} {r.broker}: stored msg/s, loss",
-                     f"{r.steady_s:,.0f} msg/s, loss {r.loss} (target ≥ {TARGET_MSGS_S:,}, 0)", ok))
+        rows.append(
+            (
+                f"{r.scenario} {r.broker}: stored msg/s, loss",
+                f"{r.steady_s:,.0f} msg/s, loss {r.loss} (target ≥ {TARGET_MSGS_S:,}, 0)",
+                ok,
+            )
+        )
         base = bare if r.broker == "mosquitto" else bare_amqtt
         if base and base.steady_s:
             rows.append((f"{r.scenario} {r.broker} ÷ bare {base.broker}", f"{r.steady_s / base.steady_s:.2f}", None))
@@ -1117,37 +1246,85 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--window", type=int, default=20, help="unacknowledged QoS 1 messages per client (20)")
     p.add_argument("--duration", type=float, default=15.0, help="seconds of publishing per scenario (15)")
     p.add_argument("--rate", type=float, default=0.0, help="total messages/s to offer; 0 = full speed (0)")
-    p.add_argument("--scenarios", default="bare,mosquitto,embedded,bare-amqtt",
-                   help="comma list of bare, mosquitto, embedded, bare-amqtt")
-    p.add_argument("--drain-timeout", type=float, default=45.0,
-                   help="seconds to wait for the stored count to catch up after publishing (45)")
-    p.add_argument("--max-backlog", type=int, default=20_000,
-                   help="full speed: hold the publishers while sent − stored reaches this many messages (20000)")
+    p.add_argument(
+        "--scenarios",
+        default="bare,mosquitto,embedded,bare-amqtt",
+        help="comma list of bare, mosquitto, embedded, bare-amqtt",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=45.0,
+        help="seconds to wait for the stored count to catch up after publishing (45)",
+    )
+    p.add_argument(
+        "--max-backlog",
+        type=int,
+        default=20_000,
+        help="full speed: hold the publishers while sent − stored reaches this many messages (20000)",
+    )
     p.add_argument("--warmup", type=float, default=2.0, help="seconds excluded from stored/s at the start (2)")
-    p.add_argument("--latency-fraction", type=float, default=0.5,
-                   help="latency phase: offer this fraction of the stored/s found (0.5)")
+    p.add_argument(
+        "--latency-fraction",
+        type=float,
+        default=0.5,
+        help="latency phase: offer this fraction of the stored/s found (0.5)",
+    )
     p.add_argument("--latency-duration", type=float, default=5.0, help="latency phase seconds; 0 = none (5)")
-    p.add_argument("--servers", type=int, default=1,
-                   help="Telemetra processes in the mosquitto scenario, sharing the subscription (1)")
-    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for the Telemetra processes, e.g. TELEMETRA_LOG_FORMAT=json (repeatable)")
-    p.add_argument("--quiet", type=float, default=5.0,
-                   help="after publishing, a stored count that has not grown for this many seconds is final (5)")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep logs and broker files here instead of a temporary directory")
+    p.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        help="Telemetra processes in the mosquitto scenario, sharing the subscription (1)",
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the Telemetra processes, e.g. TELEMETRA_LOG_FORMAT=json (repeatable)",
+    )
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=5.0,
+        help="after publishing, a stored count that has not grown for this many seconds is final (5)",
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep logs and broker files here instead of a temporary directory"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    p.add_argument("--profile-pid-file", type=Path, default=None,
-                   help="write the Telemetra PID here when publishing starts (to attach py-spy)")
+    p.add_argument(
+        "--profile-pid-file",
+        type=Path,
+        default=None,
+        help="write the Telemetra PID here when publishing starts (to attach py-spy)",
+    )
     a = p.parse_args(argv)
     scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     if unknown := sorted(set(scenarios) - {"bare", "mosquitto", "embedded", "bare-amqtt"}):
         p.error(f"unknown scenario(s) {unknown}")
     if a.devices < 1 or a.procs < 1 or a.window < 1:
         p.error("--devices, --procs and --window must be at least 1")
-    return Options(a.devices, a.procs, a.window, a.duration, a.rate, scenarios, a.drain_timeout, a.json,
-                   a.profile_pid_file, max(1, a.servers), max(100, a.max_backlog),
-                   a.workdir, a.quiet, dict(kv.split("=", 1) for kv in a.server_env if "=" in kv),
-                   a.warmup, a.latency_fraction, a.latency_duration)
+    return Options(
+        a.devices,
+        a.procs,
+        a.window,
+        a.duration,
+        a.rate,
+        scenarios,
+        a.drain_timeout,
+        a.json,
+        a.profile_pid_file,
+        max(1, a.servers),
+        max(100, a.max_backlog),
+        a.workdir,
+        a.quiet,
+        dict(kv.split("=", 1) for kv in a.server_env if "=" in kv),
+        a.warmup,
+        a.latency_fraction,
+        a.latency_duration,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1159,17 +1336,29 @@ def main(argv: list[str] | None = None) -> int:
     if needs_mosquitto and (binary is None or find_dynsec_plugin() is None):
         sys.exit("mosquitto with its dynamic-security plugin is needed: sudo apt-get install -y mosquitto")
     print(machine_line())
-    print(f"postgres {pg_version()} at {PG_ADMIN_URL.split('@')[-1]}; mosquitto "
-          f"{mosquitto_version(binary) if binary else 'n/a'} (max_queued_messages 1000000, set_tcp_nodelay true, "
-          "dynamic security)")
-    offered = (f"{opts.rate:,.0f} msg/s offered" if opts.rate else
-               f"full speed (publishers held while sent − stored ≥ {opts.max_backlog:,} messages)")
-    print(f"load: {opts.devices} devices (one paho client each, MQTT 3.1.1, QoS 1, ≤{opts.window} in flight per "
-          f"client) in {opts.procs} publisher processes, {offered}, {opts.duration:g} s per scenario; "
-          f"{READINGS_PER_MESSAGE} readings per message", flush=True)
+    print(
+        f"postgres {pg_version()} at {PG_ADMIN_URL.split('@')[-1]}; mosquitto "
+        f"{mosquitto_version(binary) if binary else 'n/a'} (max_queued_messages 1000000, set_tcp_nodelay true, "
+        "dynamic security)"
+    )
+    offered = (
+        f"{opts.rate:,.0f} msg/s offered"
+        if opts.rate
+        else f"full speed (publishers held while sent − stored ≥ {opts.max_backlog:,} messages)"
+    )
+    print(
+        f"load: {opts.devices} devices (one paho client each, MQTT 3.1.1, QoS 1, ≤{opts.window} in flight per "
+        f"client) in {opts.procs} publisher processes, {offered}, {opts.duration:g} s per scenario; "
+        f"{READINGS_PER_MESSAGE} readings per message",
+        flush=True,
+    )
     extra_env = " ".join(f"{k}={v}" for k, v in opts.server_env.items())
-    print("telemetra: `telemetra serve`, PostgreSQL, TELEMETRA_LOG_LEVEL=WARNING TELEMETRA_LOG_FORMAT=json"
-          + (f" {extra_env}" if extra_env else "") + ", defaults otherwise", flush=True)
+    print(
+        "telemetra: `telemetra serve`, PostgreSQL, TELEMETRA_LOG_LEVEL=WARNING TELEMETRA_LOG_FORMAT=json"
+        + (f" {extra_env}" if extra_env else "")
+        + ", defaults otherwise",
+        flush=True,
+    )
     results: list[Result] = []
     started = time.monotonic()
     with contextlib.ExitStack() as keep:
@@ -1204,10 +1393,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + METHOD)
     if opts.json_path:
         shown = {k: str(v) for k, v in asdict(opts).items() if k != "service_password"}
-        payload = {"machine": machine_line(), "options": shown,
-                   "results": [r.as_dict() for r in results],
-                   "verdicts": [{"label": v[0], "value": v[1], "met": v[2]} for v in verdicts(results)],
-                   "method": METHOD}
+        payload = {
+            "machine": machine_line(),
+            "options": shown,
+            "results": [r.as_dict() for r in results],
+            "verdicts": [{"label": v[0], "value": v[1], "met": v[2]} for v in verdicts(results)],
+            "method": METHOD,
+        }
         opts.json_path.write_text(json.dumps(payload, indent=2))
         print(f"results written to {opts.json_path}")
     return 0

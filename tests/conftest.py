@@ -71,7 +71,10 @@ async def sqlite_url(tmp_path: Path) -> str:
 
 def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "database_url": database_url, "data_dir": data_dir, "admin_keys": [ADMIN_KEY], "mqtt_port": 0,
+        "database_url": database_url,
+        "data_dir": data_dir,
+        "admin_keys": [ADMIN_KEY],
+        "mqtt_port": 0,
         "log_level": "WARNING",
     }
     values.update(overrides)

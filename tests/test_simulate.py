@@ -56,7 +56,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(BIN / "telemetra"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -81,8 +84,18 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def simulate(server: Server, state_dir: Path, *args: str) -> dict[str, Any]:
-    cmd = [str(BIN / "telemetra"), "simulate", "--url", server.url, "--mqtt-port", str(server.mqtt_port),
-           "--state-dir", str(state_dir), "--json", *args]
+    cmd = [
+        str(BIN / "telemetra"),
+        "simulate",
+        "--url",
+        server.url,
+        "--mqtt-port",
+        str(server.mqtt_port),
+        "--state-dir",
+        str(state_dir),
+        "--json",
+        *args,
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_")} | {"TELEMETRA_ADMIN_KEYS": ADMIN_KEY}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -93,8 +106,12 @@ def simulate(server: Server, state_dir: Path, *args: str) -> dict[str, Any]:
 def stored_points(server: Server, device_ids: list[str]) -> int:
     total = 0
     for device_id in device_ids:
-        resp = httpx.get(f"{server.url}/api/v1/devices/{device_id}/aggregate",
-                         params={"fn": "count", "start": SINCE}, headers=ADMIN, timeout=5)
+        resp = httpx.get(
+            f"{server.url}/api/v1/devices/{device_id}/aggregate",
+            params={"fn": "count", "start": SINCE},
+            headers=ADMIN,
+            timeout=5,
+        )
         assert resp.status_code == 200, resp.text
         total += sum(b["count"] for buckets in resp.json()["series"].values() for b in buckets)
     return total

@@ -208,37 +208,77 @@ main.add_command(devices_claim_codes, "claim-codes")
 
 
 @main.command()
-@click.option("--devices", "device_count", type=click.IntRange(1, 100_000), default=10, show_default=True,
-              help="virtual devices (mesh: child nodes of one gateway)")
-@click.option("--rate", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-              help="messages per second per device")
+@click.option(
+    "--devices",
+    "device_count",
+    type=click.IntRange(1, 100_000),
+    default=10,
+    show_default=True,
+    help="virtual devices (mesh: child nodes of one gateway)",
+)
+@click.option(
+    "--rate", type=click.FloatRange(min=0.001), default=1.0, show_default=True, help="messages per second per device"
+)
 @click.option("--protocol", type=click.Choice(["mqtt", "http"]), default="mqtt", show_default=True)
 @click.option("--profile", type=click.Choice(["env", "heatpump", "mesh"]), default="env", show_default=True)
 @click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="seconds (default: until Ctrl-C)")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Telemetra's HTTP base URL")
-@click.option("--admin-key", default=None,
-              help="for provisioning (default: TELEMETRA_ADMIN_KEYS, else <TELEMETRA_DATA_DIR>/admin.key)")
+@click.option(
+    "--admin-key",
+    default=None,
+    help="for provisioning (default: TELEMETRA_ADMIN_KEYS, else <TELEMETRA_DATA_DIR>/admin.key)",
+)
 @click.option("--mqtt-host", default="127.0.0.1", show_default=True)
 @click.option("--mqtt-port", type=int, default=1883, show_default=True)
 @click.option("--prefix", default="telemetra", show_default=True, help="MQTT topic prefix")
 @click.option("--id-prefix", default="sim", show_default=True, help="device ids are <id-prefix>-001…")
 @click.option("--qos", type=click.IntRange(0, 2), default=1, show_default=True, help="MQTT QoS for telemetry")
-@click.option("--state-dir", type=click.Path(file_okay=False), default="telemetra-data", show_default=True,
-              help="where simulator-devices.json keeps the devices' credentials (0600) for re-runs")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default="telemetra-data",
+    show_default=True,
+    help="where simulator-devices.json keeps the devices' credentials (0600) for re-runs",
+)
 @click.option("--seed", type=int, default=None, help="random seed for reproducible values")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def simulate(device_count: int, rate: float, protocol: str, profile: str, duration: float | None, url: str,
-             admin_key: str | None, mqtt_host: str, mqtt_port: int, prefix: str, id_prefix: str, qos: int,
-             state_dir: str, seed: int | None, as_json: bool) -> None:
+def simulate(
+    device_count: int,
+    rate: float,
+    protocol: str,
+    profile: str,
+    duration: float | None,
+    url: str,
+    admin_key: str | None,
+    mqtt_host: str,
+    mqtt_port: int,
+    prefix: str,
+    id_prefix: str,
+    qos: int,
+    state_dir: str,
+    seed: int | None,
+    as_json: bool,
+) -> None:
     """Virtual devices sending realistic telemetry over MQTT or HTTP; answers commands, reports state."""
     from pathlib import Path
 
     from telemetra import simulate as sim
 
     options = sim.SimOptions(
-        devices=device_count, rate=rate, protocol=protocol, profile=profile,  # type: ignore[arg-type]
-        url=url, admin_key=admin_key, mqtt_host=mqtt_host, mqtt_port=mqtt_port, prefix=prefix,
-        duration=duration, id_prefix=id_prefix, qos=qos, state_dir=Path(state_dir), seed=seed,
+        devices=device_count,
+        rate=rate,
+        protocol=protocol,
+        profile=profile,  # type: ignore[arg-type]
+        url=url,
+        admin_key=admin_key,
+        mqtt_host=mqtt_host,
+        mqtt_port=mqtt_port,
+        prefix=prefix,
+        duration=duration,
+        id_prefix=id_prefix,
+        qos=qos,
+        state_dir=Path(state_dir),
+        seed=seed,
     )
     try:
         summary = sim.run(options)

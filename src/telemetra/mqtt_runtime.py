@@ -47,8 +47,9 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
         mode = "external"
     else:
         password = secrets.token_urlsafe(24)
-        broker = EmbeddedBroker(host=settings.mqtt_host, port=settings.mqtt_port,
-                                authenticate=_registry_auth(services, password), acl=acl)
+        broker = EmbeddedBroker(
+            host=settings.mqtt_host, port=settings.mqtt_port, authenticate=_registry_auth(services, password), acl=acl
+        )
         await stack.enter_async_context(broker)
         _follow_registry_embedded(services, stack, broker)
         address = BrokerAddress("127.0.0.1", broker.port, SERVICE_USERNAME, password, False)
@@ -58,10 +59,15 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
         mode = "embedded"
         services.extras["mqtt_broker"] = broker
     collector = Collector(
-        address=address, client_id=_client_id(settings.mqtt_client_id, settings.port),
-        subscriptions=table.subscriptions, share_group=share_group,
+        address=address,
+        client_id=_client_id(settings.mqtt_client_id, settings.port),
+        subscriptions=table.subscriptions,
+        share_group=share_group,
         inbound=Inbound(table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes),
-        queue=services.queue, metrics=services.metrics, tls=tls, mqtt5=mode == "external",
+        queue=services.queue,
+        metrics=services.metrics,
+        tls=tls,
+        mqtt5=mode == "external",
     )
     await collector.start()
     stack.push_async_callback(collector.stop)
@@ -69,7 +75,8 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     services.extras["mqtt_collector"] = collector
     services.extras["mqtt_routes"] = table
     probes["mqtt"] = lambda: {
-        "status": "ok" if collector.connected else "down", "mode": mode,
+        "status": "ok" if collector.connected else "down",
+        "mode": mode,
         "broker": f"{address.host}:{address.port}",
     }
 
@@ -114,13 +121,19 @@ def _follow_registry_embedded(services: Services, stack: AsyncExitStack, broker:
     stack.callback(services.registry_hooks.remove, close_revoked_sessions)
 
 
-async def _provision_mosquitto(services: Services, stack: AsyncExitStack, address: BrokerAddress,
-                               table: RouteTable, tls: Any) -> None:
+async def _provision_mosquitto(
+    services: Services, stack: AsyncExitStack, address: BrokerAddress, table: RouteTable, tls: Any
+) -> None:
     settings = services.settings
     assert settings.mqtt_dynsec_username and settings.mqtt_dynsec_password
     provisioner = DynsecProvisioner(
-        host=address.host, port=address.port, username=settings.mqtt_dynsec_username,
-        password=settings.mqtt_dynsec_password, device_roots=table.device_roots, downlink=table.downlink, tls=tls,
+        host=address.host,
+        port=address.port,
+        username=settings.mqtt_dynsec_username,
+        password=settings.mqtt_dynsec_password,
+        device_roots=table.device_roots,
+        downlink=table.downlink,
+        tls=tls,
     )
     await stack.enter_async_context(provisioner)
     if address.username and address.password:

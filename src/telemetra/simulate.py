@@ -374,7 +374,11 @@ class MeshNode:
         """Seed 000's shape exactly: no device timestamp (the server stamps it)."""
         motion = "1" if self._rng.random() < 0.1 else "0"
         return {
-            "name": self.name, **self.values(), "role": self.role, "firmware": FIRMWARE, "state": {"motion": motion},
+            "name": self.name,
+            **self.values(),
+            "role": self.role,
+            "firmware": FIRMWARE,
+            "state": {"motion": motion},
         }
 
 
@@ -626,8 +630,10 @@ class MqttDevice:
         if reason.is_failure:
             hint = ""
             if self.heatpump:
-                hint = (" (heatpump devices need the server's heatpump MQTT preset, TELEMETRA_MQTT_PRESETS="
-                        "default,heatpump: without it the broker refuses their heatpump/… Last Will)")
+                hint = (
+                    " (heatpump devices need the server's heatpump MQTT preset, TELEMETRA_MQTT_PRESETS="
+                    "default,heatpump: without it the broker refuses their heatpump/… Last Will)"
+                )
             self.sim.stats.error(f"{self.member.id}: MQTT connection refused: {reason}{hint}")
             self.client.disconnect()  # stop paho retrying with refused credentials
             if not self.ready.done():
@@ -758,8 +764,12 @@ class MqttDevices:
         sensor = target.sensor
         if isinstance(sensor, HeatPump) and sensor.compressor > 85 and time.monotonic() - device.last_alert > 60:
             device.last_alert = time.monotonic()
-            alert = {"type": "high_temp", "level": "warning", "value": round(sensor.compressor, 1),
-                     "message": "compressor temperature high"}
+            alert = {
+                "type": "high_temp",
+                "level": "warning",
+                "value": round(sensor.compressor, 1),
+                "message": "compressor temperature high",
+            }
             device.client.publish(f"heatpump/{device.member.id}/alerts", orjson.dumps(alert), qos=1)
             self.sim.stats.events += 1
 
@@ -795,11 +805,19 @@ async def simulate(options: SimOptions, *, console: Console | None = None) -> Su
         async with httpx.AsyncClient(base_url=options.url.rstrip("/"), timeout=10.0, limits=limits) as http:
             prov = await sim.provision(http)
             if options.protocol == "mqtt" and options.profile == "heatpump":
-                sim.notes.append("heatpump/<id>/data is stored only when the server runs the heatpump MQTT preset "
-                                 "(TELEMETRA_MQTT_PRESETS=default,heatpump)")
+                sim.notes.append(
+                    "heatpump/<id>/data is stored only when the server runs the heatpump MQTT preset "
+                    "(TELEMETRA_MQTT_PRESETS=default,heatpump)"
+                )
             progress = Progress(
-                SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[stats]}"), console=err, disable=not err.is_terminal, transient=False,
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[stats]}"),
+                console=err,
+                disable=not err.is_terminal,
+                transient=False,
             )
             runner = HttpDevices(sim, http).run() if options.protocol == "http" else MqttDevices(sim).run()
             with progress:
@@ -820,10 +838,23 @@ async def simulate(options: SimOptions, *, console: Console | None = None) -> Su
     ids = [t.id for t in sim.targets] + ([m.id for m in sim.members] if options.profile == "mesh" else [])
     s = sim.stats
     return Summary(
-        protocol=options.protocol, profile=options.profile, url=options.url, devices=ids,
-        created=prov.created, reused=prov.reused, rotated=prov.rotated, seconds=round(sim.elapsed, 3),
-        rate_asked=options.rate, messages=s.messages, points=s.points, errors=s.errors, commands=s.commands,
-        configs=s.configs, events=s.events, last_error=s.last_error, credentials_file=str(sim.store.path),
+        protocol=options.protocol,
+        profile=options.profile,
+        url=options.url,
+        devices=ids,
+        created=prov.created,
+        reused=prov.reused,
+        rotated=prov.rotated,
+        seconds=round(sim.elapsed, 3),
+        rate_asked=options.rate,
+        messages=s.messages,
+        points=s.points,
+        errors=s.errors,
+        commands=s.commands,
+        configs=s.configs,
+        events=s.events,
+        last_error=s.last_error,
+        credentials_file=str(sim.store.path),
         notes=sim.notes,
     )
 
@@ -837,8 +868,10 @@ def print_summary(summary: Summary, *, as_json: bool, console: Console | None = 
     table = Table(show_header=False, title=f"telemetra simulate: {summary.profile} over {summary.protocol}")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("devices", f"{len(summary.devices)} ({summary.created} created, {summary.reused} reused, "
-                             f"{summary.rotated} re-keyed)")
+    table.add_row(
+        "devices",
+        f"{len(summary.devices)} ({summary.created} created, {summary.reused} reused, {summary.rotated} re-keyed)",
+    )
     table.add_row("messages sent", f"{summary.messages:,}")
     table.add_row("points sent", f"{summary.points:,}")
     table.add_row("errors", f"{summary.errors:,}" + (f"  (last: {summary.last_error})" if summary.last_error else ""))

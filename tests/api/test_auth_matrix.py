@@ -72,7 +72,6 @@ def codes(text: str) -> tuple[int, ...]:
     return parts
 
 
-
 #                    admin A   B   G   fleet none wrong
 READ_A = codes("200 200 403 403 403 401 401")  # a device reads only its own data
 READ_C = codes("200 403 403 403 403 401 401")  # a gateway writes for its children but does not read them

@@ -29,7 +29,6 @@ shared = shared_app_fixture(device_api_keys=[FLEET_KEY])
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-
 async def ingest(api: Running, key: str, body: Any) -> int:
     r = await api.client.post("/api/v1/ingest", json=body, headers={"X-API-Key": key})
     return r.status_code

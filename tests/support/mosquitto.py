@@ -366,9 +366,7 @@ def spawn_mosquitto(
         return instance
     exited = process.poll()
     instance.stop()
-    what = (
-        f"exited with code {exited}" if exited is not None else f"not listening after {_START_TIMEOUT:.0f}s"
-    )
+    what = f"exited with code {exited}" if exited is not None else f"not listening after {_START_TIMEOUT:.0f}s"
     raise RuntimeError(f"mosquitto {what} (config {conf_path}, port {port}). Broker log:\n{instance.log()}")
 
 
@@ -486,9 +484,7 @@ class PahoTestClient:
         assert mid is not None
         return list(await self._wait_ack(mid))
 
-    async def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
-    ) -> ReasonCode:
+    async def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False) -> ReasonCode:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(info.rc)
         if qos == 0:
