@@ -323,3 +323,22 @@ async def test_rejected_messages_are_recorded_and_collector_keeps_going(mqtt_app
     assert await latest(mqtt_app, "dev-other") == {}
     assert await mqtt_app.metric("telemetra_rejected_messages_total") >= rejected_before + 3
     assert await mqtt_app.metric("telemetra_rejected_messages_total", transport="mqtt") >= 3
+
+
+async def test_every_mqtt_message_is_counted_once_whatever_it_carries(mqtt_app: MqttApp) -> None:
+    """The collector merges what one read brings into one batch; the messages metric must still count
+    each message, telemetry or not (events, state)."""
+    secret = await mqtt_app.create_device("counted-1")
+    device = await mqtt_app.connect_device("counted-1", secret)
+    before = await mqtt_app.metric("telemetra_ingested_messages_total", transport="mqtt")
+    events = [device.publish(f"telemetra/counted-1/event/tick{i}", orjson.dumps({"n": i})) for i in range(5)]
+    states = [device.publish("telemetra/counted-1/state", orjson.dumps({"rssi": -40 - i})) for i in range(3)]
+    await asyncio.gather(*events, *states)
+    await device.publish("telemetra/counted-1/telemetry", orjson.dumps({"marker": 1}))
+    await eventually(lambda: _has_key(mqtt_app, "counted-1", "marker"), what="the marker point")
+
+    async def counted() -> float | None:
+        now = await mqtt_app.metric("telemetra_ingested_messages_total", transport="mqtt")
+        return now - before if now - before >= 9 else None
+
+    assert await eventually(counted, what="nine messages counted") == 9

@@ -37,13 +37,16 @@ class StorageUnavailable(RuntimeError):
 
 
 class _Item:
-    __slots__ = ("batch", "future", "transport", "weight")
+    __slots__ = ("batch", "future", "messages", "transport", "weight")
 
-    def __init__(self, batch: Batch, transport: str, future: asyncio.Future[WriteResult]) -> None:
+    def __init__(self, batch: Batch, transport: str, future: asyncio.Future[WriteResult], messages: int | None) -> None:
         self.batch = batch
         self.transport = transport
         self.future = future
         self.weight = batch.weight
+        # How many client messages the batch stands for (the metric): a producer that merges several,
+        # telemetry or not, says so; otherwise one per telemetry record, at least one.
+        self.messages = messages if messages is not None else (len(batch.telemetry) or 1)
 
 
 class IngestQueue:
@@ -98,16 +101,16 @@ class IngestQueue:
     async def submit(self, batch: Batch, *, transport: str) -> WriteResult:
         return await self.submit_nowait(batch, transport=transport)
 
-    async def put(self, batch: Batch, *, transport: str) -> asyncio.Future[WriteResult]:
+    async def put(self, batch: Batch, *, transport: str, messages: int | None = None) -> asyncio.Future[WriteResult]:
         """Wait for room, then enqueue (MQTT: while we wait, we stop taking messages and the broker holds
         them — backpressure, not loss)."""
         async with self._space:
             await self._space.wait_for(lambda: not self._weight or self._weight + batch.weight <= self._max_points)
-        return self._enqueue(batch, transport)
+        return self._enqueue(batch, transport, messages)
 
-    def _enqueue(self, batch: Batch, transport: str) -> asyncio.Future[WriteResult]:
+    def _enqueue(self, batch: Batch, transport: str, messages: int | None = None) -> asyncio.Future[WriteResult]:
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        item = _Item(batch, transport, future)
+        item = _Item(batch, transport, future, messages)
         self._items.append(item)
         self._weight += item.weight
         self._metrics.queue_depth.set(self._weight)
@@ -191,7 +194,7 @@ class IngestQueue:
         log.debug("committed batch", extra={"points": result.points, "messages": len(items), "ms": elapsed * 1000})
         for item in items:
             self._metrics.points.labels(item.transport).inc(item.batch.point_count)
-            self._metrics.messages.labels(item.transport).inc(len(item.batch.telemetry) or 1)
+            self._metrics.messages.labels(item.transport).inc(item.messages)
             for rejected in item.batch.rejected:
                 self._metrics.rejected.labels(item.transport, _reason_label(rejected.reason)).inc()
             if not item.future.done():

@@ -93,6 +93,7 @@ class Collector:
         self._closed = asyncio.Event()
         self._stopping = False
         self._was_connected = False
+        self._subscribe_mid: int | None = None
         self._on_connect_hook = on_connect
         self._tasks: list[asyncio.Task[None]] = []
         self._connecting: asyncio.Future[Any] | None = None
@@ -107,6 +108,7 @@ class Collector:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -311,15 +313,26 @@ class Collector:
             log.error("MQTT connection refused: %s", reason)
             return
         if self._mqtt5:
-            client.subscribe([(f, mqtt.SubscribeOptions(qos=1)) for f in self._filters])
+            _, self._subscribe_mid = client.subscribe([(f, mqtt.SubscribeOptions(qos=1)) for f in self._filters])
         else:
-            client.subscribe([(f, 1) for f in self._filters])
+            _, self._subscribe_mid = client.subscribe([(f, 1) for f in self._filters])
+        self._was_connected = True
+        if self._on_connect_hook is not None:
+            self._on_connect_hook(client)
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, mid: int, reasons: list[ReasonCode], _props: Any
+    ) -> None:
+        # Connected counts from the SUBACK, not the CONNACK: until the broker has the subscriptions, what
+        # devices publish on a first start would reach no one.
+        if mid != self._subscribe_mid:
+            return
+        refused = [f for f, reason in zip(self._filters, reasons, strict=False) if reason.is_failure]
+        if refused:
+            log.error("MQTT broker refused the collector's subscriptions %s", refused)
         log.info(
             "MQTT collector connected to %s:%s (%d filters)", self._address.host, self._address.port, len(self._filters)
         )
-        if self._on_connect_hook is not None:
-            self._on_connect_hook(client)
-        self._was_connected = True
         self._connected.set()
         self._metrics.mqtt_connected.set(1)
 
@@ -366,7 +379,7 @@ class Collector:
                 self._rejected.inc(rejected)
             if rejected < len(parts):
                 self._accepted.inc(len(parts) - rejected)
-            future = await self._queue.put(batch, transport="mqtt")
+            future = await self._queue.put(batch, transport="mqtt", messages=len(chunk))
             mids = [mid for mid, qos, _, _ in chunk if qos]
             task = asyncio.create_task(self._ack_after_commit(mids, parts, future), name="mqtt-ack")
             self._pending_acks.add(task)
