@@ -50,7 +50,7 @@ class Store:
         self.fails = fails
         self.failed = 0
 
-    async def put(self, batch: Batch, *, transport: str) -> asyncio.Future[None]:
+    async def put(self, batch: Batch, *, transport: str, messages: int | None = None) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
         if self.fails(batch):
             self.failed += 1
