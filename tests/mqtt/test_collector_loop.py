@@ -33,13 +33,17 @@ TOPIC = "telemetra/dev-{}/telemetry"
 
 
 class Interpreter:
-    """Inbound's interface: one Batch per message, an Event carrying the payload."""
+    """Inbound's interface: one Batch per message, an Event carrying the payload. The first
+    ``lookup_failures`` calls fail as Inbound does when the registry (the database) is unreachable."""
+
+    def __init__(self, lookup_failures: int = 0) -> None:
+        self.lookup_failures = lookup_failures
 
     async def to_batches(self, messages: Sequence[tuple[str, bytes]]) -> list[Batch]:
+        if self.lookup_failures > 0:
+            self.lookup_failures -= 1
+            raise ConnectionRefusedError("database unreachable (test)")
         return [Batch(events=[Event(topic.split("/")[1], 0, "m", payload)]) for topic, payload in messages]
-
-    async def to_batch(self, topic: str, payload: bytes) -> Batch:
-        return (await self.to_batches([(topic, payload)]))[0]
 
 
 class Store:
@@ -62,14 +66,19 @@ class Store:
 
 
 def collector(
-    broker: MosquittoInstance, store: Store, *, client_id: str = "collector-test", tls: ssl.SSLContext | None = None
+    broker: MosquittoInstance,
+    store: Store,
+    *,
+    client_id: str = "collector-test",
+    tls: ssl.SSLContext | None = None,
+    inbound: Interpreter | None = None,
 ) -> Collector:
     return Collector(
         address=BrokerAddress(broker.host, broker.port, None, None, tls is not None),
         client_id=client_id,
         subscriptions=["telemetra/+/telemetry"],
         share_group=None,
-        inbound=Interpreter(),
+        inbound=inbound or Interpreter(),  # type: ignore[arg-type]
         queue=store,
         metrics=Metrics(),
         tls=tls,  # type: ignore[arg-type]
@@ -157,6 +166,16 @@ async def test_a_failed_commit_is_retried_message_by_message(broker: MosquittoIn
         await until(lambda: len(store.payloads) >= len(payloads), "every message", limit_s=30)
     assert sorted(store.payloads) == sorted(payloads)
     assert store.failed >= 4
+    assert await redelivered(broker) == []
+
+
+async def test_messages_are_held_not_rejected_while_the_registry_is_unreachable(broker: MosquittoInstance) -> None:
+    store = Store()
+    payloads = [b"m%d" % i for i in range(50)]
+    async with running(collector(broker, store, inbound=Interpreter(lookup_failures=2))):
+        await asyncio.to_thread(publish_all, broker, payloads)
+        await until(lambda: len(store.payloads) >= len(payloads), "every message", limit_s=30)
+    assert sorted(store.payloads) == sorted(payloads)  # stored as what they are, not as rejects
     assert await redelivered(broker) == []
 
 

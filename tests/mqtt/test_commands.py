@@ -253,3 +253,33 @@ async def test_http_device_marked_online_by_its_telemetry_still_gets_commands_by
     # Taken by the poll: a second poll right away does not hand it out again.
     again = await mqtt_app.client.get("/api/v1/device/commands", headers=device_key)
     assert again.json()["commands"] == []
+
+
+class FailingLink(SlowLink):
+    """The collector's publisher, failing the next ``failures`` publishes."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        super().__init__(inner, 0.0)
+        self.failures = failures
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("broker went away (test)")
+        await super().publish(topic, payload, qos=qos, retain=retain)
+
+
+async def test_a_failed_publish_puts_the_commands_back_in_order(mqtt_app: MqttApp) -> None:
+    device = await online_device(mqtt_app, "dev-flaky")
+    link = FailingLink(mqtt_app.services.commands.publisher, failures=1)
+    mqtt_app.services.commands.publisher = link
+    created = []
+    for name in ("first", "second"):
+        r = await mqtt_app.client.post("/api/v1/devices/dev-flaky/commands", json={"name": name}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        created.append(r.json())
+    assert created[0]["status"] == "queued"  # its publish failed: claimed, then released
+    assert created[1]["status"] == "sent"  # the next dispatch published what was queued, in order
+    names = [orjson.loads((await device.next_message()).payload)["name"] for _ in range(2)]
+    assert names == ["first", "second"]
+    assert (await command(mqtt_app, "dev-flaky", created[0]["id"]))["status"] == "sent"

@@ -30,8 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from telemetra.domain.records import Batch, Rejected
-from telemetra.domain.timeutil import now_ms
+from telemetra.domain.records import Batch
 from telemetra.ingest.queue import IngestQueue
 from telemetra.metrics import Metrics
 from telemetra.mqtt.connection import BrokerAddress, BufferedClient, Publish, new_client
@@ -386,20 +385,16 @@ class Collector:
             task.add_done_callback(self._pending_acks.discard)
 
     async def _interpret(self, chunk: list[Publish]) -> list[Batch]:
-        try:
-            return await self._inbound.to_batches([(topic, payload) for _, _, topic, payload in chunk])
-        except Exception:
-            log.exception("could not interpret %d MQTT messages", len(chunk))
-        parts: list[Batch] = []
-        for _, _, topic, payload in chunk:  # one by one, as far as each goes
+        """One Batch per message. Inbound turns every bad message into a rejected record itself; what
+        can fail here is the registry lookup (database down): then the chunk is held, unacknowledged,
+        and tried again — turning good telemetry into rejects because the database blinked would lose it."""
+        messages = [(topic, payload) for _, _, topic, payload in chunk]
+        while True:
             try:
-                parts.append(await self._inbound.to_batch(topic, payload))
-            except Exception:  # one bad message is logged and kept, never stops delivery
-                log.exception("could not interpret message on %s", topic)
-                parts.append(
-                    Batch(rejected=[Rejected(now_ms(), "mqtt", "internal: could not interpret", payload, topic=topic)])
-                )
-        return parts
+                return await self._inbound.to_batches(messages)
+            except Exception as exc:
+                log.warning("could not look up the devices of %d MQTT messages (%s); retrying", len(chunk), exc)
+                await asyncio.sleep(RETRY_COMMIT_S)
 
     async def _ack_after_commit(self, mids: list[int], parts: list[Batch], future: asyncio.Future[Any]) -> None:
         try:

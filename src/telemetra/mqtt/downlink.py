@@ -91,22 +91,23 @@ class CommandService:
                 del self._dispatching[device_id]
 
     async def _dispatch(self, device_id: str, publisher: Publisher) -> int:
-        sent = 0
-        for command in await self.repo.queued(device_id, now_ms=now_ms()):
-            if not await self.repo.mark_sent([command.id], now_ms=now_ms(), via="mqtt"):
-                continue  # someone else took it
+        queued = await self.repo.queued(device_id, now_ms=now_ms())
+        if not queued:
+            return 0
+        claimed = set(await self.repo.mark_sent([c.id for c in queued], now_ms=now_ms(), via="mqtt"))
+        mine = [c for c in queued if c.id in claimed]  # the rest someone else took
+        for i, command in enumerate(mine):
             payload = orjson.dumps(
                 {"id": command.id, "name": command.name, "params": command.params or {}, "ts": command.created_at}
             )
             try:
                 await publisher.publish(self._topic_for(device_id), payload, qos=1, retain=False)
-            except Exception as exc:  # back to queued; the next dispatch tries again
+            except Exception as exc:  # this one and those after it back to queued; the next dispatch retries
                 log.warning("could not publish command %s: %s", command.id, exc)
-                await self.repo.release([command.id])
-                break
-            sent += 1
+                await self.repo.release([c.id for c in mine[i:]])
+                return i
             self._notify(command.id)
-        return sent
+        return len(mine)
 
     async def publish_config(self, device_id: str, config: dict[str, Any], version: int) -> bool:
         publisher = self.publisher

@@ -36,9 +36,6 @@ class Inbound:
         self._directory = directory
         self._max_bytes = max_payload_bytes
 
-    async def to_batch(self, topic: str, payload: bytes) -> Batch:
-        return (await self.to_batches([(topic, payload)]))[0]
-
     async def to_batches(self, messages: Sequence[tuple[str, bytes]]) -> list[Batch]:
         """One ``Batch`` per ``(topic, payload)``, in order, with one directory lookup for all of them.
         A message that cannot be interpreted becomes a rejected record; only a failed directory lookup
@@ -49,7 +46,6 @@ class Inbound:
         ids = {m.device_id for m in matches if m is not None}
         known = await self._directory.get_many(ids) if ids else {}
         principals: dict[str, Principal] = {}
-        telemetry, max_bytes, telemetry_batch = Kind.TELEMETRY, self._max_bytes, self._ingest.telemetry_batch
         out: list[Batch] = []
         for (topic, payload), found in zip(messages, matches, strict=True):
             if found is None:
@@ -68,10 +64,7 @@ class Inbound:
                 principal = Principal(Role.GATEWAY if info.kind == "gateway" else Role.DEVICE, device_id)
                 principals[device_id] = principal
             try:
-                if found.kind is telemetry and len(payload) <= max_bytes:  # the bulk of the traffic
-                    out.append(await telemetry_batch(decode_json(payload, max_bytes=max_bytes), principal))
-                else:
-                    out.append(await self._interpret(found, payload, received, principal))
+                out.append(await self._interpret(found, payload, received, principal))
             except TelemetraError as exc:
                 where = f" ({exc.field})" if exc.field else ""
                 reason = "topic mismatch" if exc.code == "forbidden" else exc.code
