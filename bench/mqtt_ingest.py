@@ -6,7 +6,7 @@ Scenarios, all in one run on this machine (broker, Telemetra, PostgreSQL and the
   stored) — the ceiling the broker and the Python clients allow here;
 - ``mosquitto``: Telemetra (``telemetra serve``, external broker with dynamic security, PostgreSQL);
 - ``embedded``: Telemetra with its embedded amqtt broker (devices speak MQTT 3.1.1, as amqtt requires);
-- ``bare-amqtt``: the publishers through an amqtt broker alone (Telemetra's EmbeddedBroker class, every
+- ``bare-amqtt``: the publishers through an amqtt broker alone (amqtt's own ``Broker``, anonymous, every
   client allowed) to one paho subscriber — the ceiling of the embedded path.
 
 Publishers: ``--procs`` processes, each one thread driving its share of the devices' paho clients
@@ -1087,18 +1087,20 @@ def scenario_telemetra_embedded(opts: Options, workdir: Path) -> Result:
 
 
 AMQTT_BROKER = r"""
-import asyncio, sys
-from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
-from telemetra.mqtt.embedded import EmbeddedBroker
-
-async def allow(username, password):
-    return MqttPrincipal(username=username or "anon", device_id=None, is_service=True)
+import asyncio, logging, sys
+from amqtt.broker import Broker
+from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 
 async def main(port):
-    acl = TopicAcl(device_roots=("telemetra/{device}/",), downlink=("telemetra/{device}/cmd",))
-    async with EmbeddedBroker(host="127.0.0.1", port=port, authenticate=allow, acl=acl):
-        print("ready", flush=True)
-        await asyncio.Event().wait()
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    config = BrokerConfig(
+        listeners={"default": ListenerConfig(type=ListenerType.TCP, bind=f"127.0.0.1:{port}")},
+        plugins={"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    )
+    broker = Broker(config)
+    await broker.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
 
 asyncio.run(main(int(sys.argv[1])))
 """
@@ -1109,7 +1111,7 @@ def scenario_bare_amqtt(opts: Options, workdir: Path) -> Result:
         "bare",
         "amqtt",
         stores=False,
-        note="paho → amqtt (Telemetra's EmbeddedBroker alone, all allowed) → paho subscriber",
+        note="paho → amqtt (amqtt's Broker alone, anonymous, all allowed) → paho subscriber",
     )
     port = free_port()
     log_path = workdir / "amqtt.log"

@@ -24,9 +24,10 @@ from telemetra.metrics import Metrics
 from telemetra.mqtt.downlink import CommandService
 from telemetra.mqtt_runtime import start_mqtt
 from telemetra.storage.commands import AlertRepository, CommandRepository
-from telemetra.storage.database import create_engine, migrate
+from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
+from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,17 @@ def limits_from(settings: Settings) -> Limits:
         max_batch_messages=settings.max_batch_messages,
         max_future_skew_ms=settings.max_future_skew_s * 1000,
         max_past_age_ms=settings.max_past_age_days * 86_400_000,
+        max_document_text=settings.max_payload_bytes,
     )
 
 
-def build_services(settings: Settings, metrics: Metrics, admin_keys: list[str]) -> Services:
+def build_services(settings: Settings, metrics: Metrics, database: DatabaseState, admin_keys: list[str]) -> Services:
     engine = create_engine(settings)
-    directory = DeviceDirectory(engine)
+    directory = DeviceDirectory(engine, state=database)
     queue = IngestQueue(
         engine,
         metrics=metrics,
+        state=database,
         max_points=settings.ingest_queue_max_points,
         batch_max_points=settings.ingest_batch_max_points,
         linger_ms=settings.ingest_batch_linger_ms,
@@ -88,6 +91,7 @@ def build_services(settings: Settings, metrics: Metrics, admin_keys: list[str]) 
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
+    database = DatabaseState(database_location(settings.effective_database_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,7 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
                 f"\n  Generated admin key (shown once, kept in {settings.data_dir / 'admin.key'}):\n  {generated}\n",
                 flush=True,
             )
-        services = build_services(settings, metrics, admin_keys)
+        services = build_services(settings, metrics, database, admin_keys)
         app.state.services = services
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
@@ -133,7 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry={"tracing": otel, "metrics": otel, "logs": otel},
     )
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
-    install_error_handlers(app)
+    install_error_handlers(app, database)
     for module in (ingest, devices, telemetry, commands, alerts, health, aliases):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
@@ -41,3 +42,25 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     root.setLevel(level)
     for noisy in ("uvicorn.access", "amqtt", "transitions", "aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+class Throttle:
+    """At most one log line per key and period: a device that keeps sending the same bad message (or a
+    retry loop) must not fill the log. ``allow(key)`` returns None to stay quiet, or how many lines
+    were suppressed for that key since the last one that was let through."""
+
+    def __init__(self, period_s: float, *, max_keys: int = 10_000) -> None:
+        self._period = period_s
+        self._max_keys = max_keys
+        self._last: dict[object, tuple[float, int]] = {}
+
+    def allow(self, key: object) -> int | None:
+        now = time.monotonic()
+        seen = self._last.get(key)
+        if seen is not None and now - seen[0] < self._period:
+            self._last[key] = (seen[0], seen[1] + 1)
+            return None
+        if len(self._last) >= self._max_keys:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return 0 if seen is None else seen[1]

@@ -19,6 +19,12 @@ class Metrics:
             ["transport", "reason"],
             registry=r,
         )
+        self.unstorable = Counter(
+            "telemetra_unstorable_messages",
+            "Messages whose values the database refused (kept as rejected records, or answered 422)",
+            ["transport"],
+            registry=r,
+        )
         self.batches = Counter("telemetra_batches", "Group-commit batches written", registry=r)
         self.batch_failures = Counter("telemetra_batch_failures", "Batches whose commit failed", registry=r)
         self.batch_seconds = Histogram(

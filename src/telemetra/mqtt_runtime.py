@@ -4,9 +4,8 @@ collector, and the downlink publisher."""
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
-import secrets
 import socket
 from contextlib import AsyncExitStack
 from typing import Any
@@ -16,13 +15,11 @@ from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
 from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.connection import BrokerAddress, parse_broker_url, tls_context
 from telemetra.mqtt.dynsec import DynsecProvisioner
-from telemetra.mqtt.embedded import EmbeddedBroker
+from telemetra.mqtt.embedded import DeviceIngest, EmbeddedBroker
 from telemetra.mqtt.inbound import Inbound
 from telemetra.mqtt.routes import RouteTable, build_routes
 
 log = logging.getLogger(__name__)
-
-SERVICE_USERNAME = "telemetra-service"
 
 
 def route_table(services: Services) -> RouteTable:
@@ -38,36 +35,24 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
         return
     table = route_table(services)
     acl = TopicAcl(device_roots=table.device_roots, downlink=table.downlink)
-    if settings.mqtt_url:
-        address = parse_broker_url(settings.mqtt_url)
-        tls = tls_context(settings) if address.tls else None
-        if settings.mqtt_dynsec_username and settings.mqtt_dynsec_password:
-            await _provision_mosquitto(services, stack, address, table, tls)
-        share_group: str | None = settings.mqtt_share_group
-        mode = "external"
-    else:
-        password = secrets.token_urlsafe(24)
-        broker = EmbeddedBroker(
-            host=settings.mqtt_host, port=settings.mqtt_port, authenticate=_registry_auth(services, password), acl=acl
-        )
-        await stack.enter_async_context(broker)
-        _follow_registry_embedded(services, stack, broker)
-        address = BrokerAddress("127.0.0.1", broker.port, SERVICE_USERNAME, password, False)
-        tls = None
-        # amqtt has no shared subscriptions; with an embedded broker there is one Telemetra process anyway.
-        share_group = None
-        mode = "embedded"
-        services.extras["mqtt_broker"] = broker
+    inbound = Inbound(table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes)
+    if not settings.mqtt_url:
+        await _start_embedded(services, stack, inbound, acl, probes)
+        return
+    address = parse_broker_url(settings.mqtt_url)
+    tls = tls_context(settings) if address.tls else None
+    if settings.mqtt_dynsec_username and settings.mqtt_dynsec_password:
+        await _provision_mosquitto(services, stack, address, table, tls)
     collector = Collector(
         address=address,
         client_id=_client_id(settings.mqtt_client_id, settings.port),
         subscriptions=table.subscriptions,
-        share_group=share_group,
-        inbound=Inbound(table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes),
+        share_group=settings.mqtt_share_group,
+        inbound=inbound,
         queue=services.queue,
         metrics=services.metrics,
         tls=tls,
-        mqtt5=mode == "external",
+        mqtt5=True,
     )
     await collector.start()
     stack.push_async_callback(collector.stop)
@@ -76,8 +61,39 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     services.extras["mqtt_routes"] = table
     probes["mqtt"] = lambda: {
         "status": "ok" if collector.connected else "down",
-        "mode": mode,
+        "mode": "external",
         "broker": f"{address.host}:{address.port}",
+    }
+
+
+async def _start_embedded(
+    services: Services, stack: AsyncExitStack, inbound: Inbound, acl: TopicAcl, probes: dict[str, Any]
+) -> None:
+    """The in-process broker: devices' messages go from their connections straight into the ingest
+    pipeline (acknowledged after commit), and the downlink publishes into the broker itself."""
+    settings = services.settings
+    sink = DeviceIngest(inbound, services.queue, services.metrics)
+    broker = EmbeddedBroker(
+        host=settings.mqtt_host, port=settings.mqtt_port, authenticate=_registry_auth(services), acl=acl, sink=sink
+    )
+    consumer = asyncio.create_task(sink.run(), name="mqtt-embedded-ingest")
+
+    async def stop_consumer() -> None:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+
+    stack.push_async_callback(stop_consumer)
+    await stack.enter_async_context(broker)
+    # Unwound first: stop reading devices and acknowledge what was taken in, then close the broker.
+    stack.push_async_callback(sink.finish, 10.0)
+    _follow_registry_embedded(services, stack, broker)
+    services.commands.publisher = broker
+    services.extras["mqtt_broker"] = broker
+    probes["mqtt"] = lambda: {
+        "status": "ok" if not consumer.done() else "down",
+        "mode": "embedded",
+        "broker": f"{settings.mqtt_host}:{broker.port}",
+        "waiting": sink.pipeline.waiting,
     }
 
 
@@ -86,13 +102,9 @@ def _client_id(configured: str | None, http_port: int) -> str:
     return configured or f"telemetra-{socket.gethostname()}-{http_port}"[:64]
 
 
-def _registry_auth(services: Services, service_password: str) -> Any:
+def _registry_auth(services: Services) -> Any:
     async def authenticate(username: str | None, password: str | None) -> MqttPrincipal | None:
         if not username or not password:
-            return None
-        if username == SERVICE_USERNAME:
-            if hmac.compare_digest(password.encode(), service_password.encode()):
-                return MqttPrincipal(username=username, device_id=None, is_service=True)
             return None
         info = await services.directory.by_secret(password)
         if info is None or info.id != username or info.disabled:

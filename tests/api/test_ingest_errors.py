@@ -84,7 +84,14 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     ("/api/v1/nodes/{me}/telemetry", {"uptime": "x" * 2000}, 422, "body.uptime"),
     ("/api/v1/nodes/{me}/telemetry", b"{", 400, "body"),
     ("/api/v1/devices/{me}/telemetry", {"firmware": ["1"]}, 422, "body.firmware"),
+    ("/api/v1/ingest", b'{"label": "a\\u0000b"}', 422, "body.label"),
+    ("/api/v1/ingest", {"values": {"label": "a\x00b"}}, 422, "body.values.label"),
+    ("/api/v1/ingest/batch", [{"t": 1}, {"s": {"x": "\x00"}}], 422, "body[1].s.x"),
+    ("/api/v1/nodes/{me}/telemetry", {"name": "pir\x00"}, 422, "body.name"),
+    ("/api/v1/nodes/{me}/telemetry", {"state": {"motion": "1\x00"}}, 422, "body.state.motion"),
+    ("/api/v1/nodes/{me}/telemetry", {"firmware": "1.0\x00"}, 422, "body.firmware"),
     ("/api/v1/nodes/bad%20id/telemetry", {"uptime": 1}, 422, "device_id"),
+    ("/api/v1/nodes/bad%00id/telemetry", {"uptime": 1}, 422, "device_id"),
     ("/api/v1/nodes/" + "x" * 129 + "/telemetry", {"uptime": 1}, 422, "device_id"),
 ]
 

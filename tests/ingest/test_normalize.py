@@ -40,7 +40,9 @@ safe_keys = st.text(alphabet=string.ascii_letters + string.digits + "_-", min_si
 finite = st.floats(allow_nan=False, allow_infinity=False)
 numbers = st.one_of(finite, st.integers(min_value=-(2**53), max_value=2**53))
 json_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what orjson decodes as an int
-scalars = st.one_of(numbers, st.booleans(), st.text(max_size=40))
+# Text a device may send: anything but NUL, which no database stores (refused; see the NUL tests).
+storable = st.characters(exclude_characters="\x00")
+scalars = st.one_of(numbers, st.booleans(), st.text(storable, max_size=40))
 # Device times the normaliser must accept: from 9 years back to the edge of the allowed skew.
 valid_ms = st.integers(min_value=NOW - 9 * 365 * 86_400_000, max_value=NOW + LIMITS.max_future_skew_ms)
 
@@ -187,7 +189,7 @@ def test_booleans_are_numeric_0_1_typed_bool(doc: dict[str, bool]) -> None:
 
 
 @fast
-@given(st.dictionaries(safe_keys, st.text(max_size=LIMITS.max_text_length), min_size=1, max_size=10))
+@given(st.dictionaries(safe_keys, st.text(storable, max_size=LIMITS.max_text_length), min_size=1, max_size=10))
 def test_strings_are_text_series(doc: dict[str, str]) -> None:
     message = norm(doc)
     assert {v.key: (v.text, v.num, v.vtype) for v in message.values} == {
@@ -425,6 +427,18 @@ def test_any_json_document_normalises_or_is_refused_cleanly(doc: Any, ts: Any, d
     for v in message.values:
         assert 0 < len(v.key) <= LIMITS.max_key_length
         assert (v.num is None) == (v.vtype == ValueType.TEXT)
+        assert v.text is None or "\x00" not in v.text  # what is accepted can be stored
+
+
+@fast
+@given(doc=st.dictionaries(safe_keys, scalars, min_size=1, max_size=5), where=st.integers(0, 4), nested=st.booleans())
+def test_a_nul_anywhere_in_a_text_value_is_refused_naming_it(doc: dict[str, Any], where: int, nested: bool) -> None:
+    key = sorted(doc)[where % len(doc)]
+    doc[key] = "bad\x00value"
+    body = {"values": doc} if nested else doc
+    with pytest.raises(InvalidInput) as exc:
+        norm(body)
+    assert exc.value.field is not None and exc.value.field.endswith(key) and "NUL" in exc.value.reason
 
 
 # ---------------------------------------------------------------------------------------------- node posts

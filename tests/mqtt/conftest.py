@@ -2,7 +2,8 @@
 
 ``mqtt_app`` runs the real app (lifespan and all) against a real broker, once per broker mode:
 
-- ``embedded``: the in-process amqtt broker on a free port, authenticating against the registry;
+- ``embedded``: the in-process amqtt broker on a free port, authenticating against the registry and
+  handing what devices publish straight to the ingest path (there is no service account to connect);
 - ``mosquitto``: a private Mosquitto with dynamic security (``tests/support/mosquitto.py``); the app
   gets ``mqtt_url=mqtt://telemetra-svc:<random>@127.0.0.1:<port>`` plus the dynsec admin, so it creates
   its own service account and every device's credentials and ACL through the control topic.
@@ -123,7 +124,9 @@ class MqttApp:
         return client
 
     async def connect_service(self) -> Device:
-        """A second connection with the backend's service account (may publish anywhere)."""
+        """A second connection with the backend's service account (may publish anywhere). Mosquitto
+        only: the embedded broker hands devices' messages to ingest in process and has no such account."""
+        assert self.mode == "mosquitto", "the embedded broker has no service account"
         return await self.connect_device(self.service_username, self.service_password)
 
     async def get(self, path: str, **kwargs: Any) -> Any:
@@ -200,15 +203,14 @@ async def start_mqtt_app(mode: str, tmp_path: Path, *, db: str = "sqlite", **ove
             **overrides,
         )
         running = await stack.enter_async_context(running_app(settings))
-        collector = running.services.extras["mqtt_collector"]
-        await eventually(lambda: _true(collector.connected), what="the collector to connect")
         if mosquitto is not None:
+            collector = running.services.extras["mqtt_collector"]
+            await eventually(lambda: _true(collector.connected), what="the collector to connect")
             endpoint = Endpoint(mosquitto.host, mosquitto.port)
         else:
-            # The embedded broker's service password is random per start; the collector holds it.
-            address = collector._address
+            # In process: no collector and no service account, what devices publish goes straight in.
             endpoint = Endpoint("127.0.0.1", running.services.extras["mqtt_broker"].port)
-            service_user, service_password = address.username, address.password
+            service_user, service_password = "", ""
         app = MqttApp(mode, running, endpoint, service_user, service_password, mosquitto)
         stack.push_async_callback(app.close_devices)
         yield app

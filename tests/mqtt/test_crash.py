@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -54,6 +55,12 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(db: str, tmp_path
             broker.stop()
 
 
+def wait_until(condition: Callable[[], bool], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def crash_scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path) -> None:
     service_password = secrets.token_urlsafe(18)
     telemetra = TelemetraProcess(
@@ -75,6 +82,9 @@ def crash_scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path)
         publisher = SeqPublisher(broker.host, broker.port, DEVICE, secret)
         for seq in range(KILL_AT):
             publisher.publish(seq)
+        # The broker acknowledges at once; wait until Telemetra has committed some of it, so the kill
+        # comes mid-stream (with the rest in flight) rather than before the first commit.
+        wait_until(lambda: stored_seq(database_url, DEVICE).rows > 0, timeout=10)
         telemetra.kill()
         at_kill = stored_seq(database_url, DEVICE)
         for seq in range(KILL_AT, MESSAGES):

@@ -3,6 +3,10 @@
 paho runs its network loop in a thread while the broker runs in the test's event loop, so every wait
 on a paho client goes through `asyncio.to_thread` to keep the broker serving meanwhile.
 
+What devices publish goes to the broker's `DeviceSink` (in the app, the ingest pipeline); here a
+`RecordingSink` satisfying the same protocol records it and decides when a QoS 1 message counts as
+committed. Downlink goes in through `EmbeddedBroker.publish`, as the app's command service does.
+
 Denials are proven non-vacuously: the denied action is followed by a permitted "control" message on
 the same path, which must be the first thing that arrives (one publisher's messages are delivered in
 order, so a leaked denied message would have arrived before it).
@@ -40,6 +44,40 @@ PASSWORDS = {name: password for name, (password, _principal) in USERS.items()}
 async def authenticate(username: str | None, password: str | None) -> MqttPrincipal | None:
     entry = USERS.get(username or "")
     return entry[1] if entry is not None and entry[0] == password else None
+
+
+class RecordingSink:
+    """A ``DeviceSink``: records what devices publish; QoS 1 messages are "committed" at once unless
+    ``hold`` is set, in which case the test resolves their futures."""
+
+    def __init__(self) -> None:
+        self._room = asyncio.Event()
+        self._room.set()
+        self.messages: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self.refused: asyncio.Queue[tuple[str, str, bytes, str]] = asyncio.Queue()
+        self.hold = False
+        self.held: list[asyncio.Future[None]] = []
+
+    @property
+    def room(self) -> asyncio.Event:
+        return self._room
+
+    def offer(self, topic: str, payload: bytes, *, acknowledge: bool) -> asyncio.Future[None] | None:
+        self.messages.put_nowait((topic, payload, acknowledge))
+        if not acknowledge:
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.hold:
+            self.held.append(future)
+        else:
+            future.set_result(None)
+        return future
+
+    def refuse(self, device_id: str, topic: str, payload: bytes, reason: str) -> None:
+        self.refused.put_nowait((device_id, topic, payload, reason))
+
+    async def next(self) -> tuple[str, bytes, bool]:
+        return await asyncio.wait_for(self.messages.get(), WAIT_S)
 
 
 class Paho:
@@ -131,9 +169,14 @@ class Paho:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[EmbeddedBroker]:
+def sink() -> RecordingSink:
+    return RecordingSink()
+
+
+@pytest.fixture
+async def broker(sink: RecordingSink) -> AsyncIterator[EmbeddedBroker]:
     async with EmbeddedBroker(
-        host=HOST, port=0, authenticate=authenticate, acl=TopicAcl.for_prefix("telemetra")
+        host=HOST, port=0, authenticate=authenticate, acl=TopicAcl.for_prefix("telemetra"), sink=sink
     ) as running:
         yield running
 
@@ -196,45 +239,52 @@ async def refused(
     return str(rc)
 
 
-async def test_device_telemetry_reaches_the_service(connect: Connect) -> None:
-    service = await connect("svc")
-    assert (await service.subscribe("telemetra/+/telemetry")).value == 1
+async def test_device_messages_go_to_the_sink_and_qos1_is_acknowledged_only_after_commit(
+    connect: Connect, sink: RecordingSink
+) -> None:
+    sink.hold = True
     device = await connect("dev-a")
-    await device.publish("telemetra/A/telemetry", b'{"t":21.5}')
-    message = await service.next_message()
-    assert (message.topic, message.payload, message.qos) == ("telemetra/A/telemetry", b'{"t":21.5}', 1)
+    info = device.client.publish("telemetra/A/telemetry", b'{"t":21.5}', qos=1)
+    assert await sink.next() == ("telemetra/A/telemetry", b'{"t":21.5}', True)
+    # Positive control for "no PUBACK yet": a SUBACK asked for after the PUBLISH has come back, and a PUBACK
+    # sent on receipt (as amqtt does) would have been written before it on the same connection.
+    await device.subscribe("telemetra/A/cmd")
+    assert not info.is_published()
+    sink.held.pop().set_result(None)  # committed
+    await asyncio.to_thread(info.wait_for_publish, WAIT_S)
+    assert info.is_published()
+    await device.publish("telemetra/A/event/boot", b"{}", qos=0)
+    assert await sink.next() == ("telemetra/A/event/boot", b"{}", False)
 
 
 @pytest.mark.parametrize(
     "denied_topic",
     ["telemetra/B/telemetry", "telemetra/AB/telemetry", "telemetra/A/cmd", "telemetra/A/config", "other/A/x"],
 )
-async def test_device_publishes_only_under_its_own_root(connect: Connect, denied_topic: str) -> None:
-    service = await connect("svc")
-    await service.subscribe("#")
+async def test_device_publishes_only_under_its_own_root(
+    connect: Connect, sink: RecordingSink, denied_topic: str
+) -> None:
     device = await connect("dev-a")
     await device.publish(denied_topic, b"forged", retain=True)
     await device.publish("telemetra/A/telemetry", b"control")
-    message = await service.next_message()
-    assert (message.topic, message.payload) == ("telemetra/A/telemetry", b"control")
-    await service.assert_quiet()
-    # A denied retained publish must not be stored either: a new subscriber gets nothing.
-    late = await connect("svc", client_id="svc-late")
-    await late.subscribe(denied_topic)
-    await late.assert_quiet()
+    assert await sink.next() == ("telemetra/A/telemetry", b"control", True)  # the forged one never came
+    assert sink.messages.empty()
+    device_id, topic, payload, reason = sink.refused.get_nowait()  # kept as a refusal, with its reason
+    assert (device_id, topic, payload) == ("A", denied_topic, b"forged") and reason.startswith("acl:")
 
 
 @pytest.mark.parametrize(
     "topic_filter",
     ["telemetra/B/cmd", "telemetra/+/cmd", "telemetra/#", "#", "$share/g/telemetra/B/cmd", "telemetra/A/telemetry"],
 )
-async def test_device_subscribes_only_to_its_own_downlink(connect: Connect, topic_filter: str) -> None:
+async def test_device_subscribes_only_to_its_own_downlink(
+    connect: Connect, broker: EmbeddedBroker, topic_filter: str
+) -> None:
     device = await connect("dev-a")
     assert (await device.subscribe(topic_filter)).is_failure
     assert not (await device.subscribe("telemetra/A/cmd")).is_failure
-    service = await connect("svc")
-    await service.publish("telemetra/B/cmd", b"for B")
-    await service.publish("telemetra/A/cmd", b"control")
+    await broker.publish("telemetra/B/cmd", b"for B", qos=1, retain=False)
+    await broker.publish("telemetra/A/cmd", b"control", qos=1, retain=False)
     message = await device.next_message()
     assert (message.topic, message.payload) == ("telemetra/A/cmd", b"control")
     await device.assert_quiet()
@@ -249,28 +299,22 @@ async def test_anonymous_is_refused(broker: EmbeddedBroker, clients: list[Paho])
     assert await refused(broker, clients, None) == "Not authorized"
 
 
-async def test_failing_authenticate_answers_server_unavailable(clients: list[Paho]) -> None:
+async def test_failing_authenticate_answers_server_unavailable(clients: list[Paho], sink: RecordingSink) -> None:
     async def broken(_username: str | None, _password: str | None) -> MqttPrincipal | None:
         raise ConnectionError("registry down")
 
-    async with EmbeddedBroker(host=HOST, port=0, authenticate=broken, acl=TopicAcl.for_prefix("t")) as running:
+    async with EmbeddedBroker(
+        host=HOST, port=0, authenticate=broken, acl=TopicAcl.for_prefix("t"), sink=sink
+    ) as running:
         assert await refused(running, clients, "dev-a") == "Server unavailable"
 
 
-async def test_retained_state_and_last_will(connect: Connect) -> None:
+async def test_retained_state_and_last_will_go_to_the_sink(connect: Connect, sink: RecordingSink) -> None:
     device = await connect("dev-a", client_id="dev-a", will=("telemetra/A/state", b"offline"))
     await device.publish("telemetra/A/state", b"online", retain=True)
-    service = await connect("svc")
-    await service.subscribe("telemetra/+/state")
-    retained = await service.next_message()
-    assert (retained.topic, retained.payload, retained.retain) == ("telemetra/A/state", b"online", True)
-
+    assert await sink.next() == ("telemetra/A/state", b"online", True)
     await device.drop_connection()
-    will = await service.next_message()
-    assert (will.topic, will.payload) == ("telemetra/A/state", b"offline")
-    late = await connect("svc", client_id="svc-late")
-    await late.subscribe("telemetra/A/state")
-    assert (await late.next_message()).payload == b"offline"  # the will was retained
+    assert await sink.next() == ("telemetra/A/state", b"offline", False)  # the will, not acknowledged to anyone
 
 
 async def test_will_on_a_topic_the_device_may_not_publish_is_refused(
@@ -280,18 +324,17 @@ async def test_will_on_a_topic_the_device_may_not_publish_is_refused(
     assert rc == "Not authorized"
 
 
-async def test_retained_messages_of_other_devices_are_not_replayed_on_connect(connect: Connect) -> None:
+async def test_retained_messages_of_other_devices_are_not_replayed_on_connect(
+    connect: Connect, broker: EmbeddedBroker
+) -> None:
     # amqtt 0.12.1 replays, on CONNECT, retained messages for every filter anyone subscribed to.
-    service = await connect("svc")
-    await service.subscribe("telemetra/+/state")
     device_b = await connect("dev-b")
     await device_b.subscribe("telemetra/B/config")
-    await service.publish("telemetra/B/config", b"B secrets", retain=True)
-    await device_b.publish("telemetra/B/state", b"online", retain=True)
+    await broker.publish("telemetra/B/config", b"B secrets", qos=1, retain=True)
     assert (await device_b.next_message()).payload == b"B secrets"
 
     device_a = await connect("dev-a")
-    await service.publish("telemetra/A/config", b"A config", retain=True)
+    await broker.publish("telemetra/A/config", b"A config", qos=1, retain=True)
     await device_a.subscribe("telemetra/A/config")
     message = await device_a.next_message()
     assert (message.topic, message.payload) == ("telemetra/A/config", b"A config")
@@ -301,39 +344,37 @@ async def test_retained_messages_of_other_devices_are_not_replayed_on_connect(co
 async def test_unauthenticated_client_cannot_disturb_a_session_by_client_id(
     broker: EmbeddedBroker, clients: list[Paho], connect: Connect
 ) -> None:
-    service = await connect("svc", client_id="telemetra-collector")
-    await service.subscribe("telemetra/+/telemetry")
+    device = await connect("dev-a", client_id="dev-a-session")
+    await device.subscribe("telemetra/A/cmd")
     for clean_session in (True, False):
         await refused(
-            broker, clients, "svc", password="guess", client_id="telemetra-collector", clean_session=clean_session
+            broker, clients, "dev-a", password="guess", client_id="dev-a-session", clean_session=clean_session
         )
-    device = await connect("dev-a")
-    await device.publish("telemetra/A/telemetry", b"still subscribed")
-    assert (await service.next_message()).payload == b"still subscribed"
-    assert not service.disconnected.is_set()
+    await broker.publish("telemetra/A/cmd", b"still subscribed", qos=1, retain=False)
+    assert (await device.next_message()).payload == b"still subscribed"
+    assert not device.disconnected.is_set()
 
 
 async def test_another_user_cannot_take_over_a_connected_client_id(
     broker: EmbeddedBroker, clients: list[Paho], connect: Connect
 ) -> None:
-    service = await connect("svc", client_id="telemetra-collector", clean_session=False)
-    await service.subscribe("telemetra/+/telemetry")
-    rc = await refused(broker, clients, "dev-b", client_id="telemetra-collector", clean_session=False)
+    device = await connect("dev-a", client_id="dev-a-session", clean_session=False)
+    await device.subscribe("telemetra/A/cmd")
+    rc = await refused(broker, clients, "dev-b", client_id="dev-a-session", clean_session=False)
     assert rc == "Client identifier not valid"
-    device = await connect("dev-a")
-    await device.publish("telemetra/A/telemetry", b"to the service")
-    assert (await service.next_message()).payload == b"to the service"
+    await broker.publish("telemetra/A/cmd", b"to A", qos=1, retain=False)
+    assert (await device.next_message()).payload == b"to A"
 
 
-async def test_reconnect_with_same_client_id_closes_the_old_connection(connect: Connect) -> None:
-    service = await connect("svc")
-    await service.subscribe("telemetra/A/state")
+async def test_reconnect_with_same_client_id_closes_the_old_connection(
+    connect: Connect, broker: EmbeddedBroker, sink: RecordingSink
+) -> None:
     old = await connect("dev-a", client_id="dev-a", will=("telemetra/A/state", b"offline"))
     new = await connect("dev-a", client_id="dev-a")
     assert await asyncio.to_thread(old.disconnected.wait, WAIT_S)
-    assert (await service.next_message()).payload == b"offline"
+    assert await sink.next() == ("telemetra/A/state", b"offline", False)
     await new.subscribe("telemetra/A/cmd")
-    await service.publish("telemetra/A/cmd", b"reaches the new connection")
+    await broker.publish("telemetra/A/cmd", b"reaches the new connection", qos=1, retain=False)
     assert (await new.next_message()).payload == b"reaches the new connection"
 
 
@@ -347,7 +388,9 @@ async def test_port_in_use_is_reported_clearly() -> None:
         taken.bind((HOST, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        embedded = EmbeddedBroker(host=HOST, port=port, authenticate=authenticate, acl=TopicAcl.for_prefix("t"))
+        embedded = EmbeddedBroker(
+            host=HOST, port=port, authenticate=authenticate, acl=TopicAcl.for_prefix("t"), sink=RecordingSink()
+        )
         with pytest.raises(BrokerPortInUse) as caught:
             await embedded.__aenter__()
     assert f"{HOST}:{port}" in str(caught.value)
@@ -357,8 +400,10 @@ async def test_port_in_use_is_reported_clearly() -> None:
         _ = embedded.port
 
 
-async def test_shutdown_closes_every_connection_and_task(clients: list[Paho]) -> None:
-    async with EmbeddedBroker(host=HOST, port=0, authenticate=authenticate, acl=TopicAcl.for_prefix("t")) as running:
+async def test_shutdown_closes_every_connection_and_task(clients: list[Paho], sink: RecordingSink) -> None:
+    async with EmbeddedBroker(
+        host=HOST, port=0, authenticate=authenticate, acl=TopicAcl.for_prefix("t"), sink=sink
+    ) as running:
         device = Paho(running.port, "dev-a")
         clients.append(device)
         assert not (await device.connect()).is_failure
@@ -371,10 +416,10 @@ async def test_shutdown_closes_every_connection_and_task(clients: list[Paho]) ->
     silent[1].close()
 
 
-async def test_a_connection_that_never_sends_connect_is_closed() -> None:
+async def test_a_connection_that_never_sends_connect_is_closed(sink: RecordingSink) -> None:
     # Also what an MQTT 5 client experiences: amqtt 0.12 cannot parse its CONNECT and waits for more.
     async with EmbeddedBroker(
-        host=HOST, port=0, authenticate=authenticate, acl=TopicAcl.for_prefix("t"), connect_timeout=0.2
+        host=HOST, port=0, authenticate=authenticate, acl=TopicAcl.for_prefix("t"), connect_timeout=0.2, sink=sink
     ) as running:
         reader, writer = await asyncio.open_connection(HOST, running.port)
         async with asyncio.timeout(WAIT_S):

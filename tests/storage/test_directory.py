@@ -12,6 +12,7 @@ from telemetra.config import Settings
 from telemetra.storage.database import create_engine, migrate
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
+from telemetra.storage.faults import DatabaseLocation, DatabaseState
 
 
 def _count_device_reads(engine: Any) -> list[str]:
@@ -31,7 +32,7 @@ async def test_concurrent_misses_share_one_lookup(database_url: str, tmp_path) -
         await migrate(engine)
         _, secret = await DeviceRepository(engine).create("d1", now_ms=1)
         assert secret is not None
-        directory = DeviceDirectory(engine)
+        directory = DeviceDirectory(engine, state=DatabaseState(DatabaseLocation("test", "test")))
         reads = _count_device_reads(engine)
         found = await asyncio.gather(*(directory.by_secret(secret) for _ in range(20)))
         assert {info.id for info in found if info is not None} == {"d1"} and None not in found
@@ -46,7 +47,7 @@ class _HeldDirectory(DeviceDirectory):
     """Holds each lookup's answer, read from the database, until the test lets it go."""
 
     def __init__(self, engine: Any, ttl_s: float = 5.0) -> None:
-        super().__init__(engine, ttl_s=ttl_s)
+        super().__init__(engine, state=DatabaseState(DatabaseLocation("test", "test")), ttl_s=ttl_s)
         self.read = asyncio.Event()
         self.release = asyncio.Event()
 

@@ -11,6 +11,7 @@ from telemetra.domain.records import Batch, Telemetry, Value, ValueType
 from telemetra.ingest.queue import IngestQueue
 from telemetra.metrics import Metrics
 from telemetra.storage.database import create_engine, migrate
+from telemetra.storage.faults import DatabaseLocation, DatabaseState
 from telemetra.storage.schema import LatestRow, TelemetryRow
 
 
@@ -22,7 +23,14 @@ def _message(device_id: str, ts: int) -> Batch:
 async def test_overlapping_commits_store_every_point_once_and_free_the_queue(database_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     engine = create_engine(Settings(_env_file=None, database_url=database_url, data_dir=tmp_path))  # type: ignore[call-arg]
     in_flight = 1 if engine.dialect.name == "sqlite" else 3
-    queue = IngestQueue(engine, metrics=Metrics(), max_points=100_000, batch_max_points=30, commits_in_flight=in_flight)
+    queue = IngestQueue(
+        engine,
+        metrics=Metrics(),
+        state=DatabaseState(DatabaseLocation("test", "test")),
+        max_points=100_000,
+        batch_max_points=30,
+        commits_in_flight=in_flight,
+    )
     committed: list[int] = []
     queue.add_listener(lambda batch: committed.append(batch.point_count))
     await migrate(engine)

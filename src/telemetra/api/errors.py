@@ -5,15 +5,19 @@ errors name the field."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from telemetra.domain.errors import Overloaded, TelemetraError
-from telemetra.ingest.queue import StorageUnavailable
+from telemetra.domain.errors import TelemetraError
+from telemetra.storage.faults import DatabaseState, describe, is_transient, sqlstate
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,8 @@ def error_response(
 
 async def _domain(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TelemetraError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return error_response(exc.status, exc.code, exc.reason, exc.field, headers)
 
 
@@ -55,19 +60,34 @@ async def _http(_request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, "http_error", str(exc.detail), None, dict(exc.headers or {}))
 
 
-async def _storage(_request: Request, exc: Exception) -> Response:
-    log.warning("storage unavailable: %s", exc)
-    return error_response(
-        503,
-        "storage_unavailable",
-        "storage is unavailable; nothing was stored, retry later",
-        None,
-        {"Retry-After": "5"},
-    )
+def _database_fault(state: DatabaseState) -> Any:
+    """A database error that reached the API: an outage is 503 + Retry-After (logged once per outage by
+    ``DatabaseState``, not once per request); a value the database refuses that validation let through is
+    422 — both say what happened without a traceback. Anything else is a bug and stays a 500."""
+
+    async def handle(_request: Request, exc: Exception) -> Response:
+        if is_transient(exc):
+            state.failed(exc)
+            return error_response(
+                503,
+                "storage_unavailable",
+                "storage is unavailable; nothing was changed, retry later",
+                None,
+                {"Retry-After": "5"},
+            )
+        state_code = sqlstate(exc) or ""
+        if state_code.startswith("22") or isinstance(exc, OverflowError):
+            log.warning("a request value reached the database and was refused: %s", describe(exc))
+            return error_response(422, "invalid", f"a value in the request cannot be stored: {describe(exc)}")
+        raise exc
+
+    return handle
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, database: DatabaseState) -> None:
     app.add_exception_handler(TelemetraError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(StorageUnavailable, _storage)
+    fault = _database_fault(database)
+    for kind in (DBAPIError, SATimeoutError, OSError, OverflowError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        app.add_exception_handler(kind, fault)

@@ -63,3 +63,22 @@ class Overloaded(TelemetraError):
     def __init__(self, reason: str, *, retry_after: int) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class Unstorable(TelemetraError):
+    """The database refused this message's values and always will (a retry cannot help): 422."""
+
+    status = 422
+    code = "unstorable"
+
+
+class StorageUnavailable(TelemetraError):
+    """The database could not be reached or could not commit now; nothing of the request was stored and
+    the client may retry after ``retry_after`` seconds."""
+
+    status = 503
+    code = "storage_unavailable"
+
+    def __init__(self, reason: str, *, retry_after: int = 5) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after

@@ -113,9 +113,23 @@ class CommandAck:
     result: Any
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message came from, kept beside its records: should the database refuse them (a value it
+    cannot store), the message is kept as a rejected record instead, with this payload."""
+
+    transport: str
+    kind: str  # telemetry, state, event, … (for the log: refusals are reported per kind and device)
+    topic: str | None
+    payload: bytes
+    device_id: str | None
+    received_ts: int
+
+
 @dataclass(slots=True)
 class Batch:
-    """Everything one client message carries, committed together."""
+    """Everything one client message carries, committed together. ``origin`` is set on a single
+    message's batch (not on merged ones) when the transport can keep a refused message as a record."""
 
     telemetry: list[Telemetry] = field(default_factory=list)
     states: list[StateUpdate] = field(default_factory=list)
@@ -125,6 +139,7 @@ class Batch:
     register: list[AutoRegister] = field(default_factory=list)
     alerts: list[AlertRaise] = field(default_factory=list)
     acks: list[CommandAck] = field(default_factory=list)
+    origin: Origin | None = None
 
     @property
     def point_count(self) -> int:

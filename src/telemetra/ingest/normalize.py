@@ -39,6 +39,8 @@ class Limits:
     max_batch_messages: int = 1000
     max_future_skew_ms: int = 300_000
     max_past_age_ms: int = 3650 * 86_400_000
+    # Strings inside free-form documents (event payloads, reported config): bounded by the payload size.
+    max_document_text: int = 256 * 1024
 
 
 # Built with tuple.__new__ directly: a named tuple's own constructor is a Python-level call, and the
@@ -140,6 +142,8 @@ def normalize_node(obj: Any, *, received_ms: int, limits: Limits) -> NodeReport:
             text = _as_state_text(value)
             if len(text) > limits.max_text_length:
                 raise InvalidInput(f"longer than {limits.max_text_length} characters", field=f"body.state.{key}")
+            if "\x00" in text:
+                raise InvalidInput("must not contain NUL characters", field=f"body.state.{key}")
             state[key] = text
     return NodeReport(
         message=message,
@@ -165,6 +169,8 @@ def _optional_text(obj: Mapping[str, Any], name: str, limits: Limits) -> str | N
     text = str(value)
     if len(text) > limits.max_key_length:
         raise InvalidInput(f"longer than {limits.max_key_length} characters", field=f"body.{name}")
+    if "\x00" in text:
+        raise InvalidInput("must not contain NUL characters", field=f"body.{name}")
     return text
 
 
@@ -291,6 +297,8 @@ def _value(key: str, raw: Any, limits: Limits, path: str) -> Value:
     if isinstance(raw, str):
         if len(raw) > limits.max_text_length:
             raise InvalidInput(f"text longer than {limits.max_text_length} characters", field=f"{path}.{key}")
+        if "\x00" in raw:  # PostgreSQL cannot store it; refused here rather than by the database
+            raise InvalidInput("text must not contain NUL characters", field=f"{path}.{key}")
         return _new_value((key, None, raw, _TEXT))
     raise InvalidInput(f"unsupported value type {type(raw).__name__}", field=f"{path}.{key}")
 

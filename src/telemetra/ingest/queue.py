@@ -1,52 +1,82 @@
 """The bounded ingest queue and its writer task (group commit).
 
-Producers hand in a ``Batch`` and get a future that resolves once the batch is committed. The writer
-drains whatever is waiting — up to ``batch_max_points`` — into one transaction, so under load many client
-messages share one commit, and with no load a message is written at once.
+Producers hand in the batches of their messages ("parts": one per client message) and get a future
+that resolves once they are committed. The writer drains whatever is waiting — up to
+``batch_max_points`` — into one transaction, so under load many client messages share one commit, and
+with no load a message is written at once.
 
 On PostgreSQL the writer keeps up to ``commits_in_flight`` transactions going at once (on separate
 connections): while the database works through one batch, the next is already being sent, instead of
 the process idling for the database and the database idling for the process. Nothing depends on
 commit order: latest values only move forward in time, duplicates are skipped, and each producer's
 future resolves with its own transaction. SQLite has a single writer, so there it is one at a time.
+
+When a commit fails, the writer tells the two causes apart (``storage.faults``):
+- the database is down or busy: every producer of the batch is told ``StorageUnavailable`` (HTTP
+  answers 503, MQTT holds its acknowledgements and tries again) — nothing is lost, nothing refused;
+- a value the database will never take (poison): the batch is split in halves until the refused
+  message is alone, the good neighbours are committed, and the poison message becomes a
+  rejected-message record (with its payload in a storable form) when its transport keeps one, or
+  ``Unstorable`` (HTTP 422) otherwise. One bad message never holds up or fails the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from telemetra.domain.errors import Overloaded
-from telemetra.domain.records import Batch
+from telemetra.domain.errors import Overloaded, StorageUnavailable, Unstorable
+from telemetra.domain.records import Batch, Rejected
 from telemetra.domain.timeutil import now_ms
+from telemetra.logs import Throttle
 from telemetra.metrics import Metrics
+from telemetra.storage.faults import DatabaseState, describe, is_transient
 from telemetra.storage.writes import WriteResult, write_batch
 
 log = logging.getLogger(__name__)
 
 CommitListener = Callable[[Batch], None]
 
+# While the database is down in the middle of isolating a poison message, how long to wait between tries.
+RETRY_MIN_S, RETRY_MAX_S = 0.2, 5.0
+# Work waiting this long with no commit succeeding meanwhile makes /health say the ingest path is stuck.
+STALL_AFTER_S = 15.0
 
-class StorageUnavailable(RuntimeError):
-    """The batch could not be committed; the client may retry (nothing of it was stored)."""
+
+@dataclass(frozen=True, slots=True)
+class IngestStatus:
+    status: str  # ok | full | failing | stalled | stopped
+    depth: int
+    capacity: int
+    detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 class _Item:
-    __slots__ = ("batch", "future", "messages", "transport", "weight")
+    __slots__ = ("enqueued", "future", "messages", "parts", "transport", "weight")
 
-    def __init__(self, batch: Batch, transport: str, future: asyncio.Future[WriteResult], messages: int | None) -> None:
-        self.batch = batch
+    def __init__(
+        self, parts: list[Batch], transport: str, future: asyncio.Future[WriteResult], messages: int | None
+    ) -> None:
+        self.parts = parts
         self.transport = transport
         self.future = future
-        self.weight = batch.weight
-        # How many client messages the batch stands for (the metric): a producer that merges several,
-        # telemetry or not, says so; otherwise one per telemetry record, at least one.
-        self.messages = messages if messages is not None else (len(batch.telemetry) or 1)
+        self.weight = sum([p.weight for p in parts]) if len(parts) != 1 else parts[0].weight
+        # How many client messages the item stands for (the metric): a producer that merges several says
+        # so; otherwise one per telemetry record, at least one.
+        self.messages = messages if messages is not None else (sum(len(p.telemetry) for p in parts) or 1)
+        self.enqueued = time.monotonic()
 
 
 class IngestQueue:
@@ -55,6 +85,7 @@ class IngestQueue:
         engine: AsyncEngine,
         *,
         metrics: Metrics,
+        state: DatabaseState,
         max_points: int,
         batch_max_points: int,
         linger_ms: float = 0.0,
@@ -63,6 +94,7 @@ class IngestQueue:
     ) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._state = state
         self._max_points = max_points
         self._batch_max_points = batch_max_points
         self._linger = linger_ms / 1000
@@ -73,8 +105,11 @@ class IngestQueue:
         self._space = asyncio.Condition()
         self._listeners: list[CommitListener] = []
         self._closed = False
+        self._running = False
         self._slots = asyncio.Semaphore(commits_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._last_progress = time.monotonic()
+        self._poison_log = Throttle(60.0)
 
     @property
     def depth(self) -> int:
@@ -84,33 +119,58 @@ class IngestQueue:
     def capacity(self) -> int:
         return self._max_points
 
+    def status(self) -> IngestStatus:
+        """What /health says about the ingest path: a dead writer, failing commits, or work that waits
+        without any commit succeeding are all "not ok" (503)."""
+        depth, capacity = self._weight, self._max_points
+        if not self._running:
+            return IngestStatus("stopped", depth, capacity, "the writer task is not running")
+        if not self._state.up:
+            return IngestStatus(
+                "failing",
+                depth,
+                capacity,
+                f"commits failing for {self._state.down_for_s:.0f} s: {self._state.last_error}",
+            )
+        idle_for = time.monotonic() - self._last_progress
+        if (self._items or self._in_flight) and idle_for > STALL_AFTER_S:
+            return IngestStatus("stalled", depth, capacity, f"no commit for {idle_for:.0f} s with work waiting")
+        if depth >= capacity:
+            return IngestStatus("full", depth, capacity, "the queue is full; producers wait or get 503")
+        return IngestStatus("ok", depth, capacity)
+
     def add_listener(self, listener: CommitListener) -> None:
         """Called with each committed batch (realtime fan-out, rules): what listeners see is stored."""
         self._listeners.append(listener)
 
     def submit_nowait(self, batch: Batch, *, transport: str) -> asyncio.Future[WriteResult]:
-        """Enqueue or refuse at once with ``Overloaded`` (HTTP: the client gets 503 + Retry-After)."""
+        """Enqueue one message's batch or refuse at once with ``Overloaded`` (HTTP: 503 + Retry-After)."""
         if self._closed:
             raise Overloaded("the server is shutting down", retry_after=self._retry_after)
         weight = batch.weight
         # One message larger than the whole queue is still accepted when the queue is empty.
         if self._weight and self._weight + weight > self._max_points:
             raise Overloaded(f"ingest queue is full ({self._weight} points waiting)", retry_after=self._retry_after)
-        return self._enqueue(batch, transport)
+        return self._enqueue([batch], transport)
 
     async def submit(self, batch: Batch, *, transport: str) -> WriteResult:
         return await self.submit_nowait(batch, transport=transport)
 
-    async def put(self, batch: Batch, *, transport: str, messages: int | None = None) -> asyncio.Future[WriteResult]:
-        """Wait for room, then enqueue (MQTT: while we wait, we stop taking messages and the broker holds
-        them — backpressure, not loss)."""
+    async def put(
+        self, parts: Sequence[Batch], *, transport: str, messages: int | None = None
+    ) -> asyncio.Future[WriteResult]:
+        """Wait for room, then enqueue the batches of several messages (MQTT: while we wait, we stop
+        taking messages and the broker holds them — backpressure, not loss)."""
+        weight = sum([p.weight for p in parts])
         async with self._space:
-            await self._space.wait_for(lambda: not self._weight or self._weight + batch.weight <= self._max_points)
-        return self._enqueue(batch, transport, messages)
+            await self._space.wait_for(lambda: not self._weight or self._weight + weight <= self._max_points)
+        return self._enqueue(list(parts), transport, messages)
 
-    def _enqueue(self, batch: Batch, transport: str, messages: int | None = None) -> asyncio.Future[WriteResult]:
+    def _enqueue(self, parts: list[Batch], transport: str, messages: int | None = None) -> asyncio.Future[WriteResult]:
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        item = _Item(batch, transport, future, messages)
+        if not self._items and not self._in_flight:
+            self._last_progress = time.monotonic()  # idle until now is not a stall
+        item = _Item(parts, transport, future, messages)
         self._items.append(item)
         self._weight += item.weight
         self._metrics.queue_depth.set(self._weight)
@@ -119,6 +179,7 @@ class IngestQueue:
 
     async def run(self) -> None:
         """The writer loop; runs until cancelled, then commits what is left."""
+        self._running = True
         try:
             while True:
                 await self._wakeup.wait()
@@ -129,7 +190,7 @@ class IngestQueue:
                 if not taken:
                     self._slots.release()
                     continue
-                task = asyncio.create_task(self._commit_and_release(taken, weight))
+                task = asyncio.create_task(self._commit_and_release(taken, weight), name="ingest-commit")
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
         except asyncio.CancelledError:
@@ -137,9 +198,11 @@ class IngestQueue:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             while self._items:
                 taken, weight = self._take()
-                await self._commit(taken)
+                await self._commit(taken, draining=True)
                 await self._release(weight)
             raise
+        finally:
+            self._running = False
 
     def _take(self) -> tuple[list[_Item], int]:
         taken: list[_Item] = []
@@ -167,43 +230,216 @@ class IngestQueue:
         async with self._space:
             self._space.notify_all()
 
-    async def _commit(self, items: list[_Item]) -> None:
-        merged = Batch()
-        for item in items:
-            merged.extend(item.batch)
-        started = time.perf_counter()
+    async def _commit(self, items: list[_Item], *, draining: bool = False) -> None:
+        """Commit ``items``; whatever happens, every item's future is resolved before this returns."""
         try:
-            async with self._engine.begin() as conn:
-                result = await write_batch(conn, merged, now_ms=now_ms())
+            await self._commit_items(items, draining=draining)
+        except BaseException as exc:
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(
+                        StorageUnavailable(
+                            "the write was interrupted; nothing was stored", retry_after=self._retry_after
+                        )
+                    )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if not is_transient(exc):
+                # A bug of ours, not the database's: say so, keep the writer alive.
+                log.error("ingest commit failed unexpectedly: %s", describe(exc), exc_info=_loggable(exc))
+
+    async def _commit_items(self, items: list[_Item], *, draining: bool) -> None:
+        parts = [part for item in items for part in item.parts]
+        try:
+            merged = await self._transaction(parts)
         except Exception as exc:
-            self._metrics.batch_failures.inc()
-            if len(items) > 1:
-                # One bad record must not fail its neighbours: write them one by one to find it.
-                log.warning("batch of %d messages failed (%s); retrying one by one", len(items), exc)
-                for item in items:
-                    await self._commit([item])
+            if not is_transient(exc):
+                await self._isolate_poison(items, parts, exc, draining=draining)
                 return
-            log.error("commit failed: %s", exc)
-            if not items[0].future.done():
-                items[0].future.set_exception(StorageUnavailable(str(exc)))
+            self._state.failed(exc)
+            self._metrics.batch_failures.inc()
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(
+                        StorageUnavailable("storage is unavailable; nothing was stored", retry_after=self._retry_after)
+                    )
             return
+        self._committed(merged)
+        for item in items:
+            self._count(item)
+            if not item.future.done():
+                item.future.set_result(_result(item.parts))
+
+    async def _transaction(self, parts: list[Batch]) -> Batch:
+        merged = parts[0] if len(parts) == 1 else _merge(parts)
+        started = time.perf_counter()
+        async with self._engine.begin() as conn:
+            result = await write_batch(conn, merged, now_ms=now_ms())
         elapsed = time.perf_counter() - started
+        self._state.succeeded()
+        self._last_progress = time.monotonic()
         self._metrics.batches.inc()
         self._metrics.batch_seconds.observe(elapsed)
         self._metrics.batch_points.observe(result.points)
-        log.debug("committed batch", extra={"points": result.points, "messages": len(items), "ms": elapsed * 1000})
-        for item in items:
-            self._metrics.points.labels(item.transport).inc(item.batch.point_count)
-            self._metrics.messages.labels(item.transport).inc(item.messages)
-            for rejected in item.batch.rejected:
-                self._metrics.rejected.labels(item.transport, _reason_label(rejected.reason)).inc()
-            if not item.future.done():
-                item.future.set_result(WriteResult(points=item.batch.point_count, messages=len(item.batch.telemetry)))
+        return merged
+
+    def _committed(self, merged: Batch) -> None:
         for listener in self._listeners:
             try:
                 listener(merged)
             except Exception:
                 log.exception("commit listener failed")
+
+    def _count(self, item: _Item) -> None:
+        self._metrics.points.labels(item.transport).inc(sum([p.point_count for p in item.parts]))
+        self._metrics.messages.labels(item.transport).inc(item.messages)
+        for part in item.parts:
+            for rejected in part.rejected:
+                self._metrics.rejected.labels(item.transport, _reason_label(rejected.reason)).inc()
+
+    # -- poison ------------------------------------------------------------------------------------------
+    async def _isolate_poison(
+        self, items: list[_Item], parts: list[Batch], error: BaseException, *, draining: bool
+    ) -> None:
+        """Split the refused batch until each refused message stands alone; commit everything else."""
+        refused: dict[int, str] = {}  # id(part) → why the database refused it
+        await self._split(parts, error, refused, draining=draining)
+        stand_ins: list[Batch] = []
+        for part in parts:
+            reason = refused.get(id(part))
+            if reason is not None and part.origin is not None:
+                stand_ins.append(_rejected_stand_in(part, reason))
+                self._log_poison(part, reason)
+        if stand_ins:
+            await self._store_stand_ins(stand_ins, draining=draining)
+        for item in items:
+            reasons = [refused[id(p)] for p in item.parts if id(p) in refused]
+            kept = [p for p in item.parts if id(p) not in refused]
+            if reasons and any(p.origin is None for p in item.parts if id(p) in refused):
+                self._metrics.unstorable.labels(item.transport).inc(len(reasons))
+                if not item.future.done():
+                    item.future.set_exception(
+                        Unstorable(f"the database refused a value of this message: {reasons[0]}", field="body")
+                    )
+                continue
+            self._metrics.unstorable.labels(item.transport).inc(len(reasons))
+            self._metrics.points.labels(item.transport).inc(sum([p.point_count for p in kept]))
+            self._metrics.messages.labels(item.transport).inc(item.messages)
+            if not item.future.done():
+                item.future.set_result(_result(kept, rejected=len(reasons)))
+
+    async def _split(
+        self, parts: list[Batch], error: BaseException, refused: dict[int, str], *, draining: bool
+    ) -> None:
+        if len(parts) == 1:
+            if await self._database_answers(draining=draining):
+                refused[id(parts[0])] = describe(error)
+                return
+            # The database went away meanwhile: the failure says nothing about the data. Try it again.
+            await self._retry_until_written(parts, refused, draining=draining)
+            return
+        middle = len(parts) // 2
+        for half in (parts[:middle], parts[middle:]):
+            await self._retry_until_written(half, refused, draining=draining)
+
+    async def _retry_until_written(self, parts: list[Batch], refused: dict[int, str], *, draining: bool) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                self._committed(await self._transaction(parts))
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    await self._split(parts, exc, refused, draining=draining)
+                    return
+                self._state.failed(exc)
+                if draining:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+
+    async def _database_answers(self, *, draining: bool) -> bool:
+        """Is the database itself fine (so a refusal was about the data)?"""
+        delay = RETRY_MIN_S
+        for _ in range(3):
+            try:
+                async with self._engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                return True
+            except Exception as exc:
+                self._state.failed(exc)
+                if draining:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+        return False
+
+    async def _store_stand_ins(self, stand_ins: list[Batch], *, draining: bool) -> None:
+        refused: dict[int, str] = {}
+        try:
+            await self._retry_until_written(stand_ins, refused, draining=draining)
+        except Exception as exc:
+            log.error("could not store %d rejected-message records: %s", len(stand_ins), describe(exc))
+            return
+        if refused:  # even the escaped record was refused: keep what cannot fail, the reason and a digest
+            bare = [_bare_stand_in(b) for b in stand_ins if id(b) in refused]
+            with contextlib.suppress(Exception):
+                await self._retry_until_written(bare, {}, draining=draining)
+
+    def _log_poison(self, part: Batch, reason: str) -> None:
+        origin = part.origin
+        assert origin is not None
+        key = (origin.transport, origin.kind, origin.device_id)
+        suppressed = self._poison_log.allow(key)
+        if suppressed is not None:
+            log.warning(
+                "refused a %s %s message of device %s that the database cannot store (%s); kept as a rejected "
+                "message%s",
+                origin.transport,
+                origin.kind,
+                origin.device_id,
+                reason,
+                f" ({suppressed} more like it in the last minute)" if suppressed else "",
+            )
+
+
+def _merge(parts: list[Batch]) -> Batch:
+    merged = Batch()
+    for part in parts:
+        merged.extend(part)
+    return merged
+
+
+def _result(parts: list[Batch], *, rejected: int = 0) -> WriteResult:
+    return WriteResult(
+        points=sum([p.point_count for p in parts]),
+        messages=sum([len(p.telemetry) for p in parts]),
+        rejected=rejected,
+    )
+
+
+def _rejected_stand_in(part: Batch, reason: str) -> Batch:
+    origin = part.origin
+    assert origin is not None
+    record = Rejected(
+        origin.received_ts,
+        origin.transport,
+        f"unstorable: {reason}",
+        origin.payload,
+        device_id=origin.device_id,
+        topic=origin.topic,
+    )
+    return Batch(rejected=[record])
+
+
+def _bare_stand_in(batch: Batch) -> Batch:
+    r = batch.rejected[0]
+    return Batch(rejected=[Rejected(r.received_ts, r.source, "unstorable: value refused by the database", b"")])
+
+
+def _loggable(exc: BaseException) -> BaseException | bool:
+    # A traceback of a RecursionError is itself deep enough to fail again while being formatted.
+    return False if isinstance(exc, RecursionError) else exc
 
 
 def _reason_label(reason: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from telemetra.domain.errors import InvalidInput
+from telemetra.ingest.documents import check_document, check_text
 from telemetra.ingest.normalize import Limits
 
 _TRUE = frozenset({"online", "true", "1", "on", "up", "connected"})
@@ -55,6 +56,7 @@ def parse_any(payload: bytes) -> Any:
 
 def normalize_state(payload: bytes, *, key: str | None, limits: Limits) -> StateReport:
     doc = parse_any(payload)
+    check_document(doc, max_depth=limits.max_depth, max_text=limits.max_document_text)
     report = StateReport()
     if key is not None and not isinstance(doc, Mapping):
         text = _text(doc, limits, key)
@@ -80,8 +82,9 @@ def normalize_state(payload: bytes, *, key: str | None, limits: Limits) -> State
         elif name == "rssi" and isinstance(value, int | float) and not isinstance(value, bool):
             report.rssi = int(value)
         elif name in _FW_FIELDS and isinstance(value, str):
-            report.fw_version = value[:64]
+            report.fw_version = check_text(value[:64], max_text=64, field=f"payload.{name}")
         elif name == "config" and isinstance(value, Mapping):
+            check_document(value, max_depth=limits.max_depth, max_text=limits.max_document_text, field="payload.config")
             report.reported_config = dict(value)
             continue
         _flatten_into(report.values, prefix + name, value, limits, depth=1)
@@ -112,6 +115,8 @@ def _text(value: Any, limits: Limits, key: str) -> str:
         text = orjson.dumps(value).decode()
     if len(text) > limits.max_text_length:
         raise InvalidInput(f"longer than {limits.max_text_length} characters", field=key)
+    if "\x00" in text:
+        raise InvalidInput("must not contain NUL characters", field=key)
     return text
 
 

@@ -9,8 +9,16 @@ are unsafe for us in 0.12.1:
   iterates the live subscription dict, so a concurrent (un)subscribe or disconnect makes that
   broadcast fail with "dictionary changed size during iteration" and the message is lost.
 Revoking a device (`GuardedBroker.disconnect_device`) likewise goes through amqtt's private session
-table, `Broker._sessions`. The overridden methods are private API of the pinned amqtt version;
-tests/mqtt covers each of them.
+table, `Broker._sessions`.
+
+What devices publish does not go through amqtt's broadcast to a subscriber (a loopback client, as it
+once did): it is handed in process to a `DeviceSink`, the ingest path. A QoS 1 PUBLISH is answered with
+PUBACK only once the sink has committed it (`_DeviceHandler._handle_qos1_message_flow`), so a crash
+loses nothing a device was told was received; the device's connection stops being read while the sink
+is full (`_GatedReader`), which is TCP backpressure instead of an unbounded backlog. QoS 0, the QoS 2
+flow (acknowledged by amqtt on receipt) and Last Wills reach the sink through `_broadcast_message`.
+
+The overridden methods are private API of the pinned amqtt version; tests/mqtt covers each of them.
 """
 
 from __future__ import annotations
@@ -20,15 +28,17 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import INCOMING, ApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
@@ -46,6 +56,26 @@ _SHARED_PREFIX = "$share/"
 
 # How long shutdown waits for connections to end after closing their sockets, before cancelling.
 _SHUTDOWN_GRACE_S = 2.0
+# Messages kept for one disconnected persistent session (commands, configuration); past this the oldest
+# are dropped (amqtt would keep them without bound).
+MAX_OFFLINE_MESSAGES = 1000
+
+
+class DeviceSink(Protocol):
+    """Where the broker hands what devices publish."""
+
+    @property
+    def room(self) -> asyncio.Event:
+        """Set while the sink takes more; device connections are not read while it is clear."""
+        ...
+
+    def offer(self, topic: str, payload: bytes, *, acknowledge: bool) -> asyncio.Future[None] | None:
+        """Take a message; with ``acknowledge``, a future that resolves once it is committed."""
+        ...
+
+    def refuse(self, device_id: str, topic: str, payload: bytes, reason: str) -> None:
+        """A publish the ACL did not allow: counted and kept as a rejected message."""
+        ...
 
 
 class Connack(IntEnum):
@@ -138,13 +168,67 @@ async def _end_connection(session: Session, handler: BrokerProtocolHandler) -> N
     await handler.handle_connection_closed()
 
 
+class _GatedReader(ReaderAdapter):  # type: ignore[misc]
+    """Reads a connection only while the sink has room."""
+
+    def __init__(self, inner: ReaderAdapter, room: asyncio.Event) -> None:
+        self._inner = inner
+        self._room = room
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._room.is_set():
+            await self._room.wait()
+        data: bytes = await self._inner.read(n)
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
+class _DeviceHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """A connection's protocol handler whose device PUBLISHes go to the sink, QoS 1 acknowledged after commit."""
+
+    broker: GuardedBroker | None = None
+
+    def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        sink = self.broker.sink if self.broker is not None else None
+        super().attach(session, _GatedReader(reader, sink.room) if sink is not None else reader, writer)
+
+    async def _handle_qos1_message_flow(self, app_message: ApplicationMessage) -> None:
+        broker = self.broker
+        if broker is None or broker.sink is None or getattr(app_message, "direction", None) != INCOMING:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        if not await broker.take_from_device(self, app_message, acknowledge=True):
+            return
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
+
+    async def _handle_qos0_message_flow(self, app_message: ApplicationMessage) -> None:
+        broker = self.broker
+        if broker is None or broker.sink is None or getattr(app_message, "direction", None) != INCOMING:
+            await super()._handle_qos0_message_flow(app_message)
+            return
+        await broker.take_from_device(self, app_message, acknowledge=False)
+
+
+def _valid_publish_topic(topic: str | None) -> bool:
+    # What upstream's delivery closes the connection for ([MQTT-4.7.3-1], [MQTT-3.3.2-2], [MQTT-4.7.2-1]).
+    return bool(topic) and "#" not in topic and "+" not in topic and not topic.startswith("$")  # type: ignore[union-attr]
+
+
 class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt's Broker authenticating before session handling, authorizing through the gate."""
 
-    def __init__(self, config: BrokerConfig, gate: AccessGate, *, connect_timeout: float) -> None:
+    def __init__(
+        self, config: BrokerConfig, gate: AccessGate, *, connect_timeout: float, sink: DeviceSink | None = None
+    ) -> None:
         super().__init__(config)
         self._subscriptions: dict[str, list[tuple[Session, int]]] = _KeySnapshotDict()
         self._gate = gate
+        self.sink = sink
+        self.offline_dropped = 0
         self._connect_timeout = connect_timeout
         # asyncio's server runs each connection in its own task; amqtt tracks only connections that
         # completed CONNECT, so we keep all of them to close and await them on shutdown.
@@ -188,7 +272,8 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         try:
             # Upstream waits forever for the CONNECT (an MQTT 5 CONNECT, which it misparses, hangs it).
             async with asyncio.timeout(self._connect_timeout):
-                handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+                handler, session = await _DeviceHandler.init_from_connect(reader, writer, self.plugins_manager)
+                handler.broker = self
         except (AMQTTError, MQTTError, NoDataError, TimeoutError, OSError) as exc:
             await _close_quietly(writer)
             # Broker._client_connected handles these three types (releases the listener slot).
@@ -344,6 +429,64 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         holders = self._subscriptions.get(subscription[0], ())
         if any(holder.client_id == session.client_id for holder, _qos in holders):
             await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def take_from_device(
+        self, handler: _DeviceHandler, message: ApplicationMessage, *, acknowledge: bool
+    ) -> bool:
+        """A device's QoS 0/1 PUBLISH, checked as upstream's delivery does, into the sink. True when it
+        is to be acknowledged (after commit, for QoS 1)."""
+        assert self.sink is not None
+        session: Session = handler.session
+        topic = message.topic
+        if not _valid_publish_topic(topic):
+            logger.info("MQTT connection of %r closed: invalid topic %r in PUBLISH", session.client_id, topic)
+            await handler.handle_connection_closed()
+            return False
+        payload = bytes(message.data or b"")
+        if not self._gate.permits(session, topic, Action.PUBLISH):
+            principal = principal_of(session)
+            self.sink.refuse(principal.device_id if principal else "", topic, payload, "acl: not this device's topic")
+            return True  # MQTT 3.1.1 has no negative PUBACK; Mosquitto acknowledges a refused publish too
+        future = self.sink.offer(topic, payload, acknowledge=acknowledge and message.qos == QOS_1)
+        if future is not None:
+            await future  # a closed connection cancels this: then no PUBACK, and the device sends it again
+        return True
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        # What a device publishes (QoS 2 after upstream's flow, its Last Will) is for the ingest path, not
+        # for other clients: no device may subscribe to another device's topics anyway.
+        principal = principal_of(session)
+        if self.sink is not None and principal is not None and not principal.is_service:
+            if topic and data is not None:
+                self.sink.offer(topic, bytes(data), acknowledge=False)
+            return
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        principal = principal_of(source_session)
+        if self.sink is not None and principal is not None and not principal.is_service:
+            return  # a device's retained state went to the sink; nobody could subscribe to it here
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Session) -> None:
+        # Held for a disconnected persistent session: bounded, the oldest go first.
+        queue = target_session.retained_messages
+        while queue.qsize() >= MAX_OFFLINE_MESSAGES:
+            queue.get_nowait()
+            self.offline_dropped += 1
+        await queue.put(RetainedApplicationMessage(broadcast["session"], broadcast["topic"], broadcast["data"], qos))
 
     def bound_port(self, listener: str = "default") -> int:
         server = self._servers[listener].instance

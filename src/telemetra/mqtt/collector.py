@@ -30,11 +30,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from telemetra.domain.records import Batch
-from telemetra.ingest.queue import IngestQueue
 from telemetra.metrics import Metrics
-from telemetra.mqtt.connection import BrokerAddress, BufferedClient, Publish, new_client
-from telemetra.mqtt.inbound import Inbound
+from telemetra.mqtt.connection import BrokerAddress, BufferedClient, new_client
+from telemetra.mqtt.pipeline import Entry, Interpreter, Pipeline, Queue
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +42,16 @@ RECEIVE_MAXIMUM = 5000
 # The broker keeps our session (subscriptions and undelivered messages) this long while we are away.
 SESSION_EXPIRY_S = 7 * 24 * 3600
 KEEPALIVE_S = 30
-RETRY_COMMIT_S = 1.0
 PUBLISH_WAIT_S = 10.0
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
-# Messages turned into one Batch (one queue entry, one lookup of their devices) at most.
-CHUNK_MESSAGES = 1000
 # Messages read per callback before the loop gets a turn (HTTP requests, commits).
 READ_MESSAGES_PER_TURN = 2000
 # Without a receive maximum (MQTT 3.1.1) the broker may send faster than we commit: past this many
 # messages waiting to be interpreted, stop reading the socket (TCP holds the rest in the broker).
 INBOX_PAUSE = 4 * RECEIVE_MAXIMUM
 
+# Unsubscribed from (never subscribed) as a round trip before DISCONNECT; see Collector._barrier.
+BARRIER_FILTER = "telemetra-barrier/none"
 _PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id (MQTT 3.1.1 and 5: reason "success")
 
 
@@ -66,8 +63,8 @@ class Collector:
         client_id: str,
         subscriptions: list[str],
         share_group: str | None,
-        inbound: Inbound,
-        queue: IngestQueue,
+        inbound: Interpreter,
+        queue: Queue,
         metrics: Metrics,
         tls: Any = None,
         on_connect: Callable[[mqtt.Client], None] | None = None,
@@ -75,14 +72,16 @@ class Collector:
     ) -> None:
         self._address = address
         self._filters = [f"$share/{share_group}/{f}" if share_group else f for f in subscriptions]
-        self._inbound = inbound
-        self._queue = queue
         self._metrics = metrics
-        self._accepted = metrics.mqtt_messages.labels("accepted")
-        self._rejected = metrics.mqtt_messages.labels("rejected")
-        # (mid, qos, topic, payload), appended by paho's on_message during a read, taken by the consumer.
-        self._inbox: list[Publish] = []
-        self._inbox_ready = asyncio.Event()
+        # (mid, qos, topic, payload) of each received PUBLISH go into the pipeline's inbox during a read.
+        self._pipeline: Pipeline[int] = Pipeline(
+            inbound,
+            queue,
+            metrics,
+            on_stored=self._acknowledge,
+            on_room=self._resume_reading,
+            room_below=INBOX_PAUSE // 2,
+        )
         self._paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -93,10 +92,11 @@ class Collector:
         self._stopping = False
         self._was_connected = False
         self._subscribe_mid: int | None = None
+        self._barrier_mid: int | None = None
+        self._unsubscribed: asyncio.Future[None] | None = None
         self._on_connect_hook = on_connect
         self._tasks: list[asyncio.Task[None]] = []
         self._connecting: asyncio.Future[Any] | None = None
-        self._pending_acks: set[asyncio.Task[None]] = set()
         self._published: dict[int, asyncio.Future[None]] = {}
         self._mqtt5 = mqtt5
         client = new_client(client_id, address, tls=tls, mqtt5=mqtt5, client_class=BufferedClient)
@@ -108,6 +108,7 @@ class Collector:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -129,7 +130,7 @@ class Collector:
             self._address.host, self._address.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props
         )
         self._tasks = [
-            asyncio.create_task(self._consume(), name="mqtt-collector"),
+            asyncio.create_task(self._pipeline.run(), name="mqtt-collector"),
             asyncio.create_task(self._keep_connected(), name="mqtt-connection"),
             asyncio.create_task(self._keep_alive(), name="mqtt-keepalive"),
         ]
@@ -149,14 +150,14 @@ class Collector:
         if consumer is not None:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
-        if self._pending_acks:
-            await asyncio.wait(self._pending_acks, timeout=10)
+        await self._pipeline.drain(10)
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         if self._connecting is not None:
             await asyncio.wait([self._connecting], timeout=30)
         if self._sock is not None:
+            await self._barrier()
             self.client.disconnect()  # queued after the last PUBACKs; the socket closes once it is written
             try:
                 await asyncio.wait_for(self._closed.wait(), 5)
@@ -166,6 +167,27 @@ class Collector:
             sock = self._sock
             self._unwatch(sock)
             sock.close()
+
+    async def _barrier(self) -> None:
+        """One round trip, so the broker has read every PUBACK written before it. Without it, a process
+        that restarts at once reconnects under the same client id while the broker still reads the old
+        connection, and the takeover discards the PUBACKs not yet read: acknowledged messages would be
+        delivered again."""
+        if not self.client.is_connected():
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._unsubscribed = done
+        rc, self._barrier_mid = self.client.unsubscribe(BARRIER_FILTER)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return
+        try:
+            await asyncio.wait_for(done, 5)
+        except TimeoutError:
+            log.warning("MQTT collector: the broker did not answer before disconnecting")
+
+    def _on_unsubscribe(self, _client: mqtt.Client, _userdata: Any, mid: int, *_args: Any) -> None:
+        if mid == self._barrier_mid and self._unsubscribed is not None and not self._unsubscribed.done():
+            self._unsubscribed.set_result(None)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         """Publish and, for QoS 1, wait until the broker has it (PUBACK)."""
@@ -275,7 +297,7 @@ class Collector:
         self._loop.remove_writer(sock)
 
     def _on_readable(self) -> None:
-        client, inbox = self.client, self._inbox
+        client, inbox = self.client, self._pipeline.inbox
         room = READ_MESSAGES_PER_TURN
         while room > 0:
             if not client.fill():
@@ -291,7 +313,7 @@ class Collector:
                 assert self._loop is not None
                 self._loop.call_soon(self._on_readable)
         if inbox:
-            self._inbox_ready.set()
+            self._pipeline.wake()
             if len(inbox) >= INBOX_PAUSE and self._sock is not None and not self._paused:
                 self._paused = True
                 assert self._loop is not None
@@ -348,80 +370,20 @@ class Collector:
             topic = message.topic
         except UnicodeDecodeError:
             topic = ""  # not valid UTF-8 (brokers refuse those): matches no route, kept as rejected
-        self._inbox.append((message.mid, message.qos, topic, message.payload))
+        self._pipeline.offer(message.mid, message.qos, topic, message.payload)
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
         self._published_done(mid, str(reason) if reason.is_failure else None)
 
     # -- messages → ingest queue → acknowledgements ------------------------------------------------------
-    async def _consume(self) -> None:
-        while True:
-            if not self._inbox:
-                self._inbox_ready.clear()
-                await self._inbox_ready.wait()
-            if len(self._inbox) <= CHUNK_MESSAGES:
-                chunk, self._inbox = self._inbox, []
-            else:
-                chunk = self._inbox[:CHUNK_MESSAGES]
-                del self._inbox[:CHUNK_MESSAGES]
-            if self._paused and len(self._inbox) < INBOX_PAUSE // 2:
-                self._resume_reading()
-            parts = await self._interpret(chunk)
-            if len(parts) == 1:
-                batch = parts[0]
-            else:
-                batch = Batch()
-                for part in parts:
-                    batch.extend(part)
-            rejected = sum(1 for part in parts if part.rejected)
-            if rejected:
-                self._rejected.inc(rejected)
-            if rejected < len(parts):
-                self._accepted.inc(len(parts) - rejected)
-            future = await self._queue.put(batch, transport="mqtt", messages=len(chunk))
-            mids = [mid for mid, qos, _, _ in chunk if qos]
-            task = asyncio.create_task(self._ack_after_commit(mids, parts, future), name="mqtt-ack")
-            self._pending_acks.add(task)
-            task.add_done_callback(self._pending_acks.discard)
-
-    async def _interpret(self, chunk: list[Publish]) -> list[Batch]:
-        """One Batch per message. Inbound turns every bad message into a rejected record itself; what
-        can fail here is the registry lookup (database down): then the chunk is held, unacknowledged,
-        and tried again — turning good telemetry into rejects because the database blinked would lose it."""
-        messages = [(topic, payload) for _, _, topic, payload in chunk]
-        while True:
-            try:
-                return await self._inbound.to_batches(messages)
-            except Exception as exc:
-                log.warning("could not look up the devices of %d MQTT messages (%s); retrying", len(chunk), exc)
-                await asyncio.sleep(RETRY_COMMIT_S)
-
-    async def _ack_after_commit(self, mids: list[int], parts: list[Batch], future: asyncio.Future[Any]) -> None:
-        try:
-            await future
-        except Exception as exc:
-            # Not stored, so not acknowledged. One bad record must not hold back its chunk: each message
-            # is retried on its own until it is stored (the broker would redeliver only after a reconnect;
-            # holding the messages here keeps order and loses nothing).
-            log.warning("commit of %d MQTT messages failed (%s); retrying", len(parts), exc)
-            await asyncio.gather(*(self._commit_until_stored(part) for part in parts))
-        self._ack(mids)
-
-    async def _commit_until_stored(self, batch: Batch) -> None:
-        while True:
-            try:
-                await (await self._queue.put(batch, transport="mqtt"))
-                return
-            except Exception as exc:
-                log.warning("commit of MQTT message failed (%s); retrying", exc)
-                await asyncio.sleep(RETRY_COMMIT_S)
-
-    def _ack(self, mids: list[int]) -> None:
+    def _acknowledge(self, entries: list[Entry[int]]) -> None:
         """PUBACK every message of a committed chunk, in one write."""
-        if not mids or not self.connected:
+        if not self.client.is_connected():
             # Not connected: the broker redelivers these on the next session (stored once by their key).
+            # (Connected from the CONNACK: a resumed session delivers what it held before our SUBACK.)
             return
         pack = _PUBACK.pack
-        packet = b"".join([pack(mqtt.PUBACK, 2, mid) for mid in mids])
-        # paho writes queued packets in order, and a queued packet may hold several MQTT packets.
-        self.client._packet_queue(mqtt.PUBACK, packet, 0, 0)
+        packet = b"".join([pack(mqtt.PUBACK, 2, mid) for mid, qos, _, _ in entries if qos])
+        if packet:
+            # paho writes queued packets in order, and a queued packet may hold several MQTT packets.
+            self.client._packet_queue(mqtt.PUBACK, packet, 0, 0)

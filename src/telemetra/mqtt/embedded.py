@@ -1,11 +1,17 @@
 """The embedded MQTT broker: amqtt in-process, authenticating and authorizing through our callables.
 
+What devices publish goes straight from their connections into the ingest pipeline (``DeviceIngest``),
+with no loopback client: a QoS 1 PUBLISH is acknowledged once it is committed. Commands and
+configuration go down through ``publish``, into the broker itself.
+
 MQTT 3.1.1 only: amqtt 0.12 refuses MQTT 3.1 at CONNECT and cannot parse an MQTT 5 CONNECT at all
 (such a client gets no CONNACK and is disconnected after `connect_timeout`). No shared subscriptions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 from types import TracebackType
@@ -13,8 +19,13 @@ from types import TracebackType
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import BrokerError
 
-from telemetra.mqtt._amqtt_broker import AccessGate, Authenticate, GuardedBroker
+from telemetra.domain.records import Batch, Rejected
+from telemetra.domain.timeutil import now_ms
+from telemetra.logs import Throttle
+from telemetra.metrics import Metrics
+from telemetra.mqtt._amqtt_broker import AccessGate, Authenticate, DeviceSink, GuardedBroker
 from telemetra.mqtt.acl import TopicAcl
+from telemetra.mqtt.pipeline import Entry, Interpreter, Pipeline, Queue
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +52,14 @@ class EmbeddedBroker:
         port: int,
         authenticate: Authenticate,
         acl: TopicAcl,
+        sink: DeviceSink,
+        session_expiry_s: int | None = 7 * 86_400,
         connect_timeout: float = 10.0,
         amqtt_log_level: int | None = logging.WARNING,
     ) -> None:
         self._host = host
+        self._sink = sink
+        self._session_expiry_s = session_expiry_s
         self._requested_port = port
         self._gate = AccessGate(authenticate, acl)
         self._connect_timeout = connect_timeout
@@ -61,6 +76,21 @@ class EmbeddedBroker:
         if self._port is None:
             raise RuntimeError("the embedded MQTT broker is not running")
         return self._port
+
+    @property
+    def connected(self) -> bool:
+        """The downlink is up while the broker runs (the ``Publisher`` protocol)."""
+        return self._broker is not None
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        """Downlink (commands, configuration) into the broker: delivered to the device's subscription
+        at its QoS, or held for its persistent session; ``retain`` keeps it for later subscribers."""
+        broker = self._broker
+        if broker is None:
+            raise ConnectionError("the embedded MQTT broker is not running")
+        if retain:
+            await broker.retain_message(None, topic, payload, qos)
+        await broker.internal_message_broadcast(topic, payload, None)
 
     async def disconnect_device(self, device_id: str, *, forget: bool = False) -> int:
         """Close every connection authenticated as `device_id` (its credentials were rotated, or the
@@ -79,12 +109,14 @@ class EmbeddedBroker:
             # No plugins: replaces amqtt's defaults (anonymous auth, $SYS publisher, packet logger);
             # GuardedBroker authenticates and authorizes itself, see _amqtt_broker for why.
             plugins={},
+            # Disconnected persistent sessions (and what they hold) are dropped after this long.
+            session_expiry_interval=self._session_expiry_s,
         )
 
     async def __aenter__(self) -> EmbeddedBroker:
         if self._broker is not None:
             raise RuntimeError("the embedded MQTT broker is already running")
-        broker = GuardedBroker(self._config(), self._gate, connect_timeout=self._connect_timeout)
+        broker = GuardedBroker(self._config(), self._gate, connect_timeout=self._connect_timeout, sink=self._sink)
         try:
             await broker.start()
         except BrokerError as exc:
@@ -118,3 +150,70 @@ def _is_address_in_use(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# Messages taken in but not yet committed and acknowledged, across all device connections, past which
+# the connections stop being read (devices then wait for their PUBACKs; TCP holds what they send).
+HIGH_WATER = 20_000
+REFUSALS_KEPT_PER_MINUTE = 10  # per device: a misconfigured device must not fill the rejected store
+
+
+class DeviceIngest:
+    """The embedded broker's ``DeviceSink``: device messages into the ingest pipeline in process."""
+
+    def __init__(self, inbound: Interpreter, queue: Queue, metrics: Metrics, *, high_water: int = HIGH_WATER) -> None:
+        self._queue = queue
+        self._metrics = metrics
+        self._high = high_water
+        self._room = asyncio.Event()
+        self._room.set()
+        self._refusals = Throttle(60.0 / REFUSALS_KEPT_PER_MINUTE)
+        self.pipeline: Pipeline[asyncio.Future[None] | None] = Pipeline(inbound, queue, metrics, on_stored=self._stored)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def room(self) -> asyncio.Event:
+        return self._room
+
+    async def run(self) -> None:
+        await self.pipeline.run()
+
+    def offer(self, topic: str, payload: bytes, *, acknowledge: bool) -> asyncio.Future[None] | None:
+        future = asyncio.get_running_loop().create_future() if acknowledge else None
+        self.pipeline.offer(future, 1 if acknowledge else 0, topic, payload)
+        if self.pipeline.waiting >= self._high:
+            self._room.clear()
+        return future
+
+    def refuse(self, device_id: str, topic: str, payload: bytes, reason: str) -> None:
+        self._metrics.rejected.labels("mqtt", reason.split(":", 1)[0]).inc()
+        if self._refusals.allow(device_id) is None:
+            return  # counted, not kept: this device's refusals are over the rate
+        record = Rejected(now_ms(), "mqtt", f"{reason} ({topic})", payload, device_id=device_id or None, topic=topic)
+        task = asyncio.ensure_future(self._keep(record))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _keep(self, record: Rejected) -> None:
+        stored = await self._queue.put([Batch(rejected=[record])], transport="mqtt")
+        with contextlib.suppress(Exception):  # the database is down: the count in the metrics stands
+            await stored
+
+    def _stored(self, entries: list[Entry[asyncio.Future[None] | None]]) -> None:
+        for future, _, _, _ in entries:
+            if future is not None and not future.done():
+                future.set_result(None)
+        if not self._room.is_set() and not self._closing and self.pipeline.waiting - len(entries) < self._high // 2:
+            self._room.set()
+
+    async def finish(self, wait_s: float) -> None:
+        """Stop reading device connections, then wait (up to ``wait_s``) until what was taken in is
+        committed and acknowledged — before the broker closes the connections."""
+        self._closing = True
+        self._room.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.pipeline.waiting and loop.time() < deadline:
+            await self.pipeline.drain(max(0.0, deadline - loop.time()))
+            await asyncio.sleep(0.01)  # the consumer's turn to take what is left in the inbox

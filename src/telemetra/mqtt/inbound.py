@@ -14,11 +14,13 @@ from telemetra.domain.records import (
     CommandAck,
     DeviceReport,
     Event,
+    Origin,
     Rejected,
     StateUpdate,
 )
 from telemetra.domain.timeutil import now_ms
 from telemetra.ingest.decode import decode_json
+from telemetra.ingest.documents import check_document
 from telemetra.ingest.service import IngestService
 from telemetra.ingest.state import ack_fields, alert_fields, normalize_state, parse_any
 from telemetra.mqtt.routes import Kind, RouteMatch, RouteTable
@@ -48,6 +50,8 @@ class Inbound:
         principals: dict[str, Principal] = {}
         out: list[Batch] = []
         for (topic, payload), found in zip(messages, matches, strict=True):
+            if found is not None and "\x00" in topic:
+                found = None  # MQTT forbids U+0000 in topics; such a topic is nobody's
             if found is None:
                 out.append(_rejected(received, topic, payload, None, "no route: topic matches no configured route"))
                 continue
@@ -64,7 +68,10 @@ class Inbound:
                 principal = Principal(Role.GATEWAY if info.kind == "gateway" else Role.DEVICE, device_id)
                 principals[device_id] = principal
             try:
-                out.append(await self._interpret(found, payload, received, principal))
+                batch = await self._interpret(found, payload, received, principal)
+                if not batch.rejected:
+                    batch.origin = Origin("mqtt", found.kind.value, topic, payload, device_id, received)
+                out.append(batch)
             except TelemetraError as exc:
                 where = f" ({exc.field})" if exc.field else ""
                 reason = "topic mismatch" if exc.code == "forbidden" else exc.code
@@ -105,6 +112,7 @@ class Inbound:
                 batch.states.append(StateUpdate(device_id, received, state.values))
             return batch
         doc = parse_any(payload)
+        check_document(doc, max_depth=limits.max_depth, max_text=limits.max_document_text)
         if match.kind is Kind.ALERT:
             fields = alert_fields(doc)
             batch.alerts.append(

@@ -10,10 +10,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from telemetra.config import Settings
+from telemetra.storage.faults import DatabaseLocation
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -34,6 +35,14 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # Settings like the JIT cost more than they save on our short, prepared statements.
         connect_args={"server_settings": {"jit": "off", "application_name": "telemetra"}},
     )
+
+
+def database_location(database_url: str) -> DatabaseLocation:
+    """Where the database is, for messages (never the password)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return DatabaseLocation("sqlite", url.database or ":memory:")
+    return DatabaseLocation(url.get_backend_name(), f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -11,6 +11,9 @@ a database round trip per request would cost more than the write it guards.
   that were already waiting, but not cached, and new callers start a new lookup. So a rotated secret or
   a disabled device cannot come back from a read that raced the change.
 - Unknown keys are not cached: a device created in another process works at its first request.
+- While the database is down, entries past their stale time are still answered (the last word the
+  registry gave stands; no revocation can be committed meanwhile anyway), and a key with no entry is
+  ``StorageUnavailable`` (503 / retry), never an error of the caller's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.credentials import hash_secret
+from telemetra.domain.errors import StorageUnavailable
+from telemetra.storage.faults import DatabaseState, is_transient
 from telemetra.storage.schema import Device
 
 
@@ -50,8 +55,11 @@ _Cache = dict[str, _Entry]
 
 
 class DeviceDirectory:
-    def __init__(self, engine: AsyncEngine, *, ttl_s: float = 5.0, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, state: DatabaseState, ttl_s: float = 5.0, max_entries: int = 100_000
+    ) -> None:
         self._engine = engine
+        self._state = state
         self._ttl = ttl_s
         self._max = max_entries
         self._by_hash: _Cache = {}
@@ -87,8 +95,19 @@ class DeviceDirectory:
                 found[info.id] = info
         elif missing:
             generation = self._generation
-            async with self._engine.connect() as conn:
-                rows = (await conn.execute(select(*_COLUMNS).where(Device.id.in_(missing)))).all()
+            try:
+                async with self._engine.connect() as conn:
+                    rows = (await conn.execute(select(*_COLUMNS).where(Device.id.in_(missing)))).all()
+            except Exception as exc:
+                known = [self._by_id.get(d) for d in missing]
+                if not is_transient(exc):
+                    raise
+                self._state.failed(exc)
+                if any(entry is None for entry in known):
+                    raise StorageUnavailable("the device registry is unavailable; retry later") from None
+                found.update((entry.info.id, entry.info) for entry in known if entry is not None)
+                return found
+            self._state.succeeded()
             for row in rows:
                 info = DeviceInfo(row.id, row.kind, row.parent_id, bool(row.disabled))
                 if generation == self._generation:
@@ -117,8 +136,16 @@ class DeviceDirectory:
             if entry.stale_until > now:
                 self._flight(name, cache, key, load)  # refresh behind the answer
                 return entry.info
-        # shield: a caller that gives up (client gone) must not cancel the lookup others wait on.
-        return await asyncio.shield(self._flight(name, cache, key, load))
+        try:
+            # shield: a caller that gives up (client gone) must not cancel the lookup others wait on.
+            return await asyncio.shield(self._flight(name, cache, key, load))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._state.failed(exc)
+            if entry is not None:
+                return entry.info  # expired, but the database is down: the registry's last word stands
+            raise StorageUnavailable("the device registry is unavailable; retry later") from None
 
     def _flight(
         self, name: str, cache: _Cache, key: str, load: Callable[[], Awaitable[DeviceInfo | None]]
@@ -134,7 +161,10 @@ class DeviceDirectory:
     def _landed(self, flight_key: tuple[str, str, int], done: asyncio.Future[DeviceInfo | None]) -> None:
         self._flights.pop(flight_key, None)
         if not done.cancelled():
-            done.exception()  # a background refresh's failure is retried by the next request, not logged twice
+            # A background refresh's failure is retried by the next request; an outage is noted once.
+            exc = done.exception()
+            if exc is not None and is_transient(exc):
+                self._state.failed(exc)
 
     async def _fetch(
         self, cache: _Cache, key: str, load: Callable[[], Awaitable[DeviceInfo | None]]
@@ -155,6 +185,7 @@ class DeviceDirectory:
     async def _load(self, where: ColumnElement[bool]) -> DeviceInfo | None:
         async with self._loads, self._engine.connect() as conn:
             row = (await conn.execute(select(*_COLUMNS).where(where))).first()
+        self._state.succeeded()
         return None if row is None else DeviceInfo(row.id, row.kind, row.parent_id, bool(row.disabled))
 
     def _remember(self, info: DeviceInfo, *, digest: str | None = None) -> None:

@@ -75,6 +75,7 @@ MAX_REJECTED_PAYLOAD = 4096
 class WriteResult:
     points: int
     messages: int
+    rejected: int = 0  # messages the database refused, kept as rejected-message records instead
 
 
 PointRow = tuple[str, str, int, float | None, str | None, int]
@@ -159,10 +160,10 @@ async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> Wr
                 {
                     "received_at": r.received_ts,
                     "source": r.source,
-                    "topic": r.topic,
-                    "device_id": r.device_id,
-                    "reason": r.reason[:1000],
-                    "payload": r.payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", "replace"),
+                    "topic": storable_text(r.topic, 1000),
+                    "device_id": storable_text(r.device_id, 128),
+                    "reason": storable_text(r.reason, 1000),
+                    "payload": storable_payload(r.payload),
                 }
                 for r in batch.rejected
             ],
@@ -180,6 +181,17 @@ async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> Wr
             .values(status="acked" if ack.ok else "failed", acked_at=now_ms, result=ack.result)
         )
     return WriteResult(points=len(rows), messages=len(batch.telemetry))
+
+
+def storable_payload(payload: bytes) -> str:
+    """Any bytes as text every database takes: invalid UTF-8 as ``\\xNN`` escapes, NUL as ``\\x00``."""
+    return payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def storable_text(value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    return value[:limit].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 async def _raise_alert(conn: AsyncConnection, alert: AlertRaise, *, now_ms: int) -> None:
