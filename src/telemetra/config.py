@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # subscriptions after a broker restart but not its shared ones (what arrives until we reconnect is lost).
     mqtt_share_group: str | None = Field(None, validation_alias=_alias("MQTT_SHARE_GROUP"))
     mqtt_client_id: str | None = Field(None, validation_alias=_alias("MQTT_CLIENT_ID"))
+    # Mosquitto (dynamic security): a device may connect only with its device id as MQTT client id, so no
+    # one can take another's session over. Off for devices that use other (or broker-assigned) ids.
+    mqtt_bind_client_id: bool = Field(True, validation_alias=_alias("MQTT_BIND_CLIENT_ID"))
     mqtt_tls_ca: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_CA"))
     mqtt_tls_cert: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_CERT"))
     mqtt_tls_key: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_KEY"))

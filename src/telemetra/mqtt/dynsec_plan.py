@@ -15,7 +15,10 @@ memory only until the broker is back) the old one must stop working, so the clie
 Mosquitto 2.0.11 facts the plan depends on (tests/mqtt/test_dynsec.py): ``modifyClient``,
 ``setClientPassword``, ``disableClient`` and ``deleteClient`` disconnect the client's sessions, so only
 what differs is sent, and several changes go into one ``modifyClient``; ``modifyRole`` disconnects no one
-and keeps subscriptions made under the old ACLs; ``addClientRole`` for a role the client already has fails.
+and keeps subscriptions made under the old ACLs; ``addClientRole`` for a role the client already has fails;
+``deleteRole`` of a role some client still holds leaves that client pointing at freed memory (its role
+list reads back as garbage, and the broker can crash), so a role is deleted only in the same batch as, and
+after, the one client that holds it.
 """
 
 from __future__ import annotations
@@ -226,7 +229,8 @@ def plan_account(
 
 
 def plan_removal(username: str, *, client: dict[str, Any] | None, role: dict[str, Any] | None) -> Plan:
-    """Commands that remove a device's client and role (those that exist). DynsecError if not ours."""
+    """Commands that remove a device's client and role (those that exist), the client first (see the module
+    docstring: the role must be held by no one when it goes). DynsecError if the client is not ours."""
     plan = Plan()
     if client is not None:
         _check_owned(username, client, device_role_name(username))
