@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     # (one process) the collector subscribes plainly: Mosquitto 2.0 restores a persistent session's plain
     # subscriptions after a broker restart but not its shared ones (what arrives until we reconnect is lost).
     mqtt_share_group: str | None = Field(None, validation_alias=_alias("MQTT_SHARE_GROUP"))
+    # Default: random, kept in the data directory (mqtt/client_id.py). A fixed one must be unguessable.
     mqtt_client_id: str | None = Field(None, validation_alias=_alias("MQTT_CLIENT_ID"))
     # Mosquitto (dynamic security): a device may connect only with its device id as MQTT client id, so no
     # one can take another's session over. Off for devices that use other (or broker-assigned) ids.

@@ -7,13 +7,13 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import socket
 from contextlib import AsyncExitStack
 from typing import Any
 
 from telemetra.api.deps import Services
 from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
 from telemetra.mqtt.broker_accounts import MosquittoAccounts
+from telemetra.mqtt.client_id import CollectorClientId
 from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.connection import BrokerAddress, parse_broker_url, tls_context
 from telemetra.mqtt.embedded import EmbeddedBroker
@@ -60,7 +60,7 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
         services.extras["mqtt_broker"] = broker
     collector = Collector(
         address=address,
-        client_id=_client_id(settings.mqtt_client_id, settings.port),
+        client_id=_client_id(settings.mqtt_client_id, stack, settings.data_dir),
         subscriptions=table.subscriptions,
         share_group=share_group,
         inbound=Inbound(table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes),
@@ -81,9 +81,11 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     }
 
 
-def _client_id(configured: str | None, http_port: int) -> str:
-    """Stable across restarts (the broker keeps our session under it), distinct per process on a host."""
-    return configured or f"telemetra-{socket.gethostname()}-{http_port}"[:64]
+def _client_id(configured: str | None, stack: AsyncExitStack, data_dir: Any) -> str:
+    """Stable across restarts (the broker keeps our session under it), unguessable, one per process."""
+    if configured:
+        return configured
+    return stack.enter_context(CollectorClientId(data_dir)).client_id
 
 
 def _registry_auth(services: Services, service_password: str) -> Any:
