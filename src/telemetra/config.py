@@ -85,8 +85,15 @@ class Settings(BaseSettings):
     mqtt_prefix: str = Field("telemetra", validation_alias=_alias("MQTT_PREFIX"))
     mqtt_presets: CommaList = Field(default_factory=lambda: ["default"], validation_alias=_alias("MQTT_PRESETS"))
     mqtt_routes: CommaList = Field(default_factory=list, validation_alias=_alias("MQTT_ROUTES"))
-    mqtt_share_group: str = Field("telemetra", validation_alias=_alias("MQTT_SHARE_GROUP"))
+    # Several Telemetra processes on one external broker split the stream through `$share/<group>/…`. Unset
+    # (one process) the collector subscribes plainly: Mosquitto 2.0 restores a persistent session's plain
+    # subscriptions after a broker restart but not its shared ones (what arrives until we reconnect is lost).
+    mqtt_share_group: str | None = Field(None, validation_alias=_alias("MQTT_SHARE_GROUP"))
+    # Default: random, kept in the data directory (mqtt/client_id.py). A fixed one must be unguessable.
     mqtt_client_id: str | None = Field(None, validation_alias=_alias("MQTT_CLIENT_ID"))
+    # Mosquitto (dynamic security): a device may connect only with its device id as MQTT client id, so no
+    # one can take another's session over. Off for devices that use other (or broker-assigned) ids.
+    mqtt_bind_client_id: bool = Field(True, validation_alias=_alias("MQTT_BIND_CLIENT_ID"))
     mqtt_tls_ca: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_CA"))
     mqtt_tls_cert: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_CERT"))
     mqtt_tls_key: Path | None = Field(None, validation_alias=_alias("MQTT_TLS_KEY"))
@@ -129,6 +136,15 @@ class Settings(BaseSettings):
     def _plain_prefix(cls, value: str) -> str:
         if not value or any(c in value for c in "+#/") or value.startswith("$"):
             raise ValueError("MQTT prefix must be one topic level without '+', '#', '/' or a leading '$'")
+        return value
+
+    @field_validator("mqtt_share_group", mode="before")
+    @classmethod
+    def _share_group(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip() or None
+            if value is not None and any(c in value for c in "+#/"):
+                raise ValueError("MQTT share group must be one topic level without '+', '#' or '/'")
         return value
 
     @field_validator("mqtt_presets")

@@ -54,3 +54,26 @@ class Metrics:
             "telemetra_mqtt_messages", "MQTT messages received by the collector", ["kind"], registry=r
         )
         self.mqtt_connected = Gauge("telemetra_mqtt_connected", "1 while the collector is connected", registry=r)
+        # Mosquitto dynamic security against the device registry (mqtt/broker_accounts.py).
+        self.mqtt_account_drift = Counter(
+            "telemetra_mqtt_account_drift",
+            "Differences between the device registry and the broker's accounts found by a reconciliation",
+            ["kind"],
+            registry=r,
+        )
+        self.mqtt_account_repairs = Counter(
+            "telemetra_mqtt_account_repairs", "Differences a reconciliation repaired", ["kind"], registry=r
+        )
+        self.mqtt_account_reconciliations = Counter(
+            "telemetra_mqtt_account_reconciliations", "Full reconciliations run", ["outcome"], registry=r
+        )
+        self.mqtt_accounts_unrepaired = Gauge(
+            "telemetra_mqtt_accounts_unrepaired",
+            "Devices the last reconciliation could not bring in line (their credentials need a rotation)",
+            registry=r,
+        )
+        self.mqtt_account_changes_pending = Gauge(
+            "telemetra_mqtt_account_changes_pending",
+            "Registry changes made while the broker was unreachable, not applied to it yet",
+            registry=r,
+        )

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from contextlib import AsyncExitStack
 from typing import Any
 
 from telemetra.api.deps import Services
 from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
+from telemetra.mqtt.broker_accounts import MosquittoAccounts
+from telemetra.mqtt.client_id import CollectorClientId
 from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.connection import BrokerAddress, parse_broker_url, tls_context
-from telemetra.mqtt.dynsec import DynsecProvisioner
 from telemetra.mqtt.embedded import DeviceIngest, EmbeddedBroker
 from telemetra.mqtt.inbound import Inbound
 from telemetra.mqtt.routes import RouteTable, build_routes
@@ -42,10 +42,10 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     address = parse_broker_url(settings.mqtt_url)
     tls = tls_context(settings) if address.tls else None
     if settings.mqtt_dynsec_username and settings.mqtt_dynsec_password:
-        await _provision_mosquitto(services, stack, address, table, tls)
+        await _provision_mosquitto(services, stack, address, table, tls, probes)
     collector = Collector(
         address=address,
-        client_id=_client_id(settings.mqtt_client_id, settings.port),
+        client_id=_client_id(settings.mqtt_client_id, stack, settings.data_dir),
         subscriptions=table.subscriptions,
         share_group=settings.mqtt_share_group,
         inbound=inbound,
@@ -97,9 +97,11 @@ async def _start_embedded(
     }
 
 
-def _client_id(configured: str | None, http_port: int) -> str:
-    """Stable across restarts (the broker keeps our session under it), distinct per process on a host."""
-    return configured or f"telemetra-{socket.gethostname()}-{http_port}"[:64]
+def _client_id(configured: str | None, stack: AsyncExitStack, data_dir: Any) -> str:
+    """Stable across restarts (the broker keeps our session under it), unguessable, one per process."""
+    if configured:
+        return configured
+    return stack.enter_context(CollectorClientId(data_dir)).client_id
 
 
 def _registry_auth(services: Services) -> Any:
@@ -134,34 +136,31 @@ def _follow_registry_embedded(services: Services, stack: AsyncExitStack, broker:
 
 
 async def _provision_mosquitto(
-    services: Services, stack: AsyncExitStack, address: BrokerAddress, table: RouteTable, tls: Any
+    services: Services,
+    stack: AsyncExitStack,
+    address: BrokerAddress,
+    table: RouteTable,
+    tls: Any,
+    probes: dict[str, Any],
 ) -> None:
     settings = services.settings
     assert settings.mqtt_dynsec_username and settings.mqtt_dynsec_password
-    provisioner = DynsecProvisioner(
+    accounts = MosquittoAccounts(
         host=address.host,
         port=address.port,
-        username=settings.mqtt_dynsec_username,
-        password=settings.mqtt_dynsec_password,
+        admin_username=settings.mqtt_dynsec_username,
+        admin_password=settings.mqtt_dynsec_password,
         device_roots=table.device_roots,
         downlink=table.downlink,
+        devices=services.devices,
+        metrics=services.metrics,
+        service_username=address.username,
+        service_password=address.password,
+        bind_client_id=settings.mqtt_bind_client_id,
         tls=tls,
     )
-    await stack.enter_async_context(provisioner)
-    if address.username and address.password:
-        await provisioner.ensure_service_account(address.username, address.password)
-
-    async def follow_registry(device_id: str, secret: str | None, enabled: bool | None, deleted: bool) -> None:
-        try:
-            if deleted:
-                await provisioner.delete_device(device_id)
-            elif secret is not None:
-                await provisioner.upsert_device(device_id, secret, enabled=True if enabled is None else enabled)
-            elif enabled is not None:
-                await provisioner.upsert_device(device_id, None, enabled=enabled)
-        except Exception:
-            # The registry is the source of truth; the broker catches up on the next change or rotation.
-            log.exception("could not mirror device %s into Mosquitto dynamic security", device_id)
-
-    services.registry_hooks.append(follow_registry)
-    services.extras["dynsec"] = provisioner
+    await stack.enter_async_context(accounts)
+    services.registry_hooks.append(accounts.registry_changed)
+    stack.callback(services.registry_hooks.remove, accounts.registry_changed)
+    probes["mqtt_accounts"] = accounts.health
+    services.extras["dynsec"] = accounts.provisioner

@@ -70,6 +70,7 @@ class Device(PahoTestClient):
         protocol: int = mqtt.MQTTv311,
         client_id: str | None = None,
         timeout: float = 5.0,
+        persistent: bool = False,
     ) -> None:
         super().__init__(
             endpoint,  # type: ignore[arg-type]  # duck-typed: only host and port are read
@@ -78,6 +79,7 @@ class Device(PahoTestClient):
             protocol=protocol,
             client_id=client_id,
             timeout=timeout,
+            persistent=persistent,
         )
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
@@ -113,6 +115,9 @@ class MqttApp:
         return await self.running.create_device(device_id, **fields)
 
     def device(self, username: str | None, password: str | None, **kwargs: Any) -> Device:
+        # Real firmware connects with its device id as client id (seed 003); on Mosquitto that is the only
+        # id a device may use (TELEMETRA_MQTT_BIND_CLIENT_ID).
+        kwargs.setdefault("client_id", username)
         client = Device(self.endpoint, username, password, **kwargs)
         self._devices.append(client)
         return client
@@ -198,9 +203,7 @@ async def start_mqtt_app(mode: str, tmp_path: Path, *, db: str = "sqlite", **ove
         settings = make_settings(
             url,
             tmp_path / "data",
-            mqtt_client_id=f"telemetra-test-{secrets.token_hex(4)}",
-            **mqtt_settings,
-            **overrides,
+            **{"mqtt_client_id": f"telemetra-test-{secrets.token_hex(4)}", **mqtt_settings, **overrides},
         )
         running = await stack.enter_async_context(running_app(settings))
         if mosquitto is not None:
@@ -415,7 +418,7 @@ class SeqPublisher:
 
     def __init__(self, host: str, port: int, device_id: str, secret: str) -> None:
         self.device_id = device_id
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{device_id}", protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         self.client.username_pw_set(device_id, secret)
         self.reasons: dict[int, Any] = {}
         self.client.on_publish = lambda _c, _u, mid, rc, _p: self.reasons.__setitem__(mid, rc)

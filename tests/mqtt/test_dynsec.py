@@ -9,13 +9,8 @@ the control message is in, a forged message would already have been delivered.
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
-import shutil
 import ssl
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -23,14 +18,12 @@ import pytest
 
 from telemetra.mqtt.dynsec import DynsecError, DynsecProvisioner, device_role_name
 from tests.support.mosquitto import (
+    DeployBroker,
     MosquittoInstance,
     PahoTestClient,
-    find_dynsec_plugin,
-    find_mosquitto,
-    free_port,
+    deploy_mosquitto,
     init_dynsec_state,
     mosquitto_fixture,
-    spawn_mosquitto,
     start_mosquitto,
 )
 
@@ -484,60 +477,11 @@ async def test_state_file_written_without_mosquitto_ctrl(tmp_path: Path):
 
 # ---------------------------------------------------------------------------- deploy config
 
-DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
-
-
-@dataclass
-class DeployBroker:
-    instance: MosquittoInstance
-    ws_port: int
-    data: Path
-
 
 @pytest.fixture
-def deploy_broker(tmp_path: Path) -> Iterator[DeployBroker]:
-    """deploy/mosquitto/mosquitto.conf with paths pointed into a temp dir and free ports.
-
-    Started as root the broker drops to the `mosquitto` user exactly as in production, so the data dir
-    is chowned the way the README says.
-    """
-    binary, plugin = find_mosquitto(), find_dynsec_plugin()
-    if binary is None or plugin is None:
-        start_mosquitto(tmp_path)  # skips (or fails under CI) with the harness's message
-        return
-    # pytest's tmp_path is under a 0700 root dir; the dropped-privilege user must reach the data dir.
-    workdir = Path(tempfile.mkdtemp(prefix="telemetra-deploy-"))
-    try:
-        workdir.chmod(0o755)
-        data = workdir / "data"
-        data.mkdir()
-        mqtt_port, ws_port = free_port(), free_port()
-        conf = DEPLOY_CONF.read_text()
-        conf = conf.replace("/mosquitto/data", str(data)).replace("/usr/lib/mosquitto_dynamic_security.so", plugin)
-        conf = conf.replace("\nlistener 1883\n", f"\nlistener {mqtt_port} 127.0.0.1\n")
-        conf = conf.replace("\nlistener 9001\n", f"\nlistener {ws_port} 127.0.0.1\n")
-        assert f"listener {mqtt_port} " in conf and f"listener {ws_port} " in conf, "deploy listeners changed"
-        conf_path = workdir / "mosquitto.conf"
-        conf_path.write_text(conf)
-        init_dynsec_state(data / "dynamic-security.json", "admin", "deploy-admin")
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("mosquitto")
-            for path in (data, data / "dynamic-security.json"):
-                os.chown(path, user.pw_uid, user.pw_gid)
-        instance = spawn_mosquitto(
-            binary,
-            conf_path,
-            port=mqtt_port,
-            workdir=workdir,
-            admin_username="admin",
-            admin_password="deploy-admin",
-        )
-        try:
-            yield DeployBroker(instance, ws_port, data)
-        finally:
-            instance.stop()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+def deploy_broker() -> Iterator[DeployBroker]:
+    with deploy_mosquitto() as broker:
+        yield broker
 
 
 async def test_deploy_config_runs_with_telemetra(deploy_broker: DeployBroker):

@@ -42,6 +42,7 @@ def shared_scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path
         "TELEMETRA_MQTT_URL": f"mqtt://telemetra-svc:{service_password}@{broker.host}:{broker.port}",
         "TELEMETRA_MQTT_DYNSEC_USERNAME": broker.admin_username,
         "TELEMETRA_MQTT_DYNSEC_PASSWORD": broker.admin_password,
+        "TELEMETRA_MQTT_SHARE_GROUP": "telemetra",
     }
     processes = [
         TelemetraProcess(

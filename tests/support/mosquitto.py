@@ -7,9 +7,10 @@ initialises the dynamic-security state file and waits until the listener accepts
     from tests.support.mosquitto import mosquitto_fixture
     mosquitto = pytest.fixture(mosquitto_fixture)
 
-(or ``pytest.fixture(mosquitto_fixture, name="broker")``). ``MosquittoInstance.restart()`` restarts on
-the same port and files, for persistence tests; ``spawn_mosquitto()`` runs a config file of your own.
-``PahoTestClient`` is a real paho device/subscriber awaitable from asyncio tests.
+(or ``pytest.fixture(mosquitto_fixture, name="broker")``). ``MosquittoInstance.restart()`` restarts on the
+same port and files, for persistence tests (``stop()`` and ``start()`` apart, for outages; ``kill=True``
+for SIGKILL); ``spawn_mosquitto()`` runs a config file of your own and ``deploy_mosquitto()`` the shipped
+one. ``PahoTestClient`` is a real paho device/subscriber awaitable from asyncio tests.
 
 If the ``mosquitto`` binary is missing the test is skipped, unless ``CI=true`` where a silent skip would
 hide a broken CI image, so it fails instead.
@@ -23,10 +24,12 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,12 +40,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
+    "DEPLOY_CONF",
     "DYNSEC_PLUGIN_CANDIDATES",
+    "DeployBroker",
     "MosquittoInstance",
     "PahoTestClient",
+    "deploy_mosquitto",
     "find_dynsec_plugin",
     "find_mosquitto",
     "free_port",
@@ -58,6 +65,7 @@ DYNSEC_PLUGIN_CANDIDATES = (
     "/usr/lib/mosquitto_dynamic_security.so",
     "/usr/local/lib/mosquitto_dynamic_security.so",
 )
+DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
 # Debian installs the broker in /usr/sbin, which is not on a non-root user's PATH.
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _START_TIMEOUT = 10.0
@@ -115,6 +123,8 @@ class MosquittoInstance:
     workdir: Path
     process: subprocess.Popen[bytes]
     extra_conf: str = ""
+    binary: str = "mosquitto"
+    conf_path: Path | None = None
 
     @property
     def log_path(self) -> Path:
@@ -124,22 +134,70 @@ class MosquittoInstance:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @property
+    def db_path(self) -> Path:
+        """Where the broker saves its in-memory database (``persistence_location`` + ``persistence_file``)."""
+        assert self.conf_path is not None
+        location, name = self.workdir, "mosquitto.db"
+        for line in self.conf_path.read_text().splitlines():
+            key, _, value = line.strip().partition(" ")
+            if key == "persistence_location":
+                location = Path(value.strip())
+            elif key == "persistence_file":
+                name = value.strip()
+        return location / name
+
+    def wait_saved_after(self, moment: float, timeout: float = 15.0) -> None:
+        """Block until the broker has saved its database after wall-clock time ``moment`` (an autosave)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if self.db_path.stat().st_mtime > moment:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"{self.db_path} not saved within {timeout}s (autosave_interval?)")
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
-    def restart(self) -> MosquittoInstance:
-        """Stop and start again on the same port with the same files (persistence, dynsec state)."""
-        self.stop()
-        return start_mosquitto(
-            self.workdir,
-            dynsec=bool(self.admin_username),
-            extra_conf=self.extra_conf,
-            admin_password=self.admin_password,
+    def restart(self, *, kill: bool = False) -> MosquittoInstance:
+        """Stop (SIGTERM: the broker saves its state; ``kill``: SIGKILL, it saves nothing) and start again
+        on the same port with the same config and files (persistence, dynsec state). The instance now
+        stands for the new process (and is returned, for chaining)."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    def start(self) -> MosquittoInstance:
+        """Start a stopped broker again on the same port, config and files."""
+        assert self.process.poll() is not None, "still running"
+        assert self.conf_path is not None
+        # The log of the run before is kept beside the new one, for post-mortems.
+        if self.log_path.exists():
+            with (self.workdir / "mosquitto.previous.log").open("ab") as out:
+                out.write(self.log_path.read_bytes())
+        fresh = spawn_mosquitto(
+            self.binary,
+            self.conf_path,
             port=self.port,
+            workdir=self.workdir,
+            admin_username=self.admin_username,
+            admin_password=self.admin_password,
+            host=self.host,
         )
+        self.process = fresh.process
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save of the in-memory database."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
 
     def stop(self) -> None:
         """Terminate the broker; safe to call more than once."""
@@ -231,6 +289,9 @@ def _render_config(workdir: Path, port: int, *, plugin: str | None, extra_conf: 
         f"allow_anonymous {'false' if plugin else 'true'}",
         "persistence true",
         f"persistence_location {workdir}/",
+        # As deploy/mosquitto/mosquitto.conf (see its README): a SIGKILL of the broker loses what it had not
+        # saved, and what it saves is at most this many seconds old.
+        "autosave_interval 1",
         # Same reasons as deploy/mosquitto/mosquitto.conf: the default 1000 silently drops QoS 0 and 1
         # messages to a subscriber that falls behind, which a throughput test would misread as loss.
         "max_queued_messages 1000000",
@@ -361,6 +422,8 @@ def spawn_mosquitto(
         admin_password=admin_password,
         workdir=workdir,
         process=process,
+        binary=binary,
+        conf_path=conf_path,
     )
     if _wait_listening(host, port, process, time.monotonic() + _START_TIMEOUT):
         return instance
@@ -368,6 +431,56 @@ def spawn_mosquitto(
     instance.stop()
     what = f"exited with code {exited}" if exited is not None else f"not listening after {_START_TIMEOUT:.0f}s"
     raise RuntimeError(f"mosquitto {what} (config {conf_path}, port {port}). Broker log:\n{instance.log()}")
+
+
+@dataclass
+class DeployBroker:
+    instance: MosquittoInstance
+    ws_port: int
+    data: Path
+
+
+@contextlib.contextmanager
+def deploy_mosquitto(admin_password: str = "deploy-admin") -> Iterator[DeployBroker]:
+    """deploy/mosquitto/mosquitto.conf as shipped, with its paths pointed into a temp dir and free ports.
+
+    Started as root the broker drops to the `mosquitto` user exactly as in production, so the data dir is
+    chowned the way deploy/mosquitto/README.md says. Skips (fails under CI) without broker or plugin.
+    """
+    binary, plugin = find_mosquitto(), find_dynsec_plugin()
+    if binary is None:
+        _missing("mosquitto binary not found (install the `mosquitto` package or set MOSQUITTO_BIN)")
+    if plugin is None:
+        _missing("mosquitto_dynamic_security.so not found (set MOSQUITTO_DYNSEC_PLUGIN)")
+    # pytest's tmp_path is under a 0700 root dir; the dropped-privilege user must reach the data dir.
+    workdir = Path(tempfile.mkdtemp(prefix="telemetra-deploy-"))
+    try:
+        workdir.chmod(0o755)
+        data = workdir / "data"
+        data.mkdir()
+        mqtt_port, ws_port = free_port(), free_port()
+        conf = DEPLOY_CONF.read_text()
+        conf = conf.replace("/mosquitto/data", str(data)).replace("/usr/lib/mosquitto_dynamic_security.so", plugin)
+        conf = conf.replace("\nlistener 1883\n", f"\nlistener {mqtt_port} 127.0.0.1\n")
+        conf = conf.replace("\nlistener 9001\n", f"\nlistener {ws_port} 127.0.0.1\n")
+        assert f"listener {mqtt_port} " in conf and f"listener {ws_port} " in conf, "deploy listeners changed"
+        conf_path = workdir / "mosquitto.conf"
+        conf_path.write_text(conf)
+        init_dynsec_state(data / "dynamic-security.json", "admin", admin_password)
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("mosquitto")
+            for path in (data, data / "dynamic-security.json"):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        instance = spawn_mosquitto(
+            binary, conf_path, port=mqtt_port, workdir=workdir, admin_username="admin", admin_password=admin_password
+        )
+        broker = DeployBroker(instance, ws_port, data)
+        try:
+            yield broker
+        finally:
+            broker.instance.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def mosquitto_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoInstance]:
@@ -398,11 +511,16 @@ class PahoTestClient:
         timeout: float = 3.0,
         transport: Literal["tcp", "websockets"] = "tcp",
         port: int | None = None,
+        persistent: bool = False,
     ) -> None:
         self._host = broker.host
         self._port = port or broker.port
         self.timeout = timeout
-        self.client_id = client_id or f"test-{username}-{secrets.token_hex(4)}"
+        self.client_id = client_id if client_id is not None else f"test-{username}-{secrets.token_hex(4)}"
+        # A persistent session (MQTT 3.1.1 clean session off; MQTT 5 clean start off with an expiry): the
+        # broker keeps subscriptions and queued messages under the client id while the client is away.
+        self._persistent = persistent
+        self._protocol = protocol
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -411,6 +529,7 @@ class PahoTestClient:
             # A test must see a kick as a disconnect, not have paho quietly reconnect (and a thread
             # sleeping in the reconnect back-off makes close() take a second).
             reconnect_on_failure=False,
+            **({"clean_session": not persistent} if protocol != mqtt.MQTTv5 else {}),
         )
         if username is not None:
             self._client.username_pw_set(username, password)
@@ -470,7 +589,14 @@ class PahoTestClient:
         self._loop = asyncio.get_running_loop()
         self._connack = self._loop.create_future()
         self.disconnected.clear()
-        await asyncio.to_thread(self._client.connect, self._host, self._port, 30)
+        kwargs: dict[str, Any] = {}
+        if self._protocol == mqtt.MQTTv5:
+            kwargs["clean_start"] = not self._persistent
+            if self._persistent:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 3600
+                kwargs["properties"] = props
+        await asyncio.to_thread(self._client.connect, self._host, self._port, 30, **kwargs)
         self._client.loop_start()
         async with asyncio.timeout(self.timeout):
             rc = await self._connack

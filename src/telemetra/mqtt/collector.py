@@ -3,7 +3,9 @@
 No loss, no duplicates: QoS 1 on a persistent session (MQTT 5, clean start off, a session expiry), and
 manual acknowledgement — PUBACK goes back only after the message's batch is committed, so if Telemetra
 dies first the broker redelivers; device-timestamped redeliveries are then stored once by the primary key.
-Several processes share the load through ``$share/<group>/…``.
+Several processes share the load through ``$share/<group>/…`` when a share group is configured; one process
+subscribes plainly, because Mosquitto 2.0 restores a persistent session's plain subscriptions after a
+broker restart but not its shared ones.
 
 The paho client runs on the asyncio event loop (paho's "external loop" mode: the loop watches the socket
 and calls ``loop_read``/``loop_write``; ``loop_misc`` keeps the connection alive), not in a thread of its
@@ -19,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import random
 import struct
 import threading
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from telemetra.metrics import Metrics
+from telemetra.mqtt.backoff import Backoff
 from telemetra.mqtt.connection import BrokerAddress, BufferedClient, new_client
 from telemetra.mqtt.pipeline import Entry, Interpreter, Pipeline, Queue
 
@@ -43,7 +45,11 @@ RECEIVE_MAXIMUM = 5000
 SESSION_EXPIRY_S = 7 * 24 * 3600
 KEEPALIVE_S = 30
 PUBLISH_WAIT_S = 10.0
-RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
+# After a lost connection: retry within 0.05-0.1 s, doubling to at most 2 s. The broker we lost is usually
+# one that restarted and is back within a second, and while we are away nothing is consumed: with a shared
+# subscription Mosquitto 2.0 drops what arrives meanwhile, and even with a plain one its queue (and what a
+# SIGKILL of the broker could lose) grows. A collector per process, so no herd to spread out beyond jitter.
+RECONNECT_FIRST_S, RECONNECT_CAP_S = 0.1, 2.0
 # Messages read per callback before the loop gets a turn (HTTP requests, commits).
 READ_MESSAGES_PER_TURN = 2000
 # Without a receive maximum (MQTT 3.1.1) the broker may send faster than we commit: past this many
@@ -216,7 +222,7 @@ class Collector:
 
     # -- connection (event loop; the blocking connect in a worker thread) ------------------------------
     async def _keep_connected(self) -> None:
-        delay = RECONNECT_MIN_S
+        backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_CAP_S)
         while not self._stopping:
             self._lost.clear()
             self._was_connected = False
@@ -229,10 +235,8 @@ class Collector:
                 self._lost.set()
             await self._lost.wait()
             if self._was_connected:
-                delay = RECONNECT_MIN_S
-            # Randomised, so a fleet of processes does not stampede a restarted broker.
-            await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
-            delay = min(RECONNECT_MAX_S, delay * 2)
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     async def _keep_alive(self) -> None:
         while True:

@@ -1,28 +1,24 @@
 """Keep Mosquitto's per-device credentials and ACLs in step with Telemetra's device registry.
 
 External-broker mode (SPEC §2) pushes credentials and ACLs into Mosquitto's dynamic-security plugin
-through its control topic. Mosquitto 2.0 does not substitute ``%u``/``%c`` in dynsec ACLs, so every
-device gets a role of its own (``telemetra-dev-<id>``) holding literal topics rendered from the same
-:class:`~telemetra.mqtt.acl.TopicAcl` templates the embedded broker enforces.
+through its control topic (:mod:`telemetra.mqtt.dynsec_connection`). Mosquitto 2.0 does not substitute
+``%u``/``%c`` in dynsec ACLs, so every device gets a role of its own (``telemetra-dev-<id>``) holding
+literal topics rendered from the same :class:`~telemetra.mqtt.acl.TopicAcl` templates the embedded broker
+enforces; what to send is planned by :mod:`telemetra.mqtt.dynsec_plan`.
 
-Behaviour of Mosquitto 2.0.11 this module relies on (checked against the real broker, see
-tests/mqtt/test_dynsec.py):
+Client ids: Mosquitto lets any authenticated client connect with any client id, and a connection with a
+client id in use takes the session over — the other connection is dropped, and with clean start off the
+newcomer inherits its subscriptions and queued messages (2.0.11, tests/reliability/test_client_id_takeover.py).
+With ``bind_client_id`` each device client is bound to the client id equal to its device id (dynsec's
+``clientid``: the broker refuses the CONNECT before looking at sessions), so no device can use another's
+id or the collector's. Independently, each device role only lets the device *receive* its own downlink
+topics: a session taken over by anyone else (binding off) delivers them nothing.
 
-* a control message is ``{"commands": [...]}``; the broker answers with one message on
-  ``$CONTROL/dynamic-security/v1/response`` holding ``{"responses": [...]}`` in command order, each
-  with ``"command"``, an optional ``"error"`` string and the ``"correlationData"`` string we sent;
-* all commands of one message are applied in one go in the broker's main loop, so e.g.
-  ``createClient`` followed by ``disableClient`` leaves no window for a connection;
-* ``setClientPassword``, ``modifyClient``, ``disableClient`` and ``deleteClient`` disconnect the
-  client's sessions, so :meth:`DynsecProvisioner.upsert_device` reads the current state first and only
-  sends what differs (a registry resync must not disconnect the whole fleet);
-* ``modifyRole`` does *not* disconnect anyone: publish ACLs apply at once, but subscriptions made under
-  the old ACLs survive. There is no kick command; ``disableClient`` + ``enableClient`` in one batch is
-  used to drop sessions when a role loses permissions;
+Other Mosquitto 2.0.11 behaviour relied on (tests/mqtt/test_dynsec.py):
+
 * ``addClientRole`` for a role the client already has fails with "Internal error";
-* if the broker cannot write its state file (e.g. owned by root while the broker runs as
-  ``mosquitto``) every command still succeeds and the change is lost on restart - only the broker log
-  says so.
+* if the broker cannot write its state file (e.g. owned by root while the broker runs as ``mosquitto``)
+  every command still succeeds and the change is lost on restart - only the broker log says so.
 
 Device ids share the client namespace with the admin and service accounts, so every operation first
 checks that an existing client is one of ours (it holds no role but its own): a device registered as
@@ -32,14 +28,12 @@ checks that an existing client is one of ours (it holds no role but its own): a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
-from types import TracebackType
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -47,12 +41,23 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from telemetra.mqtt.acl import TopicAcl, is_valid_device_id
+from telemetra.mqtt.dynsec_connection import CONTROL_TOPIC, RESPONSE_TOPIC, Command, DynsecConnection, DynsecError
+from telemetra.mqtt.dynsec_plan import (
+    DEVICE_ROLE_PREFIX,
+    AccountSpec,
+    Plan,
+    device_role_name,
+    plan_account,
+    plan_removal,
+    secret_fingerprint,
+)
 
 __all__ = [
     "CONTROL_TOPIC",
     "DEVICE_ROLE_PREFIX",
     "RESPONSE_TOPIC",
     "SERVICE_ROLE",
+    "BrokerAccounts",
     "DynsecError",
     "DynsecProvisioner",
     "device_role_name",
@@ -60,36 +65,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
-RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
-DEVICE_ROLE_PREFIX = "telemetra-dev-"
 SERVICE_ROLE = "telemetra-service"
 
-# Within one role Mosquitto evaluates ACLs of higher priority first; the downlink deny must win over
-# the "<root>#" allow that also covers it.
-_ALLOW_PRIORITY = 0
-_DENY_PRIORITY = 10
+# Within one role Mosquitto evaluates ACLs of higher priority first and the first match decides: the
+# specific entries (a downlink deny inside the "<root>#" allow, the own-downlink receive allow inside the
+# "#" receive deny) must come before the general ones.
+_GENERAL = 0
+_SPECIFIC = 10
 
 # Error strings of Mosquitto 2.0.11's dynsec plugin that idempotent operations accept.
 _CLIENT_NOT_FOUND = "Client not found"
 _ROLE_NOT_FOUND = "Role not found"
 _ALREADY_EXISTS = ("Client already exists", "Role already exists")
-
-Command = dict[str, Any]
-Response = dict[str, Any]
-
-
-class DynsecError(RuntimeError):
-    """A dynamic-security command failed, timed out or could not be sent."""
-
-    def __init__(self, command: str, error: str) -> None:
-        super().__init__(f"dynsec {command}: {error}")
-        self.command = command
-        self.error = error
-
-
-def device_role_name(device_id: str) -> str:
-    return f"{DEVICE_ROLE_PREFIX}{device_id}"
+# listClients / listRoles page size: a verbose role is ~1 KB of JSON.
+_PAGE = 500
 
 
 def _check_device_id(device_id: str) -> None:
@@ -97,37 +86,19 @@ def _check_device_id(device_id: str) -> None:
         raise ValueError(f"invalid device id {device_id!r}: must be non-empty without '+', '#', '/' or NUL")
 
 
-def _check_owned(username: str, client: dict[str, Any], rolename: str, command: str) -> None:
-    """Refuse to touch a client that is not ours (e.g. the admin account): it holds other roles/groups."""
-    foreign = sorted({str(r.get("rolename")) for r in client.get("roles", [])} - {rolename})
-    groups = sorted(str(g.get("groupname")) for g in client.get("groups", []))
-    if foreign or groups:
-        raise DynsecError(
-            command,
-            f"client {username!r} exists and is not managed by Telemetra (roles {foreign}, groups {groups}); "
-            "refusing to change it",
-        )
-
-
 def _acl(acltype: str, topic: str, allow: bool, priority: int) -> Command:
     return {"acltype": acltype, "topic": topic, "allow": allow, "priority": priority}
 
 
-def _acl_key(acl: dict[str, Any]) -> tuple[str, str, bool, int]:
-    # The broker reports priority 0 for ACLs created without one.
-    return (
-        str(acl.get("acltype")),
-        str(acl.get("topic")),
-        bool(acl.get("allow")),
-        int(acl.get("priority", 0)),
-    )
+@dataclass(frozen=True, slots=True)
+class BrokerAccounts:
+    """The broker's clients and roles, by name (``listClients``/``listRoles``, verbose)."""
+
+    clients: dict[str, dict[str, Any]]
+    roles: dict[str, dict[str, Any]]
 
 
-def _redacted(commands: Sequence[Command]) -> list[Command]:
-    return [{k: ("***" if k == "password" else v) for k, v in cmd.items()} for cmd in commands]
-
-
-class DynsecProvisioner:
+class DynsecProvisioner(DynsecConnection):
     """Push device credentials and ACLs into Mosquitto's dynamic-security plugin.
 
     Use as ``async with DynsecProvisioner(...) as prov:``. The admin account (``mosquitto_ctrl dynsec
@@ -147,420 +118,184 @@ class DynsecProvisioner:
         tls: ssl.SSLContext | None = None,
         timeout: float = 10.0,
         client_id: str | None = None,
+        bind_client_id: bool = False,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         # TopicAcl validates the templates ({device} exactly once, roots end with '/', no wildcards),
         # the same rules the embedded broker uses.
         self._acl = TopicAcl(device_roots=tuple(device_roots), downlink=tuple(downlink))
-        self._host = host
-        self._port = port
-        self._username = username
-        self._password = password
-        self._tls = tls
-        self._timeout = timeout
-        # Unique per process: several Telemetra instances may provision through the same admin account,
-        # and Mosquitto disconnects an older session when a new one reuses its client id.
-        self._client_id = client_id or f"telemetra-dynsec-{uuid.uuid4().hex[:12]}"
-
-        self._client: mqtt.Client | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = asyncio.Lock()
-        self._connected: asyncio.Future[None] | None = None
-        self._subscribed: asyncio.Future[None] | None = None
-        self._sub_mid: int | None = None
-        # The one batch in flight: its correlation prefix and result future.
-        self._pending_id: str | None = None
-        self._pending: asyncio.Future[list[Response]] | None = None
-
-    # ------------------------------------------------------------------ connection
-
-    async def __aenter__(self) -> DynsecProvisioner:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def connect(self) -> None:
-        if self._client is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._connected = self._loop.create_future()
-        self._subscribed = self._loop.create_future()
-
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            protocol=mqtt.MQTTv5,
+        self._bind_client_id = bind_client_id
+        super().__init__(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            tls=tls,
+            timeout=timeout,
+            client_id=client_id,
+            on_ready=on_ready,
         )
-        client.username_pw_set(self._username, self._password)
-        if self._tls is not None:
-            client.tls_set_context(self._tls)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self._client = client
-        try:
-            # paho's network loop runs in its own thread; callbacks hop back to this loop with
-            # call_soon_threadsafe, so all state below is only touched from the event loop.
-            # The first connect is blocking (in a worker thread) so an unreachable broker fails at
-            # once instead of after the timeout; reconnects are left to paho's loop.
-            try:
-                await asyncio.to_thread(client.connect, self._host, self._port, 30)
-            except OSError as exc:
-                raise DynsecError("connect", f"{self._host}:{self._port}: {exc}") from exc
-            client.loop_start()
-            async with asyncio.timeout(self._timeout):
-                await self._connected
-                await self._subscribed
-        except TimeoutError:
-            await self.close()
-            raise DynsecError(
-                "connect", f"no CONNACK/SUBACK from {self._host}:{self._port} within {self._timeout}s"
-            ) from None
-        except BaseException:
-            await self.close()
-            raise
-        logger.info("dynsec provisioner connected to %s:%s as %s", self._host, self._port, self._username)
 
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
-            return
-        self._fail_pending(DynsecError("close", "provisioner closed"))
-        client.disconnect()
-        # loop_stop joins paho's thread; do not block the event loop while it winds down.
-        await asyncio.to_thread(client.loop_stop)
+    # ------------------------------------------------------------------ what accounts look like
 
-    def _post(self, handler: Any, *args: Any) -> None:
-        """From paho's thread: run ``handler(*args)`` on the event loop."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed between the check and the call
-            loop.call_soon_threadsafe(handler, *args)
-
-    # paho callbacks (paho thread) ------------------------------------------------
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
-    ) -> None:
-        if not reason_code.is_failure:
-            # Subscribing on every (re)connect: a clean session forgets the subscription. The broker
-            # handles packets of one connection in order, so a command published after this
-            # SUBSCRIBE is answered to the subscription.
-            _rc, mid = client.subscribe(RESPONSE_TOPIC, qos=1)
-            self._post(self._connect_result, reason_code.is_failure, str(reason_code), mid)
-        else:
-            if self._connected is not None and not self._connected.done():
-                # Refused on the first connect: stop paho from retrying credentials the broker
-                # rejected. Done here in paho's thread so its loop exits instead of sleeping in the
-                # reconnect back-off (which would delay close() by up to a second).
-                client.disconnect()
-            self._post(self._connect_result, True, str(reason_code), None)
-
-    def _on_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
-    ) -> None:
-        self._post(self._disconnected, str(reason_code))
-
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
-    ) -> None:
-        failed = [str(rc) for rc in reason_codes if rc.is_failure]
-        self._post(self._subscribe_result, mid, ", ".join(failed) or None)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._post(self._response_received, bytes(message.payload))
-
-    # event-loop side of the callbacks ----------------------------------------------
-
-    def _connect_result(self, failed: bool, reason: str, sub_mid: int | None) -> None:
-        if failed:
-            logger.warning("dynsec provisioner connection refused by broker: %s", reason)
-            if self._connected is not None and not self._connected.done():
-                self._connected.set_exception(DynsecError("connect", f"connection refused: {reason}"))
-            return
-        self._sub_mid = sub_mid
-        if self._connected is not None and not self._connected.done():
-            self._connected.set_result(None)
-
-    def _subscribe_result(self, mid: int, failure: str | None) -> None:
-        if mid != self._sub_mid:
-            return
-        if failure is not None:
-            logger.error("dynsec provisioner may not subscribe to %s: %s", RESPONSE_TOPIC, failure)
-            error = DynsecError("subscribe", f"{RESPONSE_TOPIC} refused: {failure}")
-            self._fail_pending(error)
-            if self._subscribed is not None and not self._subscribed.done():
-                self._subscribed.set_exception(error)
-        elif self._subscribed is not None and not self._subscribed.done():
-            self._subscribed.set_result(None)
-
-    def _disconnected(self, reason: str) -> None:
-        connected = self._connected
-        was_up = connected is not None and connected.done() and not connected.cancelled() and not connected.exception()
-        if self._client is not None and was_up:
-            logger.warning("dynsec provisioner disconnected (%s); paho reconnects", reason)
-        # Whether the broker applied the batch is unknown; every operation reads state before writing,
-        # so the caller can simply retry.
-        self._fail_pending(DynsecError("connection", f"disconnected while waiting for a response: {reason}"))
-
-    def _response_received(self, payload: bytes) -> None:
-        try:
-            document = json.loads(payload)
-            responses = document["responses"]
-            if not isinstance(responses, list):
-                raise TypeError("'responses' is not a list")
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("ignoring malformed dynsec response: %s", exc)
-            return
-        pending_id, future = self._pending_id, self._pending
-        if pending_id is None or future is None or future.done() or not responses:
-            return
-        first = responses[0]
-        correlation = first.get("correlationData") if isinstance(first, dict) else None
-        if not isinstance(correlation, str) or not correlation.startswith(pending_id + ":"):
-            # A late answer to a batch that already timed out, or (2.0.x) the uncorrelated reply to a
-            # payload the broker could not parse.
-            logger.debug("ignoring dynsec response for another batch: %s", correlation)
-            return
-        future.set_result(responses)
-
-    def _fail_pending(self, error: DynsecError) -> None:
-        if self._pending is not None and not self._pending.done():
-            self._pending.set_exception(error)
-
-    # ------------------------------------------------------------------ batches
-
-    async def _send(self, commands: Sequence[Command]) -> list[Response]:
-        """Send one batch and return the broker's responses, in command order. Caller holds the lock."""
-        client = self._client
-        if client is None or self._loop is None:
-            raise DynsecError("send", "provisioner is not connected (use 'async with')")
-        batch_id = uuid.uuid4().hex
-        payload = {"commands": [{**cmd, "correlationData": f"{batch_id}:{i}"} for i, cmd in enumerate(commands)]}
-        names = ",".join(str(cmd["command"]) for cmd in commands)
-        logger.debug("dynsec batch %s: %s", batch_id, _redacted(commands))
-        future: asyncio.Future[list[Response]] = self._loop.create_future()
-        self._pending_id, self._pending = batch_id, future
-        try:
-            # QoS 0 on purpose. With QoS 1 Mosquitto writes the PUBACK and then the response as two
-            # small segments, and without `set_tcp_nodelay` Nagle holds the second until our delayed
-            # ACK: ~44 ms per batch instead of <1 ms. The response is the acknowledgement that
-            # matters, and a connection lost before it fails the batch below (callers retry).
-            info = client.publish(CONTROL_TOPIC, json.dumps(payload), qos=0)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise DynsecError(names, f"publish failed: {mqtt.error_string(info.rc)}")
-            try:
-                async with asyncio.timeout(self._timeout):
-                    responses = await future
-            except TimeoutError:
-                raise DynsecError(
-                    names,
-                    f"no response within {self._timeout}s (may {self._username!r} publish to {CONTROL_TOPIC}?)",
-                ) from None
-        finally:
-            self._pending_id = self._pending = None
-        if len(responses) != len(commands):
-            raise DynsecError(names, f"expected {len(commands)} responses, got {len(responses)}")
-        for cmd, resp in zip(commands, responses, strict=True):
-            if resp.get("command") != cmd["command"]:
-                raise DynsecError(names, f"response order mismatch: {resp.get('command')!r} for {cmd['command']!r}")
-        return responses
-
-    async def _run(self, commands: Sequence[Command], *, tolerate: Sequence[str] = ()) -> list[Response]:
-        """Send a batch; raise DynsecError for the first error not listed in ``tolerate``."""
-        if not commands:
-            return []
-        responses = await self._send(commands)
-        for resp in responses:
-            error = resp.get("error")
-            if error and error not in tolerate:
-                raise DynsecError(str(resp.get("command")), str(error))
-        return responses
-
-    # ------------------------------------------------------------------ reconciliation
-
-    def _device_acls(self, device_id: str) -> list[Command]:
+    def device_acls(self, device_id: str) -> list[Command]:
         acls: list[Command] = []
         for root in self._acl.rendered_roots(device_id):
-            acls.append(_acl("publishClientSend", root + "#", True, _ALLOW_PRIORITY))
+            acls.append(_acl("publishClientSend", root + "#", True, _GENERAL))
             # In MQTT "a/b/#" also matches "a/b" itself; the embedded broker (acl.TopicAcl) only allows
             # topics *under* the root, so deny the bare level to keep both broker modes identical.
-            acls.append(_acl("publishClientSend", root.rstrip("/"), False, _DENY_PRIORITY))
+            acls.append(_acl("publishClientSend", root.rstrip("/"), False, _SPECIFIC))
         for topic in self._acl.rendered_downlink(device_id):
             # A device must not forge its own commands or overwrite its retained desired config.
-            acls.append(_acl("publishClientSend", topic, False, _DENY_PRIORITY))
+            acls.append(_acl("publishClientSend", topic, False, _SPECIFIC))
             # Literal: the filter must equal the topic, so `telemetra/+/cmd` or `#` never pass.
-            acls.append(_acl("subscribeLiteral", topic, True, _ALLOW_PRIORITY))
+            acls.append(_acl("subscribeLiteral", topic, True, _GENERAL))
+            acls.append(_acl("publishClientReceive", topic, True, _SPECIFIC))
+        # Checked at delivery (2.0.11 also checks queued messages): whoever holds a device's session gets
+        # nothing but that device's downlink, even the session of another device or of the collector.
+        acls.append(_acl("publishClientReceive", "#", False, _GENERAL))
         return acls
+
+    def device_spec(self, device_id: str, *, enabled: bool, credential: str | None) -> AccountSpec:
+        _check_device_id(device_id)
+        return AccountSpec(
+            username=device_id,
+            rolename=device_role_name(device_id),
+            acls=self.device_acls(device_id),
+            textname=f"Telemetra device {device_id}",
+            enabled=enabled,
+            credential=credential,
+            client_id=device_id if self._bind_client_id else None,
+        )
 
     @staticmethod
     def _service_acls() -> list[Command]:
         return [
             # The service account must not be able to rewrite credentials: that stays with the admin.
-            _acl("publishClientSend", "$CONTROL/#", False, _DENY_PRIORITY),
-            _acl("subscribePattern", "$CONTROL/#", False, _DENY_PRIORITY),
-            _acl("publishClientSend", "#", True, _ALLOW_PRIORITY),
+            _acl("publishClientSend", "$CONTROL/#", False, _SPECIFIC),
+            _acl("subscribePattern", "$CONTROL/#", False, _SPECIFIC),
+            _acl("publishClientSend", "#", True, _GENERAL),
             # "#" also admits `$share/<group>/...` filters (the broker checks the filter after the
             # share prefix); `$SYS/#` needs its own entry since "#" never matches `$` topics.
-            _acl("subscribePattern", "#", True, _ALLOW_PRIORITY),
-            _acl("subscribePattern", "$SYS/#", True, _ALLOW_PRIORITY),
-            _acl("publishClientReceive", "#", True, _ALLOW_PRIORITY),
-            _acl("publishClientReceive", "$SYS/#", True, _ALLOW_PRIORITY),
-            _acl("unsubscribePattern", "#", True, _ALLOW_PRIORITY),
+            _acl("subscribePattern", "#", True, _GENERAL),
+            _acl("subscribePattern", "$SYS/#", True, _GENERAL),
+            _acl("publishClientReceive", "#", True, _GENERAL),
+            _acl("publishClientReceive", "$SYS/#", True, _GENERAL),
+            _acl("unsubscribePattern", "#", True, _GENERAL),
         ]
 
-    async def _reconcile(
-        self,
-        username: str,
-        rolename: str,
-        acls: list[Command],
-        password: str | None,
-        enabled: bool,
-        textname: str,
-    ) -> None:
-        """Make client ``username`` exist with exactly role ``rolename`` (holding ``acls``).
+    # ------------------------------------------------------------------ reading
 
-        Reads first and changes only what differs, because every change disconnects the client.
-        Another process racing us to create the same client or role makes a create fail with
-        "already exists"; the second pass then sees it and updates instead.
-        """
-        for attempt in range(3):
-            role_resp, client_resp = await self._run(
-                [
-                    {"command": "getRole", "rolename": rolename},
-                    {"command": "getClient", "username": username},
-                ],
-                tolerate=(_ROLE_NOT_FOUND, _CLIENT_NOT_FOUND),
-            )
-            commands: list[Command] = []
-            narrowed = False
-            role = None if role_resp.get("error") else role_resp.get("data", {}).get("role", {})
-            if role is None:
-                commands.append({"command": "createRole", "rolename": rolename, "acls": acls})
-            else:
-                current = set(map(_acl_key, role.get("acls", [])))
-                wanted = set(map(_acl_key, acls))
-                if current != wanted:
-                    # modifyRole with "acls" replaces the whole list in one step (no window without).
-                    commands.append({"command": "modifyRole", "rolename": rolename, "acls": acls})
-                    narrowed = bool(current - wanted)
+    async def _read(self, username: str, rolename: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        role_resp, client_resp = await self._run(
+            [{"command": "getRole", "rolename": rolename}, {"command": "getClient", "username": username}],
+            tolerate=(_ROLE_NOT_FOUND, _CLIENT_NOT_FOUND),
+        )
+        role = None if role_resp.get("error") else role_resp.get("data", {}).get("role", {})
+        client = None if client_resp.get("error") else client_resp.get("data", {}).get("client", {})
+        return client, role
 
-            client = None if client_resp.get("error") else client_resp.get("data", {}).get("client", {})
-            if client is None:
-                create: Command = {
-                    "command": "createClient",
-                    "username": username,
-                    "textname": textname,
-                    "roles": [{"rolename": rolename}],
-                }
-                if password:
-                    create["password"] = password
-                commands.append(create)
-                if not enabled:
-                    # Same batch as createClient: the broker applies both before reading more packets.
-                    commands.append({"command": "disableClient", "username": username})
-            else:
-                _check_owned(username, client, rolename, "modifyClient")
-                if rolename not in {r.get("rolename") for r in client.get("roles", [])}:
-                    commands.append({"command": "addClientRole", "username": username, "rolename": rolename})
-                if password:
-                    commands.append({"command": "setClientPassword", "username": username, "password": password})
-                disabled = bool(client.get("disabled", False))
-                if not enabled:
-                    if not disabled:
-                        commands.append({"command": "disableClient", "username": username})
-                elif disabled:
-                    commands.append({"command": "enableClient", "username": username})
-                elif narrowed and not password:
-                    # 2.0.11 checks publish ACLs live but keeps subscriptions made under the old ACLs
-                    # after modifyRole, and has no kick command: disable+enable in one batch drops the
-                    # client's sessions (they reconnect under the new ACLs) without a window in which
-                    # the device is actually refused.
-                    commands.append({"command": "disableClient", "username": username})
-                    commands.append({"command": "enableClient", "username": username})
+    async def accounts(self) -> BrokerAccounts:
+        """Every client and role the broker has, page by page (each page is one short lock hold)."""
+        clients = await self._list("listClients", "clients", "username")
+        roles = await self._list("listRoles", "roles", "rolename")
+        return BrokerAccounts(clients, roles)
 
-            try:
-                await self._run(commands)
-            except DynsecError as exc:
-                if exc.error in _ALREADY_EXISTS and attempt < 2:
-                    logger.info("dynsec %s raced with another provisioner; re-reading", exc.command)
-                    continue
-                raise
-            if commands:
-                logger.info("dynsec reconciled %s: %s", username, ", ".join(str(c["command"]) for c in commands))
-            return
+    async def _list(self, command: str, key: str, name: str) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        offset = 0
+        while True:
+            (resp,) = await self.run([{"command": command, "verbose": True, "count": _PAGE, "offset": offset}])
+            page = resp.get("data", {}).get(key, [])
+            for item in page:
+                found[str(item.get(name))] = item
+            offset += len(page)
+            if len(page) < _PAGE or offset >= int(resp.get("data", {}).get("totalCount", 0)):
+                return found
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ changing
+
+    async def apply(self, spec: AccountSpec, *, password: str | None = None) -> Plan:
+        """Make the account match ``spec``: read the broker's copy, send only what differs (every change
+        disconnects the client). Returns what was done. Another process racing us to create the same
+        client or role makes a create fail with "already exists"; the next pass sees it and updates."""
+        async with self._lock:
+            for attempt in range(3):
+                client, role = await self._read(spec.username, spec.rolename)
+                plan = plan_account(spec, password=password, client=client, role=role)
+                try:
+                    await self._run(plan.commands)
+                except DynsecError as exc:
+                    if exc.error in _ALREADY_EXISTS and attempt < 2:
+                        logger.info("dynsec %s raced with another provisioner; re-reading", exc.command)
+                        continue
+                    raise
+                if plan.commands:
+                    names = ", ".join(str(c["command"]) for c in plan.commands)
+                    logger.info("dynsec reconciled %s: %s", spec.username, names)
+                return plan
+        raise AssertionError("unreachable")
+
+    async def remove_device(self, device_id: str) -> Plan:
+        """Delete the device's client (disconnecting it) and its role, those that exist."""
+        _check_device_id(device_id)
+        async with self._lock:
+            client, role = await self._read(device_id, device_role_name(device_id))
+            plan = plan_removal(device_id, client=client, role=role)
+            await self._run(plan.commands, tolerate=(_CLIENT_NOT_FOUND, _ROLE_NOT_FOUND))
+        if plan.commands:
+            logger.info("dynsec device %s deleted", device_id)
+        return plan
 
     async def upsert_device(self, device_id: str, password: str | None, *, enabled: bool = True) -> None:
         """Create or update the device's client and role. Idempotent.
 
         ``password=None`` leaves an existing password unchanged (a new client then has none and cannot
-        connect until one is set). Passing a password always rewrites it, which disconnects the
-        device's open sessions, so pass it only when it changed.
+        connect until one is set). A password the broker already holds (same fingerprint) is not
+        rewritten, so repeating an upsert disconnects no one.
         """
         _check_device_id(device_id)
-        async with self._lock:
-            await self._reconcile(
-                device_id,
-                device_role_name(device_id),
-                self._device_acls(device_id),
-                password,
-                enabled,
-                textname=f"Telemetra device {device_id}",
-            )
+        credential = secret_fingerprint(password) if password else None
+        await self.apply(self.device_spec(device_id, enabled=enabled, credential=credential), password=password)
 
     async def set_password(self, device_id: str, password: str) -> None:
         """Rotate a device's password; its open sessions are disconnected. DynsecError if unknown."""
         _check_device_id(device_id)
         if not password:
             raise ValueError("password must not be empty")
-        async with self._lock:
-            await self._owned_device(device_id, "setClientPassword", missing_ok=False)
-            await self._run([{"command": "setClientPassword", "username": device_id, "password": password}])
+        client = await self._owned_device(device_id, "setClientPassword", missing_ok=False)
+        assert client is not None
+        spec = self.device_spec(device_id, enabled=not client.get("disabled"), credential=secret_fingerprint(password))
+        await self.apply(spec, password=password)
         logger.info("dynsec password rotated for device %s", device_id)
 
     async def set_enabled(self, device_id: str, enabled: bool) -> None:
         """Enable or disable a device; disabling also disconnects it. DynsecError if unknown."""
         _check_device_id(device_id)
-        async with self._lock:
-            command = "enableClient" if enabled else "disableClient"
-            await self._owned_device(device_id, command, missing_ok=False)
-            await self._run([{"command": command, "username": device_id}])
+        command = "enableClient" if enabled else "disableClient"
+        await self._owned_device(device_id, command, missing_ok=False)
+        await self.run([{"command": command, "username": device_id}])
         logger.info("dynsec device %s %s", device_id, "enabled" if enabled else "disabled")
 
     async def delete_device(self, device_id: str) -> None:
         """Delete the device's client (disconnecting it) and its role. Missing ones are fine."""
-        _check_device_id(device_id)
-        async with self._lock:
-            await self._owned_device(device_id, "deleteClient", missing_ok=True)
-            await self._run(
-                [
-                    {"command": "deleteClient", "username": device_id},
-                    {"command": "deleteRole", "rolename": device_role_name(device_id)},
-                ],
-                tolerate=(_CLIENT_NOT_FOUND, _ROLE_NOT_FOUND),
-            )
-        logger.info("dynsec device %s deleted", device_id)
+        await self.remove_device(device_id)
 
-    async def _owned_device(self, device_id: str, command: str, *, missing_ok: bool) -> None:
-        """Raise DynsecError unless client ``device_id`` is a Telemetra device (or missing and that is ok).
+    async def _owned_device(self, device_id: str, command: str, *, missing_ok: bool) -> dict[str, Any] | None:
+        """The client ``device_id`` if it is a Telemetra device; DynsecError if it is someone else's (or
+        missing, unless that is ok).
 
         Mosquitto has no conditional commands, so the check and the change are two round trips; the
         window only matters if someone attaches foreign roles to a device client in between.
         """
-        (resp,) = await self._run([{"command": "getClient", "username": device_id}], tolerate=(_CLIENT_NOT_FOUND,))
+        (resp,) = await self.run([{"command": "getClient", "username": device_id}], tolerate=(_CLIENT_NOT_FOUND,))
         if resp.get("error"):
             if not missing_ok:
                 raise DynsecError(command, _CLIENT_NOT_FOUND)
-            return
-        _check_owned(device_id, resp.get("data", {}).get("client", {}), device_role_name(device_id), command)
+            return None
+        client: dict[str, Any] = resp.get("data", {}).get("client", {})
+        plan_removal(device_id, client=client, role=None)  # raises when not ours
+        return client
 
     async def ensure_service_account(self, username: str, password: str) -> None:
         """Make the backend's account exist with role ``telemetra-service`` (everything but $CONTROL).
@@ -574,15 +309,14 @@ class DynsecProvisioner:
         if username.startswith(DEVICE_ROLE_PREFIX):
             raise ValueError(f"service account name must not start with {DEVICE_ROLE_PREFIX!r}")
         password_ok = await self._probe_login(username, password)
-        async with self._lock:
-            await self._reconcile(
-                username,
-                SERVICE_ROLE,
-                self._service_acls(),
-                None if password_ok else password,
-                True,
-                textname="Telemetra service account",
-            )
+        spec = AccountSpec(
+            username=username,
+            rolename=SERVICE_ROLE,
+            acls=self._service_acls(),
+            textname="Telemetra service account",
+            enabled=True,
+        )
+        await self.apply(spec, password=None if password_ok else password)
 
     async def _probe_login(self, username: str, password: str) -> bool:
         """True when the broker accepts ``username``/``password`` right now."""

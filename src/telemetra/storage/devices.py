@@ -33,6 +33,15 @@ class DevicePage:
     total: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceCredentials:
+    """What a broker's copy of the registry needs about one device."""
+
+    id: str
+    secret_hash: str | None
+    disabled: bool
+
+
 class DeviceRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -108,6 +117,16 @@ class DeviceRepository:
                 await conn.execute(select(table).where(*conditions).order_by(Device.id).limit(limit).offset(offset))
             ).all()
         return DevicePage([_from_row(r) for r in rows], int(total))
+
+    async def credentials(self, device_id: str | None = None) -> list[DeviceCredentials]:
+        """Every device's (or one device's) credential hash and enabled flag: the registry side of a
+        reconciliation with the MQTT broker's accounts."""
+        query = select(Device.id, Device.secret_hash, Device.disabled)
+        if device_id is not None:
+            query = query.where(Device.id == device_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [DeviceCredentials(r.id, r.secret_hash, bool(r.disabled)) for r in rows]
 
     async def update(self, device_id: str, *, now_ms: int, **fields: Any) -> Device:
         values = {k: v for k, v in fields.items() if k in _EDITABLE}
