@@ -12,22 +12,26 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from telemetra.api.deps import Services
+from telemetra.config import Settings
+from telemetra.domain.errors import Overloaded
 from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
 from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.connection import BrokerAddress, parse_broker_url, tls_context
 from telemetra.mqtt.dynsec import DynsecProvisioner
 from telemetra.mqtt.embedded import EmbeddedBroker
 from telemetra.mqtt.inbound import Inbound
-from telemetra.mqtt.routes import RouteTable, build_routes
+from telemetra.mqtt.presets import build_table
+from telemetra.mqtt.rejections import RejectionGate, RejectionLimiter
+from telemetra.mqtt.routes import RouteTable
 
 log = logging.getLogger(__name__)
 
 SERVICE_USERNAME = "telemetra-service"
 
 
-def route_table(services: Services) -> RouteTable:
-    s = services.settings
-    return RouteTable(build_routes(s.mqtt_prefix, s.mqtt_presets, s.mqtt_routes), downlink_prefix=s.mqtt_prefix)
+def route_table(settings: Settings) -> RouteTable:
+    """The enabled presets' routes and downlinks (``ValueError`` when they would let devices overlap)."""
+    return build_table(settings.mqtt_prefix, settings.mqtt_presets, settings.mqtt_routes)
 
 
 async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
@@ -36,8 +40,12 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     if not settings.mqtt_url and settings.mqtt_port == 0:
         probes["mqtt"] = lambda: {"status": "off"}
         return
-    table = route_table(services)
-    acl = TopicAcl(device_roots=table.device_roots, downlink=table.downlink)
+    table = route_table(settings)
+    acl = TopicAcl(device_roots=table.publish_filters, downlink=table.downlink)
+    gate = RejectionGate(RejectionLimiter(settings.rejected_per_minute), services.metrics)
+    inbound = Inbound(
+        table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes, gate=gate
+    )
     if settings.mqtt_url:
         address = parse_broker_url(settings.mqtt_url)
         tls = tls_context(settings) if address.tls else None
@@ -48,7 +56,11 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     else:
         password = secrets.token_urlsafe(24)
         broker = EmbeddedBroker(
-            host=settings.mqtt_host, port=settings.mqtt_port, authenticate=_registry_auth(services, password), acl=acl
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            authenticate=_registry_auth(services, password),
+            acl=acl,
+            on_refused=_keep_refused(services, inbound),
         )
         await stack.enter_async_context(broker)
         _follow_registry_embedded(services, stack, broker)
@@ -63,7 +75,7 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
         client_id=_client_id(settings.mqtt_client_id, settings.port),
         subscriptions=table.subscriptions,
         share_group=share_group,
-        inbound=Inbound(table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes),
+        inbound=inbound,
         queue=services.queue,
         metrics=services.metrics,
         tls=tls,
@@ -102,6 +114,24 @@ def _registry_auth(services: Services, service_password: str) -> Any:
     return authenticate
 
 
+def _keep_refused(services: Services, inbound: Inbound) -> Any:
+    """The embedded broker's ACL refusals, into the rejected-messages store (within the device's allowance).
+    Without waiting for the commit: the broker's connection loop must not stall on storage."""
+
+    def keep(principal: MqttPrincipal | None, topic: str, payload: bytes) -> None:
+        batch = inbound.refused_publish(principal.device_id if principal else None, topic, payload)
+        if not batch.rejected:
+            return
+        try:
+            future = services.queue.submit_nowait(batch, transport="mqtt")
+        except Overloaded:
+            services.metrics.rejected_unkept.labels("mqtt").inc()  # the queue is full: counted, not kept
+            return
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    return keep
+
+
 def _follow_registry_embedded(services: Services, stack: AsyncExitStack, broker: EmbeddedBroker) -> None:
     """The embedded broker checks credentials only at CONNECT: close the connections of a device whose
     credentials stop being valid. registry_changed() has already dropped them from the directory cache,
@@ -131,7 +161,7 @@ async def _provision_mosquitto(
         port=address.port,
         username=settings.mqtt_dynsec_username,
         password=settings.mqtt_dynsec_password,
-        device_roots=table.device_roots,
+        device_roots=table.publish_filters,
         downlink=table.downlink,
         tls=tls,
     )

@@ -58,6 +58,7 @@ class DeviceReport:
     name: str | None = None
     role: str | None = None
     reported_config: dict[str, Any] | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,9 @@ class Batch:
     register: list[AutoRegister] = field(default_factory=list)
     alerts: list[AlertRaise] = field(default_factory=list)
     acks: list[CommandAck] = field(default_factory=list)
+    # Messages refused and counted but not kept, because their device used up its allowance of rejected
+    # records (mqtt.rejections): nothing to write, but the message was not taken either.
+    suppressed: int = 0
 
     @property
     def point_count(self) -> int:
@@ -153,3 +157,4 @@ class Batch:
         self.register.extend(other.register)
         self.alerts.extend(other.alerts)
         self.acks.extend(other.acks)
+        self.suppressed += other.suppressed

@@ -36,6 +36,8 @@ from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
 logger = logging.getLogger(__name__)
 
 Authenticate = Callable[[str | None, str | None], Awaitable[MqttPrincipal | None]]
+# Told of every publish the ACL refuses (principal, topic, payload): nothing refused may be silent.
+RefusedPublish = Callable[[MqttPrincipal | None, str, bytes], None]
 
 # amqtt reserves `Session.attributes` for extensions, keyed by a namespaced string. Keeping the
 # principal on the session (rather than in a dict keyed by client id) means it disappears with the
@@ -68,9 +70,18 @@ def principal_of(session: Session | None) -> MqttPrincipal | None:
 class AccessGate:
     """Connect-time authentication and per-packet authorization."""
 
-    def __init__(self, authenticate: Authenticate, acl: TopicAcl) -> None:
+    def __init__(self, authenticate: Authenticate, acl: TopicAcl, on_refused: RefusedPublish | None = None) -> None:
         self._authenticate = authenticate
         self._acl = acl
+        self._on_refused = on_refused
+
+    def refused(self, session: Session, topic: str, payload: bytes) -> None:
+        if self._on_refused is None:
+            return
+        try:
+            self._on_refused(principal_of(session), topic, payload)
+        except Exception:  # keeping the record must never break the connection
+            logger.exception("could not keep the refused publish to %r", topic)
 
     async def admit(self, session: Session) -> Connack:
         """Authenticate a fresh CONNECT; on success the principal is stored on the session."""
@@ -334,6 +345,19 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             )
             return False
         return self._gate.permits(session, topic, action)
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        # Upstream only logs a publish the ACL refuses; tell the gate, which keeps it as a rejected
+        # message. Malformed topics (empty, wildcards, `$`) are left to upstream, which disconnects.
+        message = wait_deliver.result()
+        topic = getattr(message, "topic", None)
+        if topic and "+" not in topic and "#" not in topic and not topic.startswith("$"):
+            if not self._gate.permits(client_session, topic, Action.PUBLISH):
+                self._gate.refused(client_session, topic, bytes(message.data or b""))
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

@@ -373,7 +373,7 @@ class Collector:
                 batch = Batch()
                 for part in parts:
                     batch.extend(part)
-            rejected = sum(1 for part in parts if part.rejected)
+            rejected = sum(1 for part in parts if part.rejected or part.suppressed)
             if rejected:
                 self._rejected.inc(rejected)
             if rejected < len(parts):

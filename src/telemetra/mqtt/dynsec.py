@@ -148,8 +148,8 @@ class DynsecProvisioner:
         timeout: float = 10.0,
         client_id: str | None = None,
     ) -> None:
-        # TopicAcl validates the templates ({device} exactly once, roots end with '/', no wildcards),
-        # the same rules the embedded broker uses.
+        # TopicAcl validates the templates ({device} exactly once, publish filters "a/+/{device}/#", exact
+        # downlink topics), the same rules the embedded broker uses.
         self._acl = TopicAcl(device_roots=tuple(device_roots), downlink=tuple(downlink))
         self._host = host
         self._port = port
@@ -387,11 +387,9 @@ class DynsecProvisioner:
 
     def _device_acls(self, device_id: str) -> list[Command]:
         acls: list[Command] = []
-        for root in self._acl.rendered_roots(device_id):
-            acls.append(_acl("publishClientSend", root + "#", True, _ALLOW_PRIORITY))
-            # In MQTT "a/b/#" also matches "a/b" itself; the embedded broker (acl.TopicAcl) only allows
-            # topics *under* the root, so deny the bare level to keep both broker modes identical.
-            acls.append(_acl("publishClientSend", root.rstrip("/"), False, _DENY_PRIORITY))
+        for topic_filter in self._acl.rendered_publish(device_id):
+            # MQTT filters ("a/+/<id>/#", which also matches "a/+/<id>"), as the embedded broker reads them.
+            acls.append(_acl("publishClientSend", topic_filter, True, _ALLOW_PRIORITY))
         for topic in self._acl.rendered_downlink(device_id):
             # A device must not forge its own commands or overwrite its retained desired config.
             acls.append(_acl("publishClientSend", topic, False, _DENY_PRIORITY))

@@ -13,7 +13,7 @@ from types import TracebackType
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import BrokerError
 
-from telemetra.mqtt._amqtt_broker import AccessGate, Authenticate, GuardedBroker
+from telemetra.mqtt._amqtt_broker import AccessGate, Authenticate, GuardedBroker, RefusedPublish
 from telemetra.mqtt.acl import TopicAcl
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,14 @@ class EmbeddedBroker:
         port: int,
         authenticate: Authenticate,
         acl: TopicAcl,
+        on_refused: RefusedPublish | None = None,
         connect_timeout: float = 10.0,
         amqtt_log_level: int | None = logging.WARNING,
     ) -> None:
+        """``on_refused`` hears of each publish the ACL refuses (to keep it as a rejected message)."""
         self._host = host
         self._requested_port = port
-        self._gate = AccessGate(authenticate, acl)
+        self._gate = AccessGate(authenticate, acl, on_refused)
         self._connect_timeout = connect_timeout
         self._broker: GuardedBroker | None = None
         self._port: int | None = None
