@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from telemetra.domain.principal import parse_networks
+from telemetra.mqtt.presets import build_table
 
 # Admin keys shorter than this are refused outside development: they guard every device's data.
 MIN_ADMIN_KEY_LENGTH = 32
@@ -172,6 +173,12 @@ class Settings(BaseSettings):
         if not value.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
             raise ValueError("MQTT URL must look like mqtt://user:password@host:1883 or mqtts://…")
         return value
+
+    @model_validator(mode="after")
+    def _routes_consistent(self) -> Settings:
+        # Refused here, at start, rather than when MQTT comes up: conflicting presets or a bad extra route.
+        build_table(self.mqtt_prefix, self.mqtt_presets, self.mqtt_routes)
+        return self
 
     @model_validator(mode="after")
     def _dynsec_pair(self) -> Settings:
