@@ -104,11 +104,11 @@ def test_migrate_create_list_rotate(workdir: Path) -> None:
     assert first_key not in json.dumps(listed)
 
     # The key printed by the CLI works against the server on the same database.
-    assert asyncio.run(ingest_statuses(workdir, [first_key])) == [202]
+    assert asyncio.run(ingest_statuses(workdir, [first_key])) == [201]
 
     rotated = json.loads(ok(cli(workdir, "devices", "rotate", "X")))
     assert rotated["device_id"] == "X" and rotated["api_key"] != first_key
-    assert asyncio.run(ingest_statuses(workdir, [first_key, rotated["api_key"]])) == [401, 202]
+    assert asyncio.run(ingest_statuses(workdir, [first_key, rotated["api_key"]])) == [401, 201]
 
     missing = cli(workdir, "devices", "rotate", "nope")
     assert missing.returncode == 1 and "'nope' not found" in missing.stderr
@@ -146,6 +146,9 @@ def test_claim_codes(workdir: Path) -> None:
     [
         ({"TELEMETRA_DATABASE_URL": "mysql://db/x"}, "DATABASE_URL must be"),
         ({"TELEMETRA_ENV": "production", "TELEMETRA_ADMIN_KEYS": "weakkey-Q9"}, "at least 32 characters"),
+        ({"TELEMETRA_MQTT_PRESETS": "paku,paku-iot"}, "one device could publish as another"),
+        ({"TELEMETRA_MQTT_ROUTES": "site/up=telemetry"}, "needs {device} exactly once"),
+        ({"TELEMETRA_TRUSTED_NETWORKS": "10.0.0.0/40"}, "not an IP network"),
     ],
 )
 def test_invalid_settings_exit_non_zero_with_a_clear_message(workdir: Path, env: dict[str, str], message: str) -> None:
@@ -168,7 +171,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, workdir: Path, log: Path) -> None:
+    def __init__(self, workdir: Path, log: Path, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -176,7 +179,7 @@ class Server:
         self.process = subprocess.Popen(
             [*COMMAND, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=workdir,
-            env=clean_env(workdir / "data", TELEMETRA_LOG_LEVEL="WARNING"),
+            env=clean_env(workdir / "data", TELEMETRA_LOG_LEVEL="WARNING", **env),
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
@@ -230,7 +233,7 @@ def test_serve_generates_an_admin_key_once(workdir: Path, serve: list[Server]) -
     first = Server(workdir, workdir / "serve-1.log")
     serve.append(first)
     health = first.wait_healthy()
-    assert health["status"] == "ok"
+    assert health["status"] == "healthy"
 
     key_file = workdir / "data" / "admin.key"
     assert key_file.exists()
@@ -244,7 +247,7 @@ def test_serve_generates_an_admin_key_once(workdir: Path, serve: list[Server]) -
     r = httpx.post(f"{first.url}/api/v1/devices", json={"id": "served"}, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 201
     device_key = r.json()["credentials"]["api_key"]
-    assert httpx.post(f"{first.url}/api/v1/ingest", json={"t": 1}, headers={"X-API-Key": device_key}).status_code == 202
+    assert httpx.post(f"{first.url}/api/v1/ingest", json={"t": 1}, headers={"X-API-Key": device_key}).status_code == 201
 
     assert first.stop()  # a clean shutdown on SIGTERM
     output = first.output()
@@ -259,3 +262,25 @@ def test_serve_generates_an_admin_key_once(workdir: Path, serve: list[Server]) -
     assert second.stop()
     assert "Generated admin key" not in second.output() and key not in second.output()
     assert key_file.read_text().strip() == key
+
+
+def test_trusted_network_behind_a_proxy_on_the_same_host(workdir: Path, serve: list[Server]) -> None:
+    """The README's nginx setup: every request reaches Telemetra from 127.0.0.1, and uvicorn takes the
+    client's address from X-Forwarded-For (127.0.0.1 is the proxy it trusts by default). So a trusted
+    192.168.1.0/24 lets the LAN's key-less dashboards in, and neither the world nor the proxy itself."""
+    server = Server(
+        workdir,
+        workdir / "serve.log",
+        TELEMETRA_TRUSTED_NETWORKS="192.168.1.0/24",
+        TELEMETRA_TRUSTED_ROLE="viewer",
+        TELEMETRA_ADMIN_KEYS=ADMIN["X-API-Key"],
+    )
+    serve.append(server)
+    server.wait_healthy()
+    lan = httpx.get(f"{server.url}/api/v1/nodes", headers={"X-Forwarded-For": "192.168.1.20"})
+    assert lan.status_code == 200 and lan.json() == []
+    world = httpx.get(f"{server.url}/api/v1/nodes", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert world.status_code == 401
+    assert httpx.get(f"{server.url}/api/v1/nodes").status_code == 401  # 127.0.0.1 is not in the network
+    assert server.stop()
+    assert "TELEMETRA_TRUSTED_NETWORKS is set" in server.output() and "viewer" in server.output()

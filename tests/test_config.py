@@ -59,6 +59,18 @@ def test_defaults() -> None:
         ("DEVICE_API_KEYS", "key-one, key-two,,key-three ", "device_api_keys", ["key-one", "key-two", "key-three"]),
         ("TELEMETRA_DEVICE_API_KEYS", "solo", "device_api_keys", ["solo"]),
         ("TELEMETRA_ADMIN_KEYS", "a1,a2", "admin_keys", ["a1", "a2"]),
+        ("TELEMETRA_MQTT_PRESETS", "paku-iot", "mqtt_presets", ["paku-iot"]),
+        ("TELEMETRA_OPERATOR_KEYS", "o1, o2", "operator_keys", ["o1", "o2"]),
+        ("TELEMETRA_VIEWER_KEYS", "v1", "viewer_keys", ["v1"]),
+        ("TELEMETRA_TRUSTED_NETWORKS", "192.168.1.0/24, fd00::/8", "trusted_networks", ["192.168.1.0/24", "fd00::/8"]),
+        ("TELEMETRA_TRUSTED_ROLE", "operator", "trusted_role", "operator"),
+        (
+            "TELEMETRA_CORS_ORIGINS",
+            "http://a.local,http://b.local",
+            "cors_origins",
+            ["http://a.local", "http://b.local"],
+        ),
+        ("TELEMETRA_REJECTED_PER_MINUTE", "3", "rejected_per_minute", 3),
     ],
 )
 def test_environment_names(

@@ -8,10 +8,21 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from telemetra import __version__
-from telemetra.api import alerts, aliases, commands, devices, health, ingest, telemetry
-from telemetra.api.deps import Services
+from telemetra.api import (
+    alerts,
+    commands,
+    compat_heatpump,
+    compat_iotmesh,
+    compat_telemetry_app,
+    devices,
+    health,
+    ingest,
+    telemetry,
+)
+from telemetra.api.deps import Services, warn_open_access
 from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
@@ -22,7 +33,8 @@ from telemetra.ingest.queue import IngestQueue
 from telemetra.ingest.service import IngestService
 from telemetra.metrics import Metrics
 from telemetra.mqtt.downlink import CommandService
-from telemetra.mqtt_runtime import start_mqtt
+from telemetra.mqtt.shapes import DownlinkPlan
+from telemetra.mqtt_runtime import route_table, start_mqtt
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
@@ -61,18 +73,15 @@ def build_services(settings: Settings, metrics: Metrics, database: DatabaseState
         commits_in_flight=1 if engine.dialect.name == "sqlite" else settings.ingest_commits_in_flight,
     )
     devices = DeviceRepository(engine)
-    prefix = settings.mqtt_prefix
+    mqtt_on = bool(settings.mqtt_url) or settings.mqtt_port != 0
+    # Each enabled preset's own command and config topics and shapes (mqtt.presets); none without MQTT.
+    downlinks = route_table(settings).downlinks if mqtt_on else []
 
     async def online(device_id: str) -> bool:
         device = await devices.find(device_id)
         return bool(device and device.online)
 
-    commands = CommandService(
-        CommandRepository(engine),
-        topic_for=lambda d: f"{prefix}/{d}/cmd",
-        config_topic_for=lambda d: f"{prefix}/{d}/config",
-        is_online=online,
-    )
+    commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online)
     queue.add_listener(commands.on_commit)
     return Services(
         settings=settings,
@@ -103,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
         services = build_services(settings, metrics, database, admin_keys)
         app.state.services = services
+        warn_open_access(settings)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
             await migrate(services.engine)
@@ -138,9 +148,21 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
     install_error_handlers(app, database)
-    for module in (ingest, devices, telemetry, commands, alerts, health, aliases):
+    # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
+    own = (ingest, devices, telemetry, commands, alerts, health)
+    for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.
     app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.cors_origins:
+        # Outermost: a browser's preflight is answered before anything else looks at the request. Keys
+        # travel in headers, never cookies, so credentials stay off.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            max_age=600,
+        )
     return app

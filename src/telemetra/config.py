@@ -14,6 +14,9 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from telemetra.domain.principal import parse_networks
+from telemetra.mqtt.presets import build_table
+
 # Admin keys shorter than this are refused outside development: they guard every device's data.
 MIN_ADMIN_KEY_LENGTH = 32
 
@@ -47,6 +50,12 @@ class Settings(BaseSettings):
     device_api_keys: CommaList = Field(
         default_factory=list, validation_alias=_alias("DEVICE_API_KEYS", "DEVICE_API_KEYS")
     )
+    # Roles on keys and key-less access (SPEC §1, CLIENTS.md "Clients that send no key").
+    operator_keys: CommaList = Field(default_factory=list, validation_alias=_alias("OPERATOR_KEYS"))
+    viewer_keys: CommaList = Field(default_factory=list, validation_alias=_alias("VIEWER_KEYS"))
+    trusted_networks: CommaList = Field(default_factory=list, validation_alias=_alias("TRUSTED_NETWORKS"))
+    trusted_role: Literal["admin", "operator", "viewer"] = Field("viewer", validation_alias=_alias("TRUSTED_ROLE"))
+    cors_origins: CommaList = Field(default_factory=list, validation_alias=_alias("CORS_ORIGINS"))
     allow_anonymous_nodes: bool = Field(False, validation_alias=_alias("ALLOW_ANONYMOUS_NODES"))
     gateway_auto_register: bool = Field(True, validation_alias=_alias("GATEWAY_AUTO_REGISTER"))
     claim_code_ttl_s: int = Field(7 * 24 * 3600, ge=60, validation_alias=_alias("CLAIM_CODE_TTL_S"))
@@ -77,6 +86,8 @@ class Settings(BaseSettings):
     max_future_skew_s: int = Field(300, ge=0, validation_alias=_alias("MAX_FUTURE_SKEW_S"))
     max_past_age_days: int = Field(3650, ge=1, validation_alias=_alias("MAX_PAST_AGE_DAYS"))
     offline_after_s: int = Field(120, ge=5, validation_alias=_alias("OFFLINE_AFTER_S"))
+    # Refused MQTT messages kept per device (or per topic root) and minute; the rest are only counted.
+    rejected_per_minute: int = Field(10, ge=0, validation_alias=_alias("REJECTED_PER_MINUTE"))
 
     # MQTT (SPEC §2).
     mqtt_url: str | None = Field(None, validation_alias=_alias("MQTT_URL"))
@@ -104,9 +115,17 @@ class Settings(BaseSettings):
     mqtt_dynsec_username: str | None = Field(None, validation_alias=_alias("MQTT_DYNSEC_USERNAME"))
     mqtt_dynsec_password: str | None = Field(None, validation_alias=_alias("MQTT_DYNSEC_PASSWORD"))
 
-    _split = field_validator("admin_keys", "device_api_keys", "mqtt_presets", "mqtt_routes", mode="before")(
-        _split_commas
-    )
+    _split = field_validator(
+        "admin_keys",
+        "device_api_keys",
+        "operator_keys",
+        "viewer_keys",
+        "trusted_networks",
+        "cors_origins",
+        "mqtt_presets",
+        "mqtt_routes",
+        mode="before",
+    )(_split_commas)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -150,9 +169,16 @@ class Settings(BaseSettings):
     @field_validator("mqtt_presets")
     @classmethod
     def _known_presets(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - {"default", "paku", "telemetra", "heatpump"})
+        known = ("default", "paku", "telemetra", "heatpump", "paku-iot")
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"unknown MQTT preset(s) {unknown}; known: default, paku, telemetra, heatpump")
+            raise ValueError(f"unknown MQTT preset(s) {unknown}; known: {', '.join(known)}")
+        return value
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)  # refuses a bad CIDR at start, naming it
         return value
 
     @field_validator("mqtt_url")
@@ -165,6 +191,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _routes_consistent(self) -> Settings:
+        # Refused here, at start, rather than when MQTT comes up: conflicting presets or a bad extra route.
+        build_table(self.mqtt_prefix, self.mqtt_presets, self.mqtt_routes)
+        return self
+
+    @model_validator(mode="after")
     def _dynsec_pair(self) -> Settings:
         if bool(self.mqtt_dynsec_username) != bool(self.mqtt_dynsec_password):
             raise ValueError("set both TELEMETRA_MQTT_DYNSEC_USERNAME and TELEMETRA_MQTT_DYNSEC_PASSWORD, or neither")
@@ -172,11 +204,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _admin_keys_strong(self) -> Settings:
+        roles = (set(self.all_admin_keys), set(self.operator_keys), set(self.viewer_keys))
+        if (roles[0] & roles[1]) or (roles[0] & roles[2]) or (roles[1] & roles[2]):
+            raise ValueError("a key is listed for two roles (admin, operator, viewer); give each role its own keys")
+        staff = [k for keys in roles for k in keys]
         if self.env != "development":
-            weak = [k for k in self.all_admin_keys if len(k) < MIN_ADMIN_KEY_LENGTH]
+            weak = [k for k in staff if len(k) < MIN_ADMIN_KEY_LENGTH]
             if weak:
                 raise ValueError(
-                    f"admin keys must be at least {MIN_ADMIN_KEY_LENGTH} characters outside development "
+                    f"admin, operator and viewer keys must be at least {MIN_ADMIN_KEY_LENGTH} characters "
+                    "outside development "
                     f"({len(weak)} too short); generate one with: python -c 'import secrets; "
                     "print(secrets.token_urlsafe(32))'"
                 )

@@ -25,6 +25,12 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.rejected_unkept = Counter(
+            "telemetra_rejected_unkept",
+            "Refused messages counted but not kept: their device used up its allowance of rejected records",
+            ["transport"],
+            registry=r,
+        )
         self.batches = Counter("telemetra_batches", "Group-commit batches written", registry=r)
         self.batch_failures = Counter("telemetra_batch_failures", "Batches whose commit failed", registry=r)
         self.batch_seconds = Histogram(

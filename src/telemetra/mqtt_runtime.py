@@ -10,6 +10,8 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from telemetra.api.deps import Services
+from telemetra.config import Settings
+from telemetra.domain.errors import Overloaded
 from telemetra.mqtt.acl import MqttPrincipal, TopicAcl
 from telemetra.mqtt.broker_accounts import MosquittoAccounts
 from telemetra.mqtt.client_id import CollectorClientId
@@ -17,14 +19,16 @@ from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.connection import BrokerAddress, parse_broker_url, tls_context
 from telemetra.mqtt.embedded import DeviceIngest, EmbeddedBroker
 from telemetra.mqtt.inbound import Inbound
-from telemetra.mqtt.routes import RouteTable, build_routes
+from telemetra.mqtt.presets import build_table
+from telemetra.mqtt.rejections import RejectionGate, RejectionLimiter
+from telemetra.mqtt.routes import RouteTable
 
 log = logging.getLogger(__name__)
 
 
-def route_table(services: Services) -> RouteTable:
-    s = services.settings
-    return RouteTable(build_routes(s.mqtt_prefix, s.mqtt_presets, s.mqtt_routes), downlink_prefix=s.mqtt_prefix)
+def route_table(settings: Settings) -> RouteTable:
+    """The enabled presets' routes and downlinks (``ValueError`` when they would let devices overlap)."""
+    return build_table(settings.mqtt_prefix, settings.mqtt_presets, settings.mqtt_routes)
 
 
 async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
@@ -33,9 +37,12 @@ async def start_mqtt(services: Services, stack: AsyncExitStack) -> None:
     if not settings.mqtt_url and settings.mqtt_port == 0:
         probes["mqtt"] = lambda: {"status": "off"}
         return
-    table = route_table(services)
-    acl = TopicAcl(device_roots=table.device_roots, downlink=table.downlink)
-    inbound = Inbound(table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes)
+    table = route_table(settings)
+    acl = TopicAcl(device_roots=table.publish_filters, downlink=table.downlink)
+    gate = RejectionGate(RejectionLimiter(settings.rejected_per_minute), services.metrics)
+    inbound = Inbound(
+        table, services.ingest, services.directory, max_payload_bytes=settings.max_payload_bytes, gate=gate
+    )
     if not settings.mqtt_url:
         await _start_embedded(services, stack, inbound, acl, probes)
         return
@@ -72,7 +79,7 @@ async def _start_embedded(
     """The in-process broker: devices' messages go from their connections straight into the ingest
     pipeline (acknowledged after commit), and the downlink publishes into the broker itself."""
     settings = services.settings
-    sink = DeviceIngest(inbound, services.queue, services.metrics)
+    sink = DeviceIngest(inbound, services.queue, services.metrics, on_refused=_keep_refused(services, inbound))
     broker = EmbeddedBroker(
         host=settings.mqtt_host, port=settings.mqtt_port, authenticate=_registry_auth(services), acl=acl, sink=sink
     )
@@ -116,6 +123,24 @@ def _registry_auth(services: Services) -> Any:
     return authenticate
 
 
+def _keep_refused(services: Services, inbound: Inbound) -> Any:
+    """The embedded broker's ACL refusals, into the rejected-messages store (within the device's allowance).
+    Without waiting for the commit: the broker's connection loop must not stall on storage."""
+
+    def keep(device_id: str | None, topic: str, payload: bytes) -> None:
+        batch = inbound.refused_publish(device_id, topic, payload)
+        if not batch.rejected:
+            return
+        try:
+            future = services.queue.submit_nowait(batch, transport="mqtt")
+        except Overloaded:
+            services.metrics.rejected_unkept.labels("mqtt").inc()  # the queue is full: counted, not kept
+            return
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    return keep
+
+
 def _follow_registry_embedded(services: Services, stack: AsyncExitStack, broker: EmbeddedBroker) -> None:
     """The embedded broker checks credentials only at CONNECT: close the connections of a device whose
     credentials stop being valid. registry_changed() has already dropped them from the directory cache,
@@ -150,7 +175,7 @@ async def _provision_mosquitto(
         port=address.port,
         admin_username=settings.mqtt_dynsec_username,
         admin_password=settings.mqtt_dynsec_password,
-        device_roots=table.device_roots,
+        device_roots=table.publish_filters,
         downlink=table.downlink,
         devices=services.devices,
         metrics=services.metrics,

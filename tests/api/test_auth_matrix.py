@@ -1,14 +1,19 @@
 """Who may call what (SPEC §1): every HTTP endpoint × every kind of caller, with the exact status.
 
-Callers: the admin key; device A; device B; gateway G (``kind=gateway``) whose child is C; a fleet key
-(seed 001's ``DEVICE_API_KEYS``); no key; a key nobody issued. The matrix runs on both backends against
-one app per backend (``shared_app``): a cell costs a request or two, an app start would cost more than the
-whole row. Cells that change a device (delete, rotate) act on a fresh device of their own.
+Callers: an admin, an operator and a viewer key (``TELEMETRA_*_KEYS``); device A; device B; gateway G
+(``kind=gateway``) whose child is C; a fleet key (seed 001's ``DEVICE_API_KEYS``); no key; a key nobody
+issued. The matrix runs on both backends against one app per backend (``shared_app``): a cell costs a
+request or two, an app start would cost more than the whole row. Cells that change a device (delete,
+rotate) act on a fresh device of their own. Key-less access from trusted networks and CORS preflights
+follow the matrix.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,9 +24,11 @@ from tests.api.shared_app import lenient_client, shared_app_fixture, unique
 from tests.conftest import ADMIN, AppFactory, Running
 
 FLEET_KEY = "fleet-key-for-the-auth-matrix-0123456789"
-CALLERS = ("admin", "dev_a", "dev_b", "gateway", "fleet", "none", "wrong")
+OPERATOR_KEY = "operator-key-for-the-auth-matrix-0123456789"
+VIEWER_KEY = "viewer-key-for-the-auth-matrix-0123456789"
+CALLERS = ("admin", "operator", "viewer", "dev_a", "dev_b", "gateway", "fleet", "none", "wrong")
 
-shared = shared_app_fixture(device_api_keys=[FLEET_KEY])
+shared = shared_app_fixture(device_api_keys=[FLEET_KEY], operator_keys=[OPERATOR_KEY], viewer_keys=[VIEWER_KEY])
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
 
@@ -41,8 +48,17 @@ async def world(shared: Running) -> World:
     key_b = await shared.create_device(b)
     key_g = await shared.create_device(g, kind="gateway")
     await shared.create_device(c, parent_id=g)
+    # A has a heat pump's reading, so smart-heat-pump's status paths (404 without data) answer 200.
+    r = await shared.client.post(
+        "/api/v1/ingest",
+        json={"temperature": {"inlet": 45.1}, "status": {"compressor": True}},
+        headers={"X-API-Key": key_a},
+    )
+    assert r.status_code == 201, r.text
     headers = {
         "admin": ADMIN,
+        "operator": {"X-API-Key": OPERATOR_KEY},
+        "viewer": {"Authorization": f"Bearer {VIEWER_KEY}"},
         "dev_a": {"X-API-Key": key_a},
         "dev_b": {"Authorization": f"Bearer {key_b}"},  # both header forms are in play
         "gateway": {"X-API-Key": key_g},
@@ -72,47 +88,45 @@ def codes(text: str) -> tuple[int, ...]:
     return parts
 
 
-#                    admin A   B   G   fleet none wrong
-READ_A = codes("200 200 403 403 403 401 401")  # a device reads only its own data
-READ_C = codes("200 403 403 403 403 401 401")  # a gateway writes for its children but does not read them
-ADMIN_ONLY = codes("200 403 403 403 403 401 401")
-PUBLIC = codes("200 200 200 200 200 200 200")
-WRITE_A = codes("202 202 403 403 202 401 401")
-WRITE_C = codes("202 403 403 202 202 401 401")
-NODE_A = codes("200 200 403 403 200 401 401")
-NODE_C = codes("200 403 403 200 200 401 401")
+#                    admin op  view A   B   G  fleet none wrong
+READ_A = codes("200 200 200 200 403 403 403 401 401")  # a device reads only its own data; staff read all
+READ_C = codes("200 200 200 403 403 403 403 401 401")  # a gateway writes for its children but does not read them
+VIEW = codes("200 200 200 403 403 403 403 401 401")  # fleet-wide reads: admin, operator, viewer
+OPERATE = codes("200 200 403 403 403 403 403 401 401")  # changes other than credentials: admin, operator
+ADMIN_ONLY = codes("200 403 403 403 403 403 403 401 401")  # credentials and keys
+PUBLIC = codes("200 200 200 200 200 200 200 200 200")
+WRITE_A = codes("201 201 403 201 403 403 201 401 401")
+WRITE_C = codes("201 201 403 403 403 201 201 401 401")
+NODE_A = codes("200 200 403 200 403 403 200 401 401")
+NODE_C = codes("200 200 403 403 403 200 200 401 401")
+DEVICE_SIDE = codes("403 403 403 200 200 200 403 401 401")  # a device's own command poll
+TELEMETRY_APP = "/compat/telemetry-app/api/v1"
 
 ROWS = [
     # Device side (SPEC §3).
     Row("POST", "/api/v1/ingest", WRITE_A, {"device_id": "{A}", "t": 1}),
     Row("POST", "/api/v1/ingest", WRITE_C, {"device_id": "{C}", "t": 1}),
-    # Without device_id: a device or gateway key names its own device; admin and fleet must say which.
-    Row("POST", "/api/v1/ingest", codes("422 202 202 202 422 401 401"), {"t": 1}),
+    # Without device_id: a device or gateway key names its own device; admin, operator and fleet must say which.
+    Row("POST", "/api/v1/ingest", codes("422 422 403 201 201 201 422 401 401"), {"t": 1}),
     Row("POST", "/api/v1/ingest/batch", WRITE_A, [{"device_id": "{A}", "t": 1}]),
     Row("POST", "/api/v1/ingest/batch", WRITE_C, {"readings": [{"device_id": "{C}", "t": 1}]}),
     Row("POST", "/api/v1/devices/{A}/telemetry", NODE_A, {"uptime": 1}),
     Row("POST", "/api/v1/devices/{C}/telemetry", NODE_C, {"uptime": 1}),
     Row("POST", "/api/v1/nodes/{A}/telemetry", NODE_A, {"uptime": 1, "state": {"motion": "0"}}),
     Row("POST", "/api/v1/nodes/{C}/telemetry", NODE_C, {"uptime": 1}),
-    Row(
-        "POST",
-        "/api/v1/provision/claim",
-        codes("200 200 200 200 200 200 200"),
-        {"claim_code": "{CLAIM}"},
-    ),
-    Row("POST", "/api/v1/provision/claim", codes("404 404 404 404 404 404 404"), {"claim_code": "NOPE-NOPE-NOPE"}),
-    # Registry (admin).
-    Row("POST", "/api/v1/devices", codes("201 403 403 403 403 401 401"), {"id": "{NEW}"}),
-    Row("GET", "/api/v1/devices", ADMIN_ONLY),
-    Row("GET", "/api/v1/nodes", ADMIN_ONLY),
+    Row("POST", "/api/v1/provision/claim", PUBLIC, {"claim_code": "{CLAIM}"}),
+    Row("POST", "/api/v1/provision/claim", codes("404 404 404 404 404 404 404 404 404"), {"claim_code": "NOPE-NOPE"}),
+    Row("GET", "/api/v1/device/commands", DEVICE_SIDE),
+    # Registry: creating a device issues its secret, so it is the admin's, like rotation and claim codes.
+    Row("POST", "/api/v1/devices", codes("201 403 403 403 403 403 403 401 401"), {"id": "{NEW}"}),
+    Row("GET", "/api/v1/devices", VIEW),
     Row("GET", "/api/v1/devices/{A}", READ_A),
-    Row("GET", "/api/v1/nodes/{A}", READ_A),
-    Row("PATCH", "/api/v1/devices/{A}", ADMIN_ONLY, {"notes": "patched"}),
-    Row("PUT", "/api/v1/devices/{A}", ADMIN_ONLY, {"notes": "put"}),
-    Row("DELETE", "/api/v1/devices/{FRESH}", codes("204 403 403 403 403 401 401")),
+    Row("PATCH", "/api/v1/devices/{A}", OPERATE, {"notes": "patched"}),
+    Row("PUT", "/api/v1/devices/{A}", OPERATE, {"notes": "put"}),
+    Row("DELETE", "/api/v1/devices/{FRESH}", codes("204 204 403 403 403 403 403 401 401")),
     Row("POST", "/api/v1/devices/{FRESH}/rotate", ADMIN_ONLY),
     Row("POST", "/api/v1/devices/{FRESH}/credentials", ADMIN_ONLY),
-    Row("POST", "/api/v1/claim-codes", codes("201 403 403 403 403 401 401"), {"count": 1}),
+    Row("POST", "/api/v1/claim-codes", codes("201 403 403 403 403 403 403 401 401"), {"count": 1}),
     # Reads of one device's data.
     Row("GET", "/api/v1/devices/{A}/telemetry", READ_A),
     Row("GET", "/api/v1/devices/{A}/history?range=24h", READ_A),
@@ -125,17 +139,43 @@ ROWS = [
     Row("GET", "/api/v1/devices/{A}/events", READ_A),
     Row("GET", "/api/v1/devices/{C}/latest", READ_C),
     Row("GET", "/api/v1/devices/{C}/telemetry", READ_C),
-    # Fleet-wide reads (admin).
-    Row("GET", "/api/v1/state", ADMIN_ONLY),
-    Row("GET", "/api/v1/rejected", ADMIN_ONLY),
-    Row("GET", "/api/v1/stats", ADMIN_ONLY),
-    # Seed 003 aliases.
-    Row("GET", "/api/devices", ADMIN_ONLY),
-    Row("GET", "/api/stats", ADMIN_ONLY),
-    Row("GET", "/api/devices/{A}", READ_A),
+    # Commands, configuration and alerts (no MQTT here: commands stay queued).
+    Row("POST", "/api/v1/devices/{A}/commands", codes("201 201 403 403 403 403 403 401 401"), {"name": "reboot"}),
+    Row("GET", "/api/v1/devices/{A}/commands", READ_A),
+    Row("GET", "/api/v1/devices/{A}/commands/nope", codes("404 404 404 404 403 403 403 401 401")),
+    Row("POST", "/api/v1/device/commands/nope/ack", codes("403 403 403 404 404 404 403 401 401"), {"status": "ok"}),
+    Row("PUT", "/api/v1/devices/{A}/config", OPERATE, {"interval_s": 60}),
+    Row("GET", "/api/v1/devices/{A}/config", READ_A),
+    Row("GET", "/api/v1/alerts", VIEW),
+    Row("POST", "/api/v1/alerts/999999/acknowledge", codes("404 404 403 403 403 403 403 401 401")),
+    Row("POST", "/api/v1/alerts/999999/clear", codes("404 404 403 403 403 403 403 401 401")),
+    # Fleet-wide reads.
+    Row("GET", "/api/v1/rejected", VIEW),
+    Row("GET", "/api/v1/stats", VIEW),
+    # iotmesh (seed 000).
+    Row("GET", "/api/v1/nodes", VIEW),
+    Row("GET", "/api/v1/nodes/{A}", READ_A),
+    Row("PUT", "/api/v1/nodes/{A}/name", OPERATE, {"name": "renamed"}),
+    Row("DELETE", "/api/v1/nodes/{FRESH}", OPERATE),
+    Row("GET", "/api/v1/nodes/{A}/history?hours=2", READ_A),
+    Row("GET", "/api/v1/nodes/{A}/state", READ_A),
+    Row("GET", "/api/v1/state", VIEW),
+    # smart-heat-pump (seed 003).
+    Row("GET", "/api/devices", VIEW),
+    Row("GET", "/api/stats", VIEW),
+    Row("GET", "/api/alerts", VIEW),
     Row("GET", "/api/devices/{A}/status", READ_A),
     Row("GET", "/api/devices/{A}/readings", READ_A),
     Row("GET", "/api/devices/{A}/readings/latest", READ_A),
+    # telemetry_app's Flutter app (seeds 001/002).
+    Row("GET", f"{TELEMETRY_APP}/health", PUBLIC),
+    Row("GET", f"{TELEMETRY_APP}/devices", VIEW),
+    Row("POST", f"{TELEMETRY_APP}/devices", codes("201 403 403 403 403 403 403 401 401"), {"device_id": "{NEW}"}),
+    Row("GET", f"{TELEMETRY_APP}/devices/{{A}}", READ_A),
+    Row("GET", f"{TELEMETRY_APP}/devices/{{A}}/latest", READ_A),
+    Row("GET", f"{TELEMETRY_APP}/devices/{{A}}/history?range=24h&limit=1000", READ_A),
+    Row("GET", f"{TELEMETRY_APP}/devices/{{A}}/stats?range=24h", READ_A),
+    Row("GET", f"{TELEMETRY_APP}/dashboard/stats", VIEW),
     # Operations: open to probes and scrapers, whatever they send.
     Row("GET", "/health", PUBLIC),
     Row("GET", "/api/v1/health", PUBLIC),
@@ -217,7 +257,7 @@ async def test_fleet_key_auto_registers_an_unknown_device(shared: Running) -> No
     r = await shared.client.post(
         "/api/v1/ingest", json={"device_id": new, "metrics": {"t": 21.5}}, headers={"X-API-Key": FLEET_KEY}
     )
-    assert r.status_code == 202, r.text
+    assert r.status_code == 201, r.text
     assert r.json()["device_ids"] == [new]
     device = (await shared.client.get(f"/api/v1/devices/{new}", headers=ADMIN)).json()
     assert device["auto_registered"] is True
@@ -235,7 +275,7 @@ async def test_fleet_key_auto_registers_an_unknown_device(shared: Running) -> No
         json=[{"device_id": third, "a": 1}, {"device_id": new, "a": 2}],
         headers={"X-API-Key": FLEET_KEY},
     )
-    assert r.status_code == 202 and r.json()["device_ids"] == sorted([third, new])
+    assert r.status_code == 201 and r.json()["device_ids"] == sorted([third, new])
     for device_id in (other, third):
         assert (await shared.client.get(f"/api/v1/devices/{device_id}", headers=ADMIN)).status_code == 200
 
@@ -250,7 +290,7 @@ async def test_gateway_writes_for_its_children_and_registers_new_ones(shared: Ru
     assert device["parent_id"] == world.g and device["auto_registered"] is True
     # Now a known child: the gateway may keep writing; another device may not.
     r = await shared.client.post("/api/v1/ingest", json={"device_id": new_child, "x": 1}, headers=gw)
-    assert r.status_code == 202, r.text
+    assert r.status_code == 201, r.text
     r = await shared.client.post(
         "/api/v1/ingest", json={"device_id": new_child, "x": 1}, headers=world.headers["dev_a"]
     )
@@ -318,21 +358,126 @@ async def test_gateway_auto_registration_can_be_turned_off(app_factory: AppFacto
         assert r.status_code == 200
 
 
-def test_matrix_covers_every_core_route() -> None:
-    """A new endpoint of the core routers without a row here fails this test instead of going unchecked.
-    (Commands, alerts, OTA and realtime have their own suites.)"""
-    from telemetra.api import aliases, devices, health, ingest, telemetry
+def test_matrix_covers_every_route() -> None:
+    """A new endpoint of these routers without a row here fails this test instead of going unchecked.
+    (OTA and realtime have their own suites.)"""
+    from telemetra.api import (
+        alerts,
+        commands,
+        compat_heatpump,
+        compat_iotmesh,
+        compat_telemetry_app,
+        devices,
+        health,
+        ingest,
+        telemetry,
+    )
 
+    modules = (ingest, devices, telemetry, health, commands, alerts, compat_iotmesh, compat_heatpump)
     routes: set[tuple[str, str]] = set()
-    for module in (ingest, devices, telemetry, health, aliases):
+    for module in (*modules, compat_telemetry_app):
         for route in module.router.routes:
             for method in route.methods - {"HEAD"}:  # type: ignore[attr-defined]
-                routes.add((method, route.path.replace("{device_id}", "{X}")))  # type: ignore[attr-defined]
+                routes.add((method, re.sub(r"\{[^}]+\}", "{X}", route.path)))  # type: ignore[attr-defined]
     covered = set()
     for row in ROWS:
         path = row.path.split("?")[0]
-        for name in ("{A}", "{C}", "{FRESH}"):
+        for name in ("{A}", "{C}", "{FRESH}", "999999", "nope"):
             path = path.replace(name, "{X}")
         covered.add((row.method, path))
-    assert len(routes) > 30, "the routers are listed differently now; fix this test"
+    assert len(routes) >= 60, "the routers are listed differently now; fix this test"
     assert routes - covered == set()
+
+
+# -- key-less access: trusted networks -------------------------------------------------------------------
+
+
+def client_from(running: Running, host: str) -> httpx.AsyncClient:
+    """A client whose requests come from ``host`` (the address uvicorn reports, after X-Forwarded-For)."""
+    transport = httpx.ASGITransport(app=running.app, client=(host, 40_000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+async def test_trusted_networks_are_off_by_default(app_factory: AppFactory, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        async with app_factory() as t, client_from(t, "127.0.0.1") as local:
+            assert (await local.get("/api/v1/nodes")).status_code == 401
+            assert (await local.get("/api/devices")).status_code == 401
+    assert "TRUSTED_NETWORKS" not in caplog.text
+
+
+async def test_a_trusted_network_gets_its_role_without_a_key(
+    app_factory: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        async with app_factory(trusted_networks=["192.168.1.0/24", "10.0.0.7"], trusted_role="viewer") as t:
+            await t.create_device("hp1")
+            async with client_from(t, "192.168.1.20") as lan, client_from(t, "192.168.2.20") as outside:
+                # The dashboards' reads, without a key, from the trusted network only.
+                for path in ("/api/v1/nodes", "/api/v1/state", "/api/devices", "/api/stats", "/api/v1/devices/hp1"):
+                    assert (await lan.get(path)).status_code == 200, path
+                    assert (await outside.get(path)).status_code == 401, path
+                # A viewer does not write, and a presented key is judged as a key, not by the address.
+                r = await lan.post("/api/v1/ingest", json={"device_id": "hp1", "t": 1})
+                assert r.status_code == 403 and r.json()["field"] == "X-API-Key"
+                assert (await lan.put("/api/v1/nodes/hp1/name", json={"name": "x"})).status_code == 403
+                assert (await lan.get("/api/v1/nodes", headers={"X-API-Key": "wrong"})).status_code == 401
+            async with client_from(t, "10.0.0.7") as host, client_from(t, "10.0.0.8") as neighbour:
+                assert (await host.get("/api/v1/nodes")).status_code == 200
+                assert (await neighbour.get("/api/v1/nodes")).status_code == 401
+    # Said at start, naming the networks and the role.
+    assert "TRUSTED_NETWORKS" in caplog.text and "192.168.1.0/24" in caplog.text and "viewer" in caplog.text
+
+
+async def test_a_trusted_operator_network_runs_the_gateway_and_dashboards(app_factory: AppFactory) -> None:
+    """iotmesh's gateway and dashboard send no key: an operator network lets them post and rename, not
+    issue credentials."""
+    async with app_factory(trusted_networks=["127.0.0.0/8"], trusted_role="operator") as t:
+        async with client_from(t, "127.0.0.1") as local:
+            r = await local.post("/api/v1/nodes/a1b2c3d4/telemetry", json={"name": "PIR", "uptime": 5})
+            assert r.status_code == 200, r.text
+            assert (await local.put("/api/v1/nodes/a1b2c3d4/name", json={"name": "Hall"})).status_code == 200
+            assert (await local.post("/api/v1/devices", json={"id": "new"})).status_code == 403
+            assert (await local.post("/api/v1/devices/a1b2c3d4/rotate")).status_code == 403
+            assert (await local.delete("/api/v1/nodes/a1b2c3d4")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"trusted_networks": ["192.168.1.0/33"]}, "not an IP network"),
+        ({"trusted_role": "device"}, "trusted_role"),
+        ({"operator_keys": ["same-key"], "viewer_keys": ["same-key"]}, "two roles"),
+    ],
+)
+def test_bad_access_settings_are_refused(overrides: dict[str, Any], message: str) -> None:
+    from tests.conftest import make_settings
+
+    with pytest.raises(ValueError, match=message):
+        make_settings("sqlite+aiosqlite://", Path("/nonexistent"), **overrides)
+
+
+# -- CORS ------------------------------------------------------------------------------------------------
+
+
+async def test_cors_preflight_for_allowed_origins_only(app_factory: AppFactory) -> None:
+    allowed = "http://dashboard.local:3000"
+    async with app_factory(cors_origins=[allowed]) as t:
+        preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "x-api-key"}
+        r = await t.client.options("/api/v1/nodes", headers={"Origin": allowed, **preflight})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == allowed
+        assert "x-api-key" in r.headers["access-control-allow-headers"].lower()
+        # The actual request carries the header too; the ingest front door as well.
+        r = await t.client.get("/api/v1/nodes", headers={"Origin": allowed, **ADMIN})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == allowed
+        r = await t.client.options(
+            "/api/v1/ingest", headers={"Origin": allowed, "Access-Control-Request-Method": "POST"}
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == allowed
+        # Another origin gets no allowance.
+        r = await t.client.options("/api/v1/nodes", headers={"Origin": "http://evil.example", **preflight})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    async with app_factory() as closed:  # off by default
+        r = await closed.client.get("/health", headers={"Origin": allowed})
+        assert "access-control-allow-origin" not in r.headers

@@ -67,14 +67,15 @@ async def test_create_returns_credentials_once(shared: Running) -> None:
     assert device["created_at"].endswith("Z")
 
     # The secret is never shown again, nor stored.
-    for path in (f"/api/v1/devices/{device_id}", "/api/v1/devices?limit=1000", f"/api/devices/{device_id}"):
+    paths = (f"/api/v1/devices/{device_id}", "/api/v1/devices?limit=1000", f"/api/v1/nodes/{device_id}", "/api/devices")
+    for path in paths:
         r = await shared.client.get(path, headers=ADMIN)
         assert r.status_code == 200 and secret not in r.text, path
     async with shared.services.engine.connect() as conn:
         row = (await conn.execute(select(Device.__table__).where(Device.id == device_id))).one()
     assert secret not in [str(v) for v in row] and row.secret_hash
     # And it works at once (seeds' lesson: keys returned at creation that ingest then rejected).
-    assert await ingest(shared, secret, {"t": 1}) == 202
+    assert await ingest(shared, secret, {"t": 1}) == 201
     r = await shared.client.get(f"/api/v1/devices/{device_id}", headers={"X-API-Key": secret})
     assert r.status_code == 200 and r.json()["online"] is True
 
@@ -85,7 +86,7 @@ async def test_create_without_id_generates_one(shared: Running) -> None:
     body = r.json()
     assert body["device"]["id"].startswith("dev-") and body["device"]["kind"] == "gateway"
     assert body["credentials"]["mqtt"]["username"] == body["device"]["id"]
-    assert await ingest(shared, body["credentials"]["api_key"], {"t": 1}) == 202
+    assert await ingest(shared, body["credentials"]["api_key"], {"t": 1}) == 201
 
 
 async def test_duplicate_id_is_409(shared: Running) -> None:
@@ -94,7 +95,7 @@ async def test_duplicate_id_is_409(shared: Running) -> None:
     r = await shared.client.post("/api/v1/devices", json={"id": device_id}, headers=ADMIN)
     assert r.status_code == 409
     assert r.json()["field"] == "id"
-    assert await ingest(shared, key, {"t": 1}) == 202  # the first one's key still works
+    assert await ingest(shared, key, {"t": 1}) == 201  # the first one's key still works
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,7 @@ async def test_list_filters_and_pagination(shared: Running) -> None:
     keys[ids[1]] = await shared.create_device(ids[1], model=model, notes=f"near the {token}")
     keys[ids[2]] = await shared.create_device(ids[2], model=model, kind="gateway")
     await shared.create_device(unique("other"), model=unique("model"), name=token)  # same token, other model
-    assert await ingest(shared, keys[ids[1]], {"t": 1}) == 202
+    assert await ingest(shared, keys[ids[1]], {"t": 1}) == 201
 
     async def listed(query: str) -> tuple[list[str], int, dict[str, Any]]:
         r = await shared.client.get(f"/api/v1/devices?model={model}&{query}", headers=ADMIN)
@@ -147,10 +148,11 @@ async def test_list_filters_and_pagination(shared: Running) -> None:
     # Without the model filter the token matches the fourth device too.
     r = await shared.client.get(f"/api/v1/devices?search={token}", headers=ADMIN)
     assert r.json()["total"] == 3
-    # Seed 000's and seed 003's list paths answer the same.
-    for path in (f"/api/v1/nodes?model={model}", "/api/devices?limit=1000"):
-        r = await shared.client.get(path, headers=ADMIN)
-        assert set(ids) <= {d["id"] for d in r.json()["devices"]}, path
+    # Seed 000's and seed 003's list paths list them too, as bare arrays in their own shapes.
+    r = await shared.client.get("/api/v1/nodes?limit=10000", headers=ADMIN)
+    assert set(ids) <= {d["id"] for d in r.json()}
+    r = await shared.client.get("/api/devices?limit=10000", headers=ADMIN)
+    assert set(ids) <= {d["device_id"] for d in r.json()}
     for query in ("limit=0", "limit=1001", "offset=-1", "online=maybe"):
         r = await shared.client.get(f"/api/v1/devices?{query}", headers=ADMIN)
         assert r.status_code == 422 and r.json()["field"] == query.split("=")[0]
@@ -203,7 +205,7 @@ async def test_delete_removes_the_device_and_all_its_data(shared: Running) -> No
     key = await shared.create_device(device_id)
     other_key = await shared.create_device(bystander)
     for k, d in ((key, device_id), (other_key, bystander)):
-        assert await ingest(shared, k, {"ts": now_ms() - 1000, "t": 1, "mode": "eco"}) == 202
+        assert await ingest(shared, k, {"ts": now_ms() - 1000, "t": 1, "mode": "eco"}) == 201
         r = await shared.client.post(f"/api/v1/nodes/{d}/telemetry", json={"state": {"motion": "1"}}, headers=ADMIN)
         assert r.status_code == 200
         await shared.services.queue.submit(
@@ -255,14 +257,14 @@ async def test_delete_removes_unclaimed_claim_codes(shared: Running) -> None:
 async def test_rotate_retires_the_old_key_at_once(shared: Running, path: str) -> None:
     device_id = unique("rot")
     old = await shared.create_device(device_id)
-    assert await ingest(shared, old, {"t": 1}) == 202  # the old key is now in the auth cache
+    assert await ingest(shared, old, {"t": 1}) == 201  # the old key is now in the auth cache
     r = await shared.client.post(f"/api/v1/devices/{device_id}/{path}", headers=ADMIN)
     assert r.status_code == 200, r.text
     new = r.json()["credentials"]["api_key"]
     assert new != old and r.json()["credentials"]["mqtt"] == {"username": device_id, "password": new}
     r = await shared.client.post("/api/v1/ingest", json={"t": 2}, headers={"X-API-Key": old})
     assert r.status_code == 401 and r.json()["field"] == "X-API-Key"
-    assert await ingest(shared, new, {"t": 3}) == 202
+    assert await ingest(shared, new, {"t": 3}) == 201
     r = await shared.client.post(f"/api/v1/devices/{unique('ghost')}/{path}", headers=ADMIN)
     assert r.status_code == 404
 
@@ -270,7 +272,7 @@ async def test_rotate_retires_the_old_key_at_once(shared: Running, path: str) ->
 async def test_disabled_device_is_refused_until_enabled(shared: Running) -> None:
     device_id = unique("off")
     key = await shared.create_device(device_id)
-    assert await ingest(shared, key, {"t": 1}) == 202
+    assert await ingest(shared, key, {"t": 1}) == 201
     r = await shared.client.patch(f"/api/v1/devices/{device_id}", json={"disabled": True}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["disabled"] is True
     r = await shared.client.post("/api/v1/ingest", json={"t": 2}, headers={"X-API-Key": key})
@@ -286,7 +288,7 @@ async def test_disabled_device_is_refused_until_enabled(shared: Running) -> None
     assert latest["values"]["t"]["value"] == 1.0
     r = await shared.client.patch(f"/api/v1/devices/{device_id}", json={"disabled": False}, headers=ADMIN)
     assert r.status_code == 200
-    assert await ingest(shared, key, {"t": 3}) == 202
+    assert await ingest(shared, key, {"t": 3}) == 201
 
 
 # ---------------------------------------------------------------------------------------------- claim codes
@@ -361,10 +363,10 @@ async def test_claim_code_exchanged_once_for_working_credentials(shared: Running
         creds = r.json()["credentials"]
         assert r.json()["device"]["id"] == device_id
         assert creds["mqtt"] == {"username": device_id, "password": creds["api_key"]}
-        assert await ingest(shared, creds["api_key"], {"t": 1}) == 202
+        assert await ingest(shared, creds["api_key"], {"t": 1}) == 201
         r = await client.post("/api/v1/provision/claim", json={"claim_code": code})
         assert r.status_code == 410 and r.json()["field"] == "claim_code"
-    assert await ingest(shared, creds["api_key"], {"t": 2}) == 202  # the second try took nothing away
+    assert await ingest(shared, creds["api_key"], {"t": 2}) == 201  # the second try took nothing away
 
 
 async def test_expired_claim_code_is_410(shared: Running) -> None:
@@ -391,7 +393,7 @@ async def test_concurrent_first_posts_of_a_new_device(shared: Running) -> None:
             *(client.post("/api/v1/ingest", json={"device_id": device_id, "n": i}, headers=fleet) for i in range(20)),
             *(client.post(f"/api/v1/nodes/{node_id}/telemetry", json={"n": i}, headers=fleet) for i in range(20)),
         )
-    assert [r.status_code for r in answers] == [202] * 20 + [200] * 20, [r.text for r in answers if r.is_error]
+    assert [r.status_code for r in answers] == [201] * 20 + [200] * 20, [r.text for r in answers if r.is_error]
     for d in (device_id, node_id):
         counts = await count_rows(shared, d)
         assert counts["devices"] == 1
@@ -409,4 +411,4 @@ async def test_concurrent_creates_of_one_id_give_one_201(shared: Running) -> Non
     statuses = sorted(r.status_code for r in answers)
     assert statuses == [201] + [409] * 9
     winner = next(r for r in answers if r.status_code == 201).json()["credentials"]["api_key"]
-    assert await ingest(shared, winner, {"t": 1}) == 202
+    assert await ingest(shared, winner, {"t": 1}) == 201

@@ -63,8 +63,8 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     ("/api/v1/ingest", {"s": "x" * 1025}, 422, "body.s"),
     ("/api/v1/ingest", {"a.b": 1, "a": {"b": 2}}, 422, "body"),
     ("/api/v1/ingest", {"bad\u0001key": 1}, 422, "body"),
-    ("/api/v1/ingest", {"ts": 0, "t": 1}, 422, "body.ts"),
-    ("/api/v1/ingest", {"ts": "1970-01-01T00:00:00Z", "t": 1}, 422, "body.ts"),
+    ("/api/v1/ingest", {"ts": -5, "t": 1}, 422, "body.ts"),  # (0 is a clock that was never set: see test_device_clock)
+    ("/api/v1/ingest", {"ts": "1969-12-31T23:59:59Z", "t": 1}, 422, "body.ts"),
     ("/api/v1/ingest", {"ts": "2100-01-01T00:00:00Z", "t": 1}, 422, "body.ts"),
     ("/api/v1/ingest", {"ts": NOW_PLUS_DAY, "t": 1}, 422, "body.ts"),
     ("/api/v1/ingest", {"ts": "soon", "t": 1}, 422, "body.ts"),
@@ -140,7 +140,7 @@ async def test_device_id_in_body_must_match_the_key(shared: Running) -> None:
     # Naming itself is fine, by any of the names seeds use.
     for name in ("device_id", "device", "deviceId"):
         r = await shared.client.post("/api/v1/ingest", json={name: device_id, name + "_t": 1}, headers=headers)
-        assert r.status_code == 202, r.text
+        assert r.status_code == 201, r.text
 
 
 @module_loop
@@ -169,8 +169,16 @@ async def test_arrays_flatten_and_accepted_answer_counts(shared: Running) -> Non
     device_id, headers = await new_device(shared)
     body = {"values": {"cells": [3.1, 3.2], "pack": [{"v": 1, "ok": True}, {"v": 2, "note": "x"}]}}
     r = await shared.client.post("/api/v1/ingest", json=body, headers=headers)
-    assert r.status_code == 202
-    assert r.json() == {"status": "accepted", "device_ids": [device_id], "messages": 1, "points": 6}
+    assert r.status_code == 201
+    answer = r.json()
+    assert {k: answer[k] for k in ("status", "device_ids", "messages", "points", "accepted", "device_id")} == {
+        "status": "accepted",
+        "device_ids": [device_id],
+        "messages": 1,
+        "points": 6,
+        "accepted": True,
+        "device_id": device_id,
+    }
     values = await latest(shared, device_id)
     assert {k: v["value"] for k, v in values.items()} == {
         "cells.0": 3.1,
@@ -184,7 +192,7 @@ async def test_arrays_flatten_and_accepted_answer_counts(shared: Running) -> Non
 
 @module_loop
 async def test_random_documents_never_cause_a_500(shared: Running) -> None:
-    """Random JSON (seeded) through both ingest paths and the node path: 202/200 or a named 4xx."""
+    """Random JSON (seeded) through both ingest paths and the node path: 201/200 or a named 4xx."""
     _, headers = await new_device(shared, kind="gateway")
     rng = random.Random(1123)
 
@@ -207,7 +215,7 @@ async def test_random_documents_never_cause_a_500(shared: Running) -> None:
             r = await client.post(
                 path, content=orjson.dumps(doc), headers={**headers, "Content-Type": "application/json"}
             )
-            assert r.status_code in (200, 202, 400, 403, 422), (path, doc, r.status_code, r.text)
+            assert r.status_code in (200, 201, 400, 403, 422), (path, doc, r.status_code, r.text)
             if r.status_code >= 400:
                 assert r.json()["field"], (path, doc, r.text)
 
@@ -234,7 +242,7 @@ async def test_seed_000_node_post(shared: Running) -> None:
     assert answer["status"] == "ok" and answer["node_id"] == node and answer["timestamp"].endswith("Z")
     values = await latest(shared, node)
     assert {k: v["value"] for k, v in values.items()} == {"uptime": 120.0, "heap_free": 180000.0, "peer_count": 3.0}
-    device = (await shared.client.get(f"/api/v1/nodes/{node}", headers=ADMIN)).json()
+    device = (await shared.client.get(f"/api/v1/devices/{node}", headers=ADMIN)).json()
     assert (device["name"], device["role"], device["fw_version"]) == ("pir1", "PIR", "1.0.0")
     assert device["parent_id"] == gateway and device["online"] is True
 
@@ -260,8 +268,8 @@ async def test_seed_000_node_post(shared: Running) -> None:
     assert now_state["armed"] == {"value": "true", "ts": now_state["armed"]["ts"], "version": 1}
     history = (await shared.client.get(f"/api/v1/devices/{node}/state/history", headers=ADMIN)).json()["history"]
     assert [(h["key"], h["value"]) for h in history if h["key"] == "motion"] == [("motion", "0"), ("motion", "1")]
-    everyone = (await shared.client.get("/api/v1/state", headers=ADMIN)).json()["state"]
-    assert everyone[node]["motion"]["value"] == "0" and everyone[node]["armed"]["value"] == "true"
+    everyone = {(s["node_id"], s["key"]): s for s in (await shared.client.get("/api/v1/state", headers=ADMIN)).json()}
+    assert everyone[(node, "motion")]["value"] == "0" and everyone[(node, "armed")]["value"] == "true"
     device = (await shared.client.get(f"/api/v1/devices/{node}", headers=ADMIN)).json()
     assert device["fw_version"] == "1.1.0" and device["name"] == "pir1"  # absent fields are left alone
 
@@ -274,15 +282,15 @@ async def test_seed_001_flat_and_metrics_shapes(shared: Running) -> None:
         json={"device_id": device_id, "metrics": {"temperature": 31.4, "humidity": 62.1, "voltage": 3.91}},
         headers=headers,
     )
-    assert r.status_code == 202 and r.json()["points"] == 3
+    assert r.status_code == 201 and r.json()["points"] == 3
     r = await shared.client.post("/api/v1/ingest", json={"temperature": 22.5, "humidity": 65}, headers=headers)
-    assert r.status_code == 202
+    assert r.status_code == 201
     values = await latest(shared, device_id)
     assert {k: v["value"] for k, v in values.items()} == {"temperature": 22.5, "humidity": 65.0, "voltage": 3.91}
     # With a shared DEVICE_API_KEYS key, for a device the server has never seen.
     fresh = unique("esp32")
     r = await shared.client.post("/api/v1/ingest", json={"device_id": fresh, "metrics": {"t": 1.5}}, headers=FLEET)
-    assert r.status_code == 202 and r.json()["device_ids"] == [fresh]
+    assert r.status_code == 201 and r.json()["device_ids"] == [fresh]
     assert (await latest(shared, fresh))["t"]["value"] == 1.5
 
 
@@ -301,7 +309,7 @@ async def test_seed_003_nested_payload_with_device_and_ms_timestamp(shared: Runn
     }
     for _ in range(2):  # a redelivery is stored once
         r = await shared.client.post("/api/v1/ingest", json=payload, headers=FLEET)
-        assert r.status_code == 202, r.text
+        assert r.status_code == 201, r.text
         assert r.json()["points"] == 13
     values = await latest(shared, site)
     assert values["temperature.inlet"] == {"ts": ms_to_iso(ts), "value": 45.1}
@@ -316,7 +324,7 @@ async def test_seed_003_nested_payload_with_device_and_ms_timestamp(shared: Runn
 async def test_messages_without_device_time_in_one_batch_are_all_kept(shared: Running) -> None:
     device_id, headers = await new_device(shared)
     r = await shared.client.post("/api/v1/ingest/batch", json=[{"t": 1}, {"t": 2}, {"t": 3}], headers=headers)
-    assert r.status_code == 202 and r.json()["messages"] == 3
+    assert r.status_code == 201 and r.json()["messages"] == 3
     history = (await shared.client.get(f"/api/v1/devices/{device_id}/telemetry", headers=ADMIN)).json()
     points = history["series"]["t"]
     assert [p["value"] for p in points] == [1.0, 2.0, 3.0]  # in order, on distinct server times
@@ -332,7 +340,7 @@ async def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepte
         key = await t.create_device("flood")
         base = now_ms() - 3_600_000
         r = await t.client.post("/api/v1/ingest", json={"warm": 1}, headers={"X-API-Key": key})
-        assert r.status_code == 202  # the key is now in the auth cache: the flood goes straight to the queue
+        assert r.status_code == 201  # the key is now in the auth cache: the flood goes straight to the queue
         async with lenient_client(t) as client:
             # 60 messages of 10 points against room for 100: they reach the queue faster than one commit.
             answers = await asyncio.gather(
@@ -346,9 +354,9 @@ async def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepte
                 )
             )
         statuses = [r.status_code for r in answers]
-        assert set(statuses) <= {202, 503}, statuses
+        assert set(statuses) <= {201, 503}, statuses
         refused = [i for i, r in enumerate(answers) if r.status_code == 503]
-        accepted = [i for i, r in enumerate(answers) if r.status_code == 202]
+        accepted = [i for i, r in enumerate(answers) if r.status_code == 201]
         assert refused, "the queue never filled up"
         assert accepted, "nothing was accepted"
         for i in refused:
@@ -360,7 +368,7 @@ async def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepte
             await t.client.get(f"/api/v1/devices/flood/telemetry?keys=k0&start={base}&limit=1000", headers=ADMIN)
         ).json()
         stored = sorted(int(p["value"]) for p in history["series"].get("k0", []))
-        assert stored == accepted  # every 202 is stored, no 503 is
+        assert stored == accepted  # every 201 is stored, no 503 is
         # Each accepted message is whole: all ten keys.
         count = (
             await t.client.get(
@@ -371,7 +379,7 @@ async def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepte
         assert sum(len(v) for v in count["series"].values()) == 10 * len(accepted)
         # Once drained, a retry goes through.
         r = await t.client.post("/api/v1/ingest", json={"ts": base + refused[0], "k0": 0}, headers={"X-API-Key": key})
-        assert r.status_code == 202
+        assert r.status_code == 201
 
 
 @module_loop

@@ -17,7 +17,9 @@ from telemetra.domain.errors import InvalidInput, MalformedPayload, PayloadTooLa
 from telemetra.domain.records import ValueType
 from telemetra.ingest.decode import decode_json
 from telemetra.ingest.normalize import (
+    EPOCH_MS_FROM,
     META_FIELDS,
+    WALL_CLOCK_FROM_MS,
     WRAPPER_FIELDS,
     Limits,
     Message,
@@ -298,15 +300,65 @@ def test_future_skew_limit_is_inclusive_and_names_the_field() -> None:
     assert exc.value.field == "body.timestamp"
 
 
-def test_too_old_is_refused() -> None:
+def test_too_old_wall_clock_time_is_refused() -> None:
     assert norm({"ts": NOW - LIMITS.max_past_age_ms, "a": 1}).ts == NOW - LIMITS.max_past_age_ms
-    for old in (NOW - LIMITS.max_past_age_ms - 1, 0, "1970-01-01T00:00:00Z", -5):
+    # 2016 and 2001 are wall-clock times (just too old); a time before 1970 is nothing a clock counts.
+    for old in (NOW - LIMITS.max_past_age_ms - 1, WALL_CLOCK_FROM_MS, -5, "1969-12-31T23:59:59Z", "-5"):
         with pytest.raises(InvalidInput) as exc:
             norm({"ts": old, "a": 1})
         assert exc.value.field == "body.ts"
     tight = Limits(max_past_age_ms=86_400_000)
     with pytest.raises(InvalidInput, match="older"):
         norm({"ts": NOW - 2 * 86_400_000, "a": 1}, tight)
+
+
+# ---------------------------------------------------------------------------------------------- device clocks
+
+# Numbers that are before 2001 read as epoch seconds (below 1e11) or as epoch milliseconds (from 1e11).
+before_2001 = st.one_of(
+    st.integers(min_value=0, max_value=WALL_CLOCK_FROM_MS // 1000 - 1),
+    st.floats(min_value=0, max_value=WALL_CLOCK_FROM_MS / 1000 - 1, allow_nan=False),
+    st.integers(min_value=EPOCH_MS_FROM, max_value=WALL_CLOCK_FROM_MS - 1),
+)
+
+
+@pytest.mark.parametrize("field", ["ts", "timestamp"])
+@fast
+@given(raw=before_2001)
+def test_a_clock_before_2001_is_stamped_on_arrival_and_kept_as_a_series(field: str, raw: float) -> None:
+    message = norm({field: raw, "t": 21.5})
+    assert message.ts is None  # the server stamps it
+    assert as_dict(message) == {field: float(raw), "t": 21.5}
+
+
+def test_an_unset_rtc_in_iso_form_is_kept_as_text() -> None:
+    message = norm({"timestamp": "1970-01-01T00:03:12Z", "t": 1})
+    assert message.ts is None
+    assert as_dict(message) == {"timestamp": "1970-01-01T00:03:12Z", "t": 1.0}
+
+
+@fast
+@given(millis=st.integers(min_value=0, max_value=EPOCH_MS_FROM - 1))
+def test_a_boot_clock_route_reads_any_smaller_number_as_millis_since_boot(millis: int) -> None:
+    """Seed 003's firmware: ``millis()`` passes 2001 in seconds after 11 days of uptime, and reaches 2106 in
+    seconds (4.29e9) when it wraps: on its route no such number is a time."""
+    message = normalize_message({"timestamp": millis, "t": 1}, received_ms=NOW, limits=LIMITS, boot_clock_ms=True)
+    assert message.ts is None
+    assert as_dict(message) == {"timestamp": float(millis), "t": 1.0}
+
+
+@fast
+@given(ms=valid_ms)
+def test_a_boot_clock_route_still_takes_epoch_milliseconds(ms: int) -> None:
+    """The heat pump's simulator sends epoch ms in the same field: those stay the reading's time."""
+    message = normalize_message({"timestamp": ms, "t": 1}, received_ms=NOW, limits=LIMITS, boot_clock_ms=True)
+    assert message.ts == ms and as_dict(message) == {"t": 1.0}
+
+
+def test_without_a_boot_clock_route_seconds_after_2001_are_wall_clock_time() -> None:
+    assert norm({"ts": 1_732_300_000, "t": 1}).ts == 1_732_300_000_000
+    with pytest.raises(InvalidInput, match="future"):
+        norm({"ts": 4_000_000_000, "t": 1})  # 2096, as seconds: a wall clock far ahead is refused
 
 
 # ---------------------------------------------------------------------------------------------- limits

@@ -34,6 +34,7 @@ topic_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"))
         "telemetra/A/event/ack",
         "heatpump/A/status/mode",
         "telemetra/A/cmd/extra",
+        "telemetra/A",  # MQTT's "telemetra/A/#" takes the level itself too (and so does Mosquitto's ACL)
     ],
 )
 def test_device_may_publish_under_its_own_roots(topic: str) -> None:
@@ -45,7 +46,6 @@ def test_device_may_publish_under_its_own_roots(topic: str) -> None:
     [
         "telemetra/B/telemetry",  # another device
         "telemetra/AB/telemetry",  # prefix of another id: roots match whole levels only
-        "telemetra/A",  # the root itself without a level below it
         "telemetra/A/cmd",  # own downlink: a device must not forge its commands
         "telemetra/A/config",
         "other/A/telemetry",
@@ -110,7 +110,9 @@ def test_for_prefix_builds_the_default_scheme() -> None:
         (("telemetra/{device}",), ()),  # no trailing slash
         (("telemetra/",), ()),  # no placeholder
         (("telemetra/{device}/{device}/",), ()),
-        (("+/{device}/",), ()),
+        (("telemetra/{device}/x/#",), ()),  # a filter ends at the device: "<levels>/{device}/#"
+        (("telemetra/#/{device}/#",), ()),
+        (("telemetra/{system}/{device}/#",), ()),  # route placeholders become "+" before they get here
         (("$SYS/{device}/",), ()),
         ((), ("telemetra/cmd",)),
         ((), ("telemetra/{device}/#",)),
@@ -168,3 +170,35 @@ def test_invalid_ids_match_nothing(device_id: str, topic: str) -> None:
 @given(device_id=valid_ids, extra=valid_ids, suffix=topic_text)
 def test_an_id_never_covers_longer_ids_it_prefixes(device_id: str, extra: str, suffix: str) -> None:
     assert not ACL.may_publish(device(device_id), f"telemetra/{device_id}{extra}/{suffix}")
+
+
+# The paku-iot preset's templates, as the route table derives them (tests/mqtt/test_routes.py).
+PAKU_IOT = TopicAcl(
+    device_roots=("paku/heater/{device}/#", "paku/edge/{device}/#", "paku/+/{device}/#", "paku/ruuvi/{device}/#"),
+    downlink=("paku/heater/{device}/cmd", "paku/edge/{device}/cmd/ota", "paku/edge/{device}/config/set"),
+)
+
+
+@pytest.mark.parametrize(
+    ("topic", "allowed"),
+    [
+        ("paku/sensors/A/data", True),  # "+" stands for paku's {system}
+        ("paku/heater/A/state", True),
+        ("paku/ruuvi/A", True),  # a route whose last level is {device}
+        ("paku/edge/A/ota/result", True),
+        ("paku/sensors/B/data", False),
+        ("paku/A/data", False),  # the device is the third level here
+        ("paku/heater/A/cmd", False),  # its own downlink
+        ("paku/edge/A/config/set", False),
+        ("paku/edge/A/cmd/ota", False),
+    ],
+)
+def test_wildcard_levels_and_device_last_routes(topic: str, allowed: bool) -> None:
+    assert PAKU_IOT.may_publish(A, topic) is allowed
+
+
+def test_rendered_templates_are_what_mosquitto_is_given() -> None:
+    assert PAKU_IOT.rendered_publish("A")[2] == "paku/+/A/#"
+    assert PAKU_IOT.rendered_downlink("A") == ("paku/heater/A/cmd", "paku/edge/A/cmd/ota", "paku/edge/A/config/set")
+    assert all(PAKU_IOT.may_subscribe(A, t) for t in PAKU_IOT.rendered_downlink("A"))
+    assert not PAKU_IOT.may_subscribe(A, "paku/+/A/#")

@@ -242,7 +242,7 @@ async def test_http_device_marked_online_by_its_telemetry_still_gets_commands_by
     secret = await mqtt_app.create_device("dev-http-online")
     device_key = {"X-API-Key": secret}
     r = await mqtt_app.client.post("/api/v1/ingest", json={"temperature": 21.5}, headers=device_key)
-    assert r.status_code == 202, r.text
+    assert r.status_code == 201, r.text
     r = await mqtt_app.client.post("/api/v1/devices/dev-http-online/commands", json={"name": "reboot"}, headers=ADMIN)
     assert r.status_code == 201, r.text
     command_id = r.json()["id"]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from telemetra.api.deps import Admin, Caller, ServicesDep, check_reads
+from telemetra.api.deps import Caller, Operator, ServicesDep, check_reads
 from telemetra.domain.errors import Forbidden, NotFound
 from telemetra.domain.principal import Role
 from telemetra.domain.records import Batch, CommandAck, Event
@@ -63,7 +63,7 @@ async def send_command(
     device_id: str,
     body: CommandCreate,
     services: ServicesDep,
-    _: Admin,
+    _: Operator,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
 ) -> dict[str, Any]:
     """Queue a command; it is published on ``{prefix}/{id}/cmd`` when the device is online. With
@@ -129,7 +129,7 @@ async def ack_command(
 
 
 @router.put("/api/v1/devices/{device_id}/config")
-async def put_config(device_id: str, body: ConfigBody, services: ServicesDep, _: Admin) -> dict[str, Any]:
+async def put_config(device_id: str, body: ConfigBody, services: ServicesDep, _: Operator) -> dict[str, Any]:
     """Desired configuration: stored with a new version and published retained on ``{prefix}/{id}/config``."""
     config = body.model_dump()
     config.pop("version", None)

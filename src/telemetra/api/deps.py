@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.config import Settings
 from telemetra.domain.errors import Forbidden, Unauthorized
-from telemetra.domain.principal import ADMIN, ANONYMOUS, FLEET, Principal, Role
+from telemetra.domain.principal import FLEET, AccessPolicy, Principal, Role, matches_any, parse_networks
 from telemetra.ingest.queue import IngestQueue
 from telemetra.ingest.service import IngestService
 from telemetra.metrics import Metrics
@@ -21,6 +22,8 @@ from telemetra.storage.commands import AlertRepository
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
 from telemetra.storage.queries import TelemetryQueries
+
+log = logging.getLogger(__name__)
 
 # (device_id, new secret or None, enabled or None, deleted)
 RegistryHook = Callable[[str, str | None, bool | None, bool], Awaitable[None]]
@@ -42,6 +45,10 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)  # later capabilities (MQTT, realtime) hang here
     registry_hooks: list[RegistryHook] = field(default_factory=list)
 
+    @cached_property
+    def access(self) -> AccessPolicy:
+        return access_policy(self.settings, self.admin_keys)
+
     async def registry_changed(
         self, device_id: str, *, secret: str | None = None, enabled: bool | None = None, deleted: bool = False
     ) -> None:
@@ -58,10 +65,39 @@ async def get_services(request: Request) -> Services:
     return services
 
 
+def access_policy(settings: Settings, admin_keys: list[str]) -> AccessPolicy:
+    return AccessPolicy(
+        admin_keys=tuple(admin_keys),
+        operator_keys=tuple(settings.operator_keys),
+        viewer_keys=tuple(settings.viewer_keys),
+        trusted_networks=parse_networks(settings.trusted_networks),
+        trusted_role=Role(settings.trusted_role),
+    )
+
+
+def warn_open_access(settings: Settings) -> None:
+    """Said at every start while trusted networks are on: key-less requests from them are let in."""
+    if settings.trusted_networks:
+        log.warning(
+            "TELEMETRA_TRUSTED_NETWORKS is set: requests without a key from %s are treated as %s. "
+            "Use it only for networks you control, behind a proxy that sets X-Forwarded-For.",
+            ", ".join(settings.trusted_networks),
+            settings.trusted_role,
+        )
+
+
+def _client_host(request: Request) -> str | None:
+    # uvicorn has already replaced it with X-Forwarded-For's when the peer is a trusted proxy
+    # (--forwarded-allow-ips, 127.0.0.1 by default).
+    client = request.client
+    return client.host if client is not None else None
+
+
 async def principal_of(request: Request, services: Services) -> Principal:
     """The caller, read straight from the headers (for hot paths that skip dependency resolution)."""
     headers = request.headers
-    return await resolve_principal(services, _presented_key(headers.get("x-api-key"), headers.get("authorization")))
+    key = _presented_key(headers.get("x-api-key"), headers.get("authorization"))
+    return await resolve_principal(services, key, _client_host(request))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -77,20 +113,13 @@ def _presented_key(x_api_key: str | None, authorization: str | None) -> str | No
     return None
 
 
-def _matches_any(key: str, candidates: list[str]) -> bool:
-    # Compare against every candidate so timing does not tell which one (or whether any) matched.
-    found = False
-    for candidate in candidates:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
-
-
-async def resolve_principal(services: Services, key: str | None) -> Principal:
+async def resolve_principal(services: Services, key: str | None, client_host: str | None = None) -> Principal:
     if key is None:
-        return ANONYMOUS
-    if _matches_any(key, services.admin_keys):
-        return ADMIN
-    if services.settings.device_api_keys and _matches_any(key, services.settings.device_api_keys):
+        return services.access.keyless(client_host)
+    staff = services.access.staff(key)
+    if staff is not None:
+        return staff
+    if services.settings.device_api_keys and matches_any(key, services.settings.device_api_keys):
         return FLEET
     info = await services.directory.by_secret(key)
     if info is None:
@@ -101,30 +130,54 @@ async def resolve_principal(services: Services, key: str | None) -> Principal:
 
 
 async def get_principal(
+    request: Request,
     services: ServicesDep,
-    x_api_key: Annotated[str | None, Header(description="admin, device, gateway or fleet key")] = None,
+    x_api_key: Annotated[str | None, Header(description="admin, operator, viewer, device, gateway or fleet key")] = (
+        None
+    ),
     authorization: Annotated[str | None, Header(description="Bearer <key>")] = None,
 ) -> Principal:
-    return await resolve_principal(services, _presented_key(x_api_key, authorization))
+    return await resolve_principal(services, _presented_key(x_api_key, authorization), _client_host(request))
+
+
+def _known_caller(principal: Principal, what: str) -> None:
+    if principal.role is Role.ANONYMOUS:
+        raise Unauthorized(f"{what} is required (X-API-Key or Authorization: Bearer)", field="X-API-Key")
 
 
 async def require_caller(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-    if principal.role is Role.ANONYMOUS:
-        raise Unauthorized("an API key is required (X-API-Key or Authorization: Bearer)", field="X-API-Key")
+    _known_caller(principal, "an API key")
+    return principal
+
+
+async def require_viewer(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    _known_caller(principal, "an admin, operator or viewer key")
+    if not principal.reads_everything:
+        raise Forbidden("this endpoint needs an admin, operator or viewer key", field="X-API-Key")
+    return principal
+
+
+async def require_operator(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    _known_caller(principal, "an admin or operator key")
+    if not principal.operates:
+        raise Forbidden("this endpoint needs an admin or operator key", field="X-API-Key")
     return principal
 
 
 async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-    if principal.role is Role.ANONYMOUS:
-        raise Unauthorized("an admin API key is required", field="X-API-Key")
+    _known_caller(principal, "an admin API key")
     if not principal.is_admin:
         raise Forbidden("this endpoint needs an admin key", field="X-API-Key")
     return principal
 
 
 MaybePrincipal = Annotated[Principal, Depends(get_principal)]
-Caller = Annotated[Principal, Depends(require_caller)]
-Admin = Annotated[Principal, Depends(require_admin)]
+Caller = Annotated[Principal, Depends(require_caller)]  # anyone with a key (or a trusted network)
+Viewer = Annotated[Principal, Depends(require_viewer)]  # reads of every device: admin, operator, viewer
+Operator = Annotated[Principal, Depends(require_operator)]  # changes other than credentials: admin, operator
+Admin = Annotated[Principal, Depends(require_admin)]  # credentials and keys
+Reader = Viewer
+Writer = Operator
 
 
 def check_reads(principal: Principal, device_id: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from telemetra.api.deps import Admin, Caller, ServicesDep, check_reads
+from telemetra.api.deps import Admin, Caller, Operator, ServicesDep, Viewer, check_reads
 from telemetra.api.present import device_public, with_credentials
 from telemetra.api.schemas import (
     ClaimCode,
@@ -49,10 +49,9 @@ async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> 
 
 
 @router.get("/devices", response_model=DeviceList)
-@router.get("/nodes", response_model=DeviceList, include_in_schema=False)
 async def list_devices(
     services: ServicesDep,
-    _: Admin,
+    _: Viewer,
     model: str | None = None,
     online: bool | None = None,
     search: Annotated[str | None, Query(max_length=128)] = None,
@@ -80,7 +79,6 @@ async def list_devices(
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic)
-@router.get("/nodes/{device_id}", response_model=DevicePublic, include_in_schema=False)
 async def get_device(device_id: str, services: ServicesDep, principal: Caller) -> DevicePublic:
     check_reads(principal, device_id)
     device = await services.devices.get(device_id)
@@ -89,7 +87,7 @@ async def get_device(device_id: str, services: ServicesDep, principal: Caller) -
 
 @router.patch("/devices/{device_id}", response_model=DevicePublic)
 @router.put("/devices/{device_id}", response_model=DevicePublic, include_in_schema=False)
-async def update_device(device_id: str, body: DeviceUpdate, services: ServicesDep, _: Admin) -> DevicePublic:
+async def update_device(device_id: str, body: DeviceUpdate, services: ServicesDep, _: Operator) -> DevicePublic:
     fields = body.model_dump(exclude_unset=True)
     if "metadata" in fields:
         fields["meta"] = fields.pop("metadata")
@@ -100,7 +98,7 @@ async def update_device(device_id: str, body: DeviceUpdate, services: ServicesDe
 
 
 @router.delete("/devices/{device_id}", status_code=204)
-async def delete_device(device_id: str, services: ServicesDep, _: Admin) -> None:
+async def delete_device(device_id: str, services: ServicesDep, _: Operator) -> None:
     """Delete the device with all its telemetry, state and events."""
     await services.devices.delete(device_id)
     await services.registry_changed(device_id, deleted=True)

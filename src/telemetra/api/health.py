@@ -10,18 +10,15 @@ from sqlalchemy import func, select, text
 from starlette.responses import JSONResponse, Response
 
 from telemetra import __version__
-from telemetra.api.deps import Admin, ServicesDep
+from telemetra.api.deps import Services, ServicesDep, Viewer
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.storage.schema import Device, LatestRow
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health")
-@router.get("/api/v1/health")
-@router.get("/api/health")
-async def health(services: ServicesDep) -> JSONResponse:
-    """Status of the database, MQTT, the ingest queue and WebSockets; 503 when a dependency is down."""
+async def health_report(services: Services) -> dict[str, Any]:
+    """Status of the database, MQTT, the ingest queue and WebSockets (shared by every health path)."""
     checks: dict[str, Any] = {}
     try:
         async with services.engine.connect() as conn:
@@ -39,13 +36,32 @@ async def health(services: ServicesDep) -> JSONResponse:
     # The realtime capability registers its own probe (connection count); until it exists, say so.
     checks.setdefault("websocket", {"status": "off", "detail": "realtime streaming is not in this build"})
     healthy = all(c.get("status") in ("ok", "off") for c in checks.values())
-    body = {
-        "status": "ok" if healthy else "degraded",
+    # "healthy": the word iotmesh's test suite, paku's OTA tooling and telemetry_app's ESP32 document read.
+    return {
+        "status": "healthy" if healthy else "degraded",
         "version": __version__,
         "timestamp": ms_to_iso(now_ms()),
         "checks": checks,
     }
-    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.get("/health")
+@router.get("/api/v1/health")
+async def health(services: ServicesDep) -> JSONResponse:
+    """Status of the database, MQTT, the ingest queue and WebSockets; 503 when a dependency is down."""
+    body = await health_report(services)
+    return JSONResponse(body, status_code=200 if body["status"] == "healthy" else 503)
+
+
+@router.get("/api/health")
+async def heatpump_health(services: ServicesDep) -> JSONResponse:
+    """The same, with smart-heat-pump's flat fields beside it (``influxdb_connected`` is its name for the
+    database)."""
+    body = await health_report(services)
+    database = body["checks"]["database"]["status"] == "ok"
+    mqtt = body["checks"].get("mqtt", {}).get("status") == "ok"
+    flat = {"influxdb_connected": database, "database_connected": database, "mqtt_connected": mqtt}
+    return JSONResponse({**body, **flat}, status_code=200 if body["status"] == "healthy" else 503)
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -54,9 +70,12 @@ async def metrics(services: ServicesDep) -> Response:
 
 
 @router.get("/api/v1/stats")
-@router.get("/api/stats", include_in_schema=False)
-async def stats(services: ServicesDep, _: Admin) -> dict[str, Any]:
-    """Fleet figures for dashboards (seed 003's ``/api/stats``)."""
+async def stats(services: ServicesDep, _: Viewer) -> dict[str, Any]:
+    """Fleet figures for dashboards (seed 003's shape is at ``/api/stats``)."""
+    return await fleet_stats(services)
+
+
+async def fleet_stats(services: Services) -> dict[str, Any]:
     now = now_ms()
     fresh = now - services.settings.offline_after_s * 1000
     async with services.engine.connect() as conn:

@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from telemetra.api.deps import Services, principal_of
+from telemetra.api.present import reading_id
 from telemetra.api.schemas import IngestAccepted, NodeTelemetry, TelemetryMessage
 from telemetra.domain.errors import Forbidden, InvalidInput, MalformedPayload, PayloadTooLarge, Unauthorized
 from telemetra.domain.principal import Principal, Role
@@ -51,6 +52,8 @@ async def _caller(request: Request, *, anonymous_ok: bool = False) -> tuple[Serv
     principal = await principal_of(request, services)
     if principal.role is Role.ANONYMOUS and not anonymous_ok:
         raise Unauthorized("an API key is required (X-API-Key or Authorization: Bearer)", field="X-API-Key")
+    if principal.role is not Role.ANONYMOUS and not principal.writes_telemetry:
+        raise Forbidden("a viewer key only reads; sending data needs another key", field="X-API-Key")
     return services, principal
 
 
@@ -95,18 +98,27 @@ async def _read_json(request: Request, services: Services) -> Any:
 
 
 def _accepted(batch: Batch, points: int) -> Response:
-    body = {
+    """201, stored: Telemetra's counts, and telemetry_app's ``{id, device_id, timestamp, accepted}`` (its ESP32
+    sample counts only a 201 as success) for the first reading, with every reading's id."""
+    telemetry = batch.telemetry
+    body: dict[str, Any] = {
         "status": "accepted",
-        "device_ids": sorted({t.device_id for t in batch.telemetry}),
-        "messages": len(batch.telemetry),
+        "accepted": True,
+        "device_ids": sorted({t.device_id for t in telemetry}),
+        "messages": len(telemetry),
         "points": points,
     }
-    return Response(orjson.dumps(body), status_code=202, media_type="application/json")
+    if telemetry:
+        first = telemetry[0]
+        body.update(id=reading_id(first.device_id, first.ts), device_id=first.device_id, timestamp=ms_to_iso(first.ts))
+        if len(telemetry) > 1:
+            body["ids"] = [reading_id(t.device_id, t.ts) for t in telemetry]
+    return Response(orjson.dumps(body), status_code=201, media_type="application/json")
 
 
 @router.post(
     "/api/v1/ingest",
-    status_code=202,
+    status_code=201,
     response_model=IngestAccepted,
     openapi_extra=_body_schema(TelemetryMessage, array=False),
 )
@@ -117,7 +129,7 @@ async def ingest(request: Request) -> Response:
 
 @router.post(
     "/api/v1/ingest/batch",
-    status_code=202,
+    status_code=201,
     response_model=IngestAccepted,
     openapi_extra=_body_schema(TelemetryMessage, array=True),
 )
@@ -137,6 +149,7 @@ async def _ingest(request: Request, *, array_only: bool) -> Response:
 
 
 def _node_principal(principal: Principal, services: Services) -> Principal:
+    # (A viewer was refused in _caller.)
     if principal.role is Role.ANONYMOUS and not services.settings.allow_anonymous_nodes:
         raise Unauthorized(
             "an API key is required (anonymous node posts are off: TELEMETRA_ALLOW_ANONYMOUS_NODES)", field="X-API-Key"

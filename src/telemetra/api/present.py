@@ -46,6 +46,11 @@ def with_credentials(device: Device, secret: str, *, now: int, offline_after_s: 
     )
 
 
+def reading_id(device_id: str, ts: int) -> str:
+    """A reading — one message's values, all at one time — is identified by its device and time."""
+    return f"{device_id}:{ts}"
+
+
 def point(p: PointOut) -> dict[str, Any]:
     return {"ts": ms_to_iso(p.ts), "value": p.value}
 

@@ -107,9 +107,14 @@ class ClaimRequest(_Strict):
 
 class IngestAccepted(BaseModel):
     status: Literal["accepted"] = "accepted"
+    accepted: bool = True
     device_ids: list[str]
     messages: int
     points: int
+    id: str | None = Field(None, description="the (first) reading's id: device and time")
+    device_id: str | None = None
+    timestamp: str | None = Field(None, description="the (first) reading's time, ISO 8601 UTC")
+    ids: list[str] | None = Field(None, description="every reading's id, when there are several")
 
 
 class TelemetryMessage(BaseModel):

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from telemetra.api.deps import Admin, Caller, ServicesDep, check_reads
+from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
 from telemetra.api.params import decode_cursor, encode_cursor, interval_ms, key_list, time_range
 from telemetra.api.present import point, series
 from telemetra.domain.errors import InvalidInput, NotFound
@@ -223,16 +223,6 @@ async def device_state_history(
     return {"device_id": device_id, "history": [{"key": r.key, "value": r.value, "ts": ms_to_iso(r.ts)} for r in rows]}
 
 
-@router.get("/state")
-async def shared_state(services: ServicesDep, _: Admin) -> dict[str, Any]:
-    """Seed 000's shared state of all nodes: ``{node: {key: {value, ts, version}}}``."""
-    rows = await services.queries.state()
-    nodes: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        nodes.setdefault(r.device_id, {})[r.key] = {"value": r.value, "ts": ms_to_iso(r.ts), "version": r.version}
-    return {"state": nodes}
-
-
 @router.get("/devices/{device_id}/events")
 async def events(
     device_id: str,
@@ -256,7 +246,7 @@ async def events(
 
 @router.get("/rejected")
 async def rejected(
-    services: ServicesDep, _: Admin, device_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    services: ServicesDep, _: Viewer, device_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     """Messages we could not take, newest first, with their reason."""
     rows = await services.queries.rejected(limit=limit, device_id=device_id)

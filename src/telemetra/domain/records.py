@@ -58,6 +58,7 @@ class DeviceReport:
     name: str | None = None
     role: str | None = None
     reported_config: dict[str, Any] | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,9 @@ class Batch:
     alerts: list[AlertRaise] = field(default_factory=list)
     acks: list[CommandAck] = field(default_factory=list)
     origin: Origin | None = None
+    # Messages refused and counted but not kept, because their device used up its allowance of rejected
+    # records (mqtt.rejections): nothing to write, but the message was not taken either.
+    suppressed: int = 0
 
     @property
     def point_count(self) -> int:
@@ -168,3 +172,4 @@ class Batch:
         self.register.extend(other.register)
         self.alerts.extend(other.alerts)
         self.acks.extend(other.acks)
+        self.suppressed += other.suppressed

@@ -3,7 +3,12 @@
 Accepted telemetry shapes (SPEC §4, PROTOCOLS.md):
 - flat ``{"temperature": 22.5}``; nested objects flatten to dotted keys (``temperature.inlet``), arrays to
   indexed keys (``cells.0``);
-- a device timestamp in ``ts`` or ``timestamp`` (epoch s/ms, or ISO 8601);
+- a device timestamp in ``ts`` or ``timestamp`` (epoch s/ms, or ISO 8601). A device clock is not always a
+  wall clock (seed 003's firmware sends ``millis()`` since boot): a value before 2001, as epoch ms or s, is
+  not a time — the reading is stamped on arrival and the device's value kept as a series of its own (under
+  its field name). Where a route says the device counts milliseconds since boot (``boot_clock_ms``), any
+  number below epoch-millisecond magnitude is read that way. Only a wall-clock time beyond the allowed skew
+  (or older than the allowed age) is refused;
 - values wrapped in ``values`` or ``metrics`` (seed 001's code);
 - ``device_id`` / ``device`` names the device (seeds 001 and 003);
 - a JSON array, or ``{"readings": [...]}``, is a batch.
@@ -27,6 +32,11 @@ TS_FIELDS = ("ts", "timestamp")
 WRAPPER_FIELDS = ("values", "metrics")
 META_FIELDS = frozenset((*DEVICE_FIELDS, *TS_FIELDS))
 BATCH_FIELD = "readings"
+# 2001-01-01T00:00:00Z. A device "time" before it is a clock that was never set (boot-relative, or an RTC
+# that starts at 1970), not a moment: it cannot be a reading's time.
+WALL_CLOCK_FROM_MS = 978_307_200_000
+# Epoch milliseconds from here on (1973 in ms; year 5138 in seconds): the magnitude that tells ms from s.
+EPOCH_MS_FROM = 100_000_000_000
 NODE_FIELDS = frozenset(("name", "role", "firmware", "state", "node_id"))
 
 
@@ -86,12 +96,14 @@ def split_batch(doc: Any, *, limits: Limits) -> list[Any]:
     return items
 
 
-def normalize_message(obj: Any, *, received_ms: int, limits: Limits, path: str = "body") -> Message:
+def normalize_message(
+    obj: Any, *, received_ms: int, limits: Limits, path: str = "body", boot_clock_ms: bool = False
+) -> Message:
     if type(obj) is not dict and not isinstance(obj, Mapping):
         raise InvalidInput("each message must be a JSON object", field=path)
     device_id = _device_id(obj, path)
-    ts = _timestamp(obj, received_ms=received_ms, limits=limits, path=path)
-    values: list[Value] = []
+    ts, device_clock = _timestamp(obj, received_ms=received_ms, limits=limits, path=path, boot_clock_ms=boot_clock_ms)
+    values: list[Value] = [] if device_clock is None else [device_clock]
     append = values.append
     clean_keys, max_key_length = _CLEAN_KEYS, limits.max_key_length
     nested = False
@@ -193,16 +205,27 @@ def valid_device_id(value: str) -> bool:
     return 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "-_.:") for c in value)
 
 
-def _timestamp(obj: Mapping[str, Any], *, received_ms: int, limits: Limits, path: str) -> int | None:
+def _timestamp(
+    obj: Mapping[str, Any], *, received_ms: int, limits: Limits, path: str, boot_clock_ms: bool = False
+) -> tuple[int | None, Value | None]:
+    """The reading's time (None: stamp on arrival) and, for a device clock that is not a wall clock, the
+    device's value as a value of its own."""
     name, raw = "ts", obj.get("ts")
     if raw is None:
         name, raw = "timestamp", obj.get("timestamp")
         if raw is None:
-            return None
-    if type(raw) is int and 100_000_000_000 <= raw < 100_000_000_000_000:  # epoch ms, the usual
+            return None, None
+    if type(raw) is int and WALL_CLOCK_FROM_MS <= raw < 100_000_000_000_000:  # epoch ms, the usual
         ts: int | None = raw
     else:
+        number = isinstance(raw, int | float) and not isinstance(raw, bool)
+        if number and boot_clock_ms and 0 <= raw < EPOCH_MS_FROM:
+            return None, _value(name, raw, limits, path)
         ts = parse_timestamp(raw)
+        if ts is not None and ts < WALL_CLOCK_FROM_MS:
+            if ts < 0:
+                raise InvalidInput("timestamp must not be negative", field=f"{path}.{name}")
+            return None, _value(name, raw, limits, path)
     if ts is None:
         raise InvalidInput("timestamp must be epoch seconds/milliseconds or ISO 8601", field=f"{path}.{name}")
     if ts > received_ms + limits.max_future_skew_ms:
@@ -213,7 +236,7 @@ def _timestamp(obj: Mapping[str, Any], *, received_ms: int, limits: Limits, path
         )
     if ts < received_ms - limits.max_past_age_ms:
         raise InvalidInput("timestamp is older than the accepted age", field=f"{path}.{name}")
-    return ts
+    return ts, None
 
 
 def parse_timestamp(raw: Any) -> int | None:

@@ -46,7 +46,18 @@ class IngestService:
     def limits(self) -> Limits:
         return self._limits
 
-    async def telemetry_batch(self, doc: Any, principal: Principal, *, path_device: str | None = None) -> Batch:
+    async def telemetry_batch(
+        self,
+        doc: Any,
+        principal: Principal,
+        *,
+        path_device: str | None = None,
+        boot_clock_ms: bool = False,
+        body_device_informational: bool = False,
+    ) -> Batch:
+        """``boot_clock_ms``: the route's devices count milliseconds since boot in ``timestamp`` (seed 003).
+        ``body_device_informational``: over MQTT the authenticated topic names the device; a body
+        ``device_id`` naming another is information, not a claim (paku's heater says ``heater_<id>``)."""
         received = now_ms()
         items = split_batch(doc, limits=self._limits)
         field = "readings" if isinstance(doc, dict) and "readings" in doc else "body"
@@ -56,12 +67,16 @@ class IngestService:
                 received_ms=received,
                 limits=self._limits,
                 path=f"{field}[{i}]" if len(items) > 1 or field == "readings" else "body",
+                boot_clock_ms=boot_clock_ms,
             )
             for i, item in enumerate(items)
         ]
         targets: list[str] = []
         for i, message in enumerate(messages):
-            targets.append(self._target(message.device_id, principal, path_device, f"body[{i}].device_id"))
+            body_device = message.device_id
+            if body_device_informational and principal.role is Role.DEVICE:
+                body_device = None
+            targets.append(self._target(body_device, principal, path_device, f"body[{i}].device_id"))
         if all(not m.values for m in messages):
             raise InvalidInput("the message carries no values", field="body")
         batch = Batch()

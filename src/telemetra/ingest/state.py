@@ -17,7 +17,8 @@ from telemetra.ingest.normalize import Limits
 
 _TRUE = frozenset({"online", "true", "1", "on", "up", "connected"})
 _FALSE = frozenset({"offline", "false", "0", "off", "down", "disconnected"})
-_FW_FIELDS = ("fwVersion", "fw_version", "firmware", "fw")
+_FW_FIELDS = ("fwVersion", "fw_version", "firmware_version", "firmware", "fw")  # paku's edge: firmware_version
+_MODEL_FIELDS = ("device_model",)  # paku's edge status: what its OTA service registers devices by
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class StateReport:
     online: bool | None = None
     rssi: int | None = None
     fw_version: str | None = None
+    model: str | None = None
     reported_config: dict[str, Any] | None = None
     values: dict[str, str] = field(default_factory=dict)
 
@@ -83,6 +85,12 @@ def normalize_state(payload: bytes, *, key: str | None, limits: Limits) -> State
             report.rssi = int(value)
         elif name in _FW_FIELDS and isinstance(value, str):
             report.fw_version = check_text(value[:64], max_text=64, field=f"payload.{name}")
+        elif name in _MODEL_FIELDS and isinstance(value, str):
+            report.model = check_text(value[:128], max_text=128, field=f"payload.{name}")
+        elif name == "wifi" and isinstance(value, Mapping) and report.rssi is None:
+            rssi = value.get("rssi")  # paku's edge status nests it: {"wifi": {"rssi": -61, …}}
+            if isinstance(rssi, int | float) and not isinstance(rssi, bool):
+                report.rssi = int(rssi)
         elif name == "config" and isinstance(value, Mapping):
             check_document(value, max_depth=limits.max_depth, max_text=limits.max_document_text, field="payload.config")
             report.reported_config = dict(value)

@@ -73,7 +73,7 @@ class DeviceSink(Protocol):
         """Take a message; with ``acknowledge``, a future that resolves once it is committed."""
         ...
 
-    def refuse(self, device_id: str, topic: str, payload: bytes, reason: str) -> None:
+    def refuse(self, device_id: str | None, topic: str, payload: bytes) -> None:
         """A publish the ACL did not allow: counted and kept as a rejected message."""
         ...
 
@@ -420,6 +420,21 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
             return False
         return self._gate.permits(session, topic, action)
 
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        # What reaches this (a QoS 2 flow; QoS 0/1 go to the sink at once): upstream only logs a publish the
+        # ACL refuses; the sink keeps it as a rejected message. Malformed topics (empty, wildcards, `$`)
+        # are left to upstream, which disconnects.
+        message = wait_deliver.result()
+        topic = getattr(message, "topic", None)
+        if self.sink is not None and _valid_publish_topic(topic):
+            if not self._gate.permits(client_session, topic, Action.PUBLISH):
+                principal = principal_of(client_session)
+                self.sink.refuse(principal.device_id if principal else None, topic, bytes(message.data or b""))
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
+
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
@@ -445,7 +460,7 @@ class GuardedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type inform
         payload = bytes(message.data or b"")
         if not self._gate.permits(session, topic, Action.PUBLISH):
             principal = principal_of(session)
-            self.sink.refuse(principal.device_id if principal else "", topic, payload, "acl: not this device's topic")
+            self.sink.refuse(principal.device_id if principal else None, topic, payload)
             return True  # MQTT 3.1.1 has no negative PUBACK; Mosquitto acknowledges a refused publish too
         future = self.sink.offer(topic, payload, acknowledge=acknowledge and message.qos == QOS_1)
         if future is not None:

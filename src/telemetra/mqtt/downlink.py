@@ -1,10 +1,11 @@
 """Commands and desired configuration, down to devices.
 
-A command is stored first (queued), then published QoS 1 on ``{prefix}/{device}/cmd`` when the device is
-online; it becomes ``sent`` once the broker has it, ``acked``/``failed`` when the device answers on
-``event/ack`` (or the HTTP ack), ``expired`` after its TTL. A device that is offline gets its queued
-commands when it comes back. Devices that speak only HTTP poll for them instead; a poll also takes
-commands that went out over MQTT and stay unanswered.
+A command is stored first (queued), then published when the device is online, on each enabled scheme's
+command topic in that scheme's shape (``mqtt.shapes``: ``{prefix}/{device}/cmd`` with ``{"id","name",…}``,
+``heatpump/{device}/commands`` with ``{"command": …}``, …). It becomes ``sent`` once the broker has it,
+``acked``/``failed`` when the device answers on ``event/ack`` (or the HTTP ack), ``expired`` after its TTL.
+A device that is offline gets its queued commands when it comes back. Devices that speak only HTTP poll
+for them instead; a poll also takes commands that went out over MQTT and stay unanswered.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import orjson
-
 from telemetra.domain.records import Batch
 from telemetra.domain.timeutil import now_ms
+from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.storage.commands import CommandRepository
 from telemetra.storage.schema import CommandRow
 
@@ -50,13 +50,11 @@ class CommandService:
         self,
         repo: CommandRepository,
         *,
-        topic_for: Callable[[str], str],
-        config_topic_for: Callable[[str], str],
+        plan: DownlinkPlan,
         is_online: Callable[[str], Any],
     ) -> None:
         self.repo = repo
-        self._topic_for = topic_for
-        self._config_topic_for = config_topic_for
+        self._plan = plan
         self._is_online = is_online
         self.publisher: Publisher | None = None
         self._changed: dict[str, asyncio.Event] = {}  # command id → set when its status may have changed
@@ -65,6 +63,7 @@ class CommandService:
         self._tasks: set[asyncio.Task[int]] = set()
 
     async def create(self, device_id: str, name: str, params: Any, *, ttl_s: int) -> CommandRow:
+        self._plan.check_command(name, params)  # refused now (422) rather than never delivered
         command = await self.repo.create(device_id, name, params, now_ms=now_ms(), ttl_s=ttl_s)
         self._arrivals.setdefault(device_id, asyncio.Event()).set()
         if await self._is_online(device_id):
@@ -97,11 +96,16 @@ class CommandService:
         claimed = set(await self.repo.mark_sent([c.id for c in queued], now_ms=now_ms(), via="mqtt"))
         mine = [c for c in queued if c.id in claimed]  # the rest someone else took
         for i, command in enumerate(mine):
-            payload = orjson.dumps(
-                {"id": command.id, "name": command.name, "params": command.params or {}, "ts": command.created_at}
+            outgoing = self._plan.command(
+                device_id,
+                command_id=command.id,
+                name=command.name,
+                params=command.params,
+                created_ms=command.created_at,
             )
             try:
-                await publisher.publish(self._topic_for(device_id), payload, qos=1, retain=False)
+                for message in outgoing:
+                    await publisher.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
             except Exception as exc:  # this one and those after it back to queued; the next dispatch retries
                 log.warning("could not publish command %s: %s", command.id, exc)
                 await self.repo.release([c.id for c in mine[i:]])
@@ -113,9 +117,10 @@ class CommandService:
         publisher = self.publisher
         if publisher is None or not publisher.connected:
             return False
-        payload = orjson.dumps({**config, "version": version})
-        await publisher.publish(self._config_topic_for(device_id), payload, qos=1, retain=True)
-        return True
+        outgoing = self._plan.config(device_id, config, version)
+        for message in outgoing:
+            await publisher.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+        return bool(outgoing)
 
     async def wait(self, command_id: str, wait_s: float) -> CommandRow:
         """The command once it is answered (acked/failed/expired), or as it is when ``wait_s`` runs out."""

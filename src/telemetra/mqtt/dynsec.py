@@ -121,8 +121,8 @@ class DynsecProvisioner(DynsecConnection):
         bind_client_id: bool = False,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
-        # TopicAcl validates the templates ({device} exactly once, roots end with '/', no wildcards),
-        # the same rules the embedded broker uses.
+        # TopicAcl validates the templates ({device} exactly once, publish filters "a/+/{device}/#", exact
+        # downlink topics), the same rules the embedded broker uses.
         self._acl = TopicAcl(device_roots=tuple(device_roots), downlink=tuple(downlink))
         self._bind_client_id = bind_client_id
         super().__init__(
@@ -140,11 +140,9 @@ class DynsecProvisioner(DynsecConnection):
 
     def device_acls(self, device_id: str) -> list[Command]:
         acls: list[Command] = []
-        for root in self._acl.rendered_roots(device_id):
-            acls.append(_acl("publishClientSend", root + "#", True, _GENERAL))
-            # In MQTT "a/b/#" also matches "a/b" itself; the embedded broker (acl.TopicAcl) only allows
-            # topics *under* the root, so deny the bare level to keep both broker modes identical.
-            acls.append(_acl("publishClientSend", root.rstrip("/"), False, _SPECIFIC))
+        for topic_filter in self._acl.rendered_publish(device_id):
+            # MQTT filters ("a/+/<id>/#", which also matches "a/+/<id>"), as the embedded broker reads them.
+            acls.append(_acl("publishClientSend", topic_filter, True, _GENERAL))
         for topic in self._acl.rendered_downlink(device_id):
             # A device must not forge its own commands or overwrite its retained desired config.
             acls.append(_acl("publishClientSend", topic, False, _SPECIFIC))

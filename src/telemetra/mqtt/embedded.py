@@ -11,17 +11,14 @@ MQTT 3.1.1 only: amqtt 0.12 refuses MQTT 3.1 at CONNECT and cannot parse an MQTT
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
+from collections.abc import Callable
 from types import TracebackType
 
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import BrokerError
 
-from telemetra.domain.records import Batch, Rejected
-from telemetra.domain.timeutil import now_ms
-from telemetra.logs import Throttle
 from telemetra.metrics import Metrics
 from telemetra.mqtt._amqtt_broker import AccessGate, Authenticate, DeviceSink, GuardedBroker
 from telemetra.mqtt.acl import TopicAcl
@@ -155,21 +152,29 @@ def _is_address_in_use(exc: BaseException) -> bool:
 # Messages taken in but not yet committed and acknowledged, across all device connections, past which
 # the connections stop being read (devices then wait for their PUBACKs; TCP holds what they send).
 HIGH_WATER = 20_000
-REFUSALS_KEPT_PER_MINUTE = 10  # per device: a misconfigured device must not fill the rejected store
+
+# A publish the ACL refused: (device id, topic, payload), to be counted and kept (within the device's
+# allowance) without waiting for storage.
+RefusedPublish = Callable[[str | None, str, bytes], None]
 
 
 class DeviceIngest:
     """The embedded broker's ``DeviceSink``: device messages into the ingest pipeline in process."""
 
-    def __init__(self, inbound: Interpreter, queue: Queue, metrics: Metrics, *, high_water: int = HIGH_WATER) -> None:
-        self._queue = queue
-        self._metrics = metrics
+    def __init__(
+        self,
+        inbound: Interpreter,
+        queue: Queue,
+        metrics: Metrics,
+        *,
+        on_refused: RefusedPublish,
+        high_water: int = HIGH_WATER,
+    ) -> None:
+        self._on_refused = on_refused
         self._high = high_water
         self._room = asyncio.Event()
         self._room.set()
-        self._refusals = Throttle(60.0 / REFUSALS_KEPT_PER_MINUTE)
         self.pipeline: Pipeline[asyncio.Future[None] | None] = Pipeline(inbound, queue, metrics, on_stored=self._stored)
-        self._pending: set[asyncio.Task[None]] = set()
         self._closing = False
 
     @property
@@ -186,19 +191,11 @@ class DeviceIngest:
             self._room.clear()
         return future
 
-    def refuse(self, device_id: str, topic: str, payload: bytes, reason: str) -> None:
-        self._metrics.rejected.labels("mqtt", reason.split(":", 1)[0]).inc()
-        if self._refusals.allow(device_id) is None:
-            return  # counted, not kept: this device's refusals are over the rate
-        record = Rejected(now_ms(), "mqtt", f"{reason} ({topic})", payload, device_id=device_id or None, topic=topic)
-        task = asyncio.ensure_future(self._keep(record))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _keep(self, record: Rejected) -> None:
-        stored = await self._queue.put([Batch(rejected=[record])], transport="mqtt")
-        with contextlib.suppress(Exception):  # the database is down: the count in the metrics stands
-            await stored
+    def refuse(self, device_id: str | None, topic: str, payload: bytes) -> None:
+        try:
+            self._on_refused(device_id, topic, payload)
+        except Exception:  # keeping the record must never break the connection
+            logger.exception("could not keep the refused publish to %r", topic)
 
     def _stored(self, entries: list[Entry[asyncio.Future[None] | None]]) -> None:
         for future, _, _, _ in entries:

@@ -106,7 +106,7 @@ class Pipeline(Generic[T]):
             if self._on_room is not None and len(self.inbox) < self._room_below:
                 self._on_room()
             parts = await self._interpret(chunk)
-            rejected = sum(1 for part in parts if part.rejected)
+            rejected = sum(1 for part in parts if part.rejected or part.suppressed)
             if rejected:
                 self._rejected.inc(rejected)
             if rejected < len(parts):

@@ -143,8 +143,13 @@ class AlertRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def list(self, *, status: str | None, device_id: str | None, limit: int) -> list[AlertRow]:
+    async def list(
+        self, *, status: str | None, device_id: str | None, limit: int, since: int | None = None
+    ) -> list[AlertRow]:
+        """Newest first; ``since``: only alerts raised or repeated from then on."""
         stmt = select(AlertRow.__table__)
+        if since is not None:
+            stmt = stmt.where(AlertRow.updated_at >= since)
         if status:
             stmt = stmt.where(AlertRow.status == status)
         if device_id:

@@ -89,7 +89,9 @@ class DeviceRepository:
         offset: int = 0,
         now_ms: int = 0,
         offline_after_s: int = 120,
+        recent_first: bool = False,
     ) -> DevicePage:
+        """By id; ``recent_first``: most recently heard from first (the seeds' dashboards), never heard last."""
         conditions: list[Any] = []
         if model is not None:
             conditions.append(Device.model == model)
@@ -111,10 +113,11 @@ class DeviceRepository:
                 )
             )
         table = Device.__table__
+        order = (Device.last_seen_at.desc().nulls_last(), Device.id) if recent_first else (Device.id,)
         async with self._engine.connect() as conn:
             total = (await conn.execute(select(func.count()).select_from(table).where(*conditions))).scalar_one()
             rows = (
-                await conn.execute(select(table).where(*conditions).order_by(Device.id).limit(limit).offset(offset))
+                await conn.execute(select(table).where(*conditions).order_by(*order).limit(limit).offset(offset))
             ).all()
         return DevicePage([_from_row(r) for r in rows], int(total))
 

@@ -36,12 +36,16 @@ class Bucket:
     values: dict[str, float | int | bool | str | None]
 
 
-def _value(num: float | None, text: str | None, vtype: int) -> float | bool | str | None:
+def stored_value(num: float | None, text: str | None, vtype: int) -> float | bool | str | None:
+    """A row's value as the client sent it: number, boolean or text."""
     if vtype == ValueType.TEXT:
         return text
     if vtype == ValueType.BOOL:
         return bool(num)
     return num
+
+
+_value = stored_value
 
 
 class TelemetryQueries:

@@ -290,7 +290,7 @@ async def _write_states(conn: AsyncConnection, states: list[StateUpdate], *, pg:
 
 async def _apply_report(conn: AsyncConnection, report: DeviceReport, *, now_ms: int) -> None:
     values: dict[str, Any] = {"updated_at": now_ms}
-    for name in ("online", "rssi", "fw_version", "name", "role"):
+    for name in ("online", "rssi", "fw_version", "name", "role", "model"):
         value = getattr(report, name)
         if value is not None:
             values[name] = value
