@@ -6,11 +6,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra import __version__
-from telemetra.api import alerts, aliases, commands, devices, health, ingest, telemetry
+from telemetra.api import alerts, aliases, commands, devices, firmware, health, ingest, ota, telemetry
 from telemetra.api.deps import Services
 from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
@@ -23,6 +27,8 @@ from telemetra.ingest.service import IngestService
 from telemetra.metrics import Metrics
 from telemetra.mqtt.downlink import CommandService
 from telemetra.mqtt_runtime import start_mqtt
+from telemetra.ota.capability import Ota
+from telemetra.ota.signing import Signer
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, migrate
 from telemetra.storage.devices import DeviceRepository
@@ -71,6 +77,8 @@ def build_services(settings: Settings, metrics: Metrics, admin_keys: list[str]) 
         is_online=online,
     )
     queue.add_listener(commands.on_commit)
+    ota = ota_from(settings, engine, commands, metrics)  # issue 8
+    queue.add_listener(ota.on_commit)
     return Services(
         settings=settings,
         engine=engine,
@@ -83,7 +91,34 @@ def build_services(settings: Settings, metrics: Metrics, admin_keys: list[str]) 
         admin_keys=admin_keys,
         commands=commands,
         alerts=AlertRepository(engine),
+        ota=ota,
     )
+
+
+def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics) -> Ota:
+    """OTA (issue 8) from plain values; devices are notified through their command channel."""
+
+    async def notify(device_id: str, params: dict[str, Any], ttl_s: int) -> str:
+        return (await commands.create(device_id, "ota", params, ttl_s=ttl_s)).id
+
+    return Ota(
+        engine,
+        firmware_dir=settings.firmware_dir,
+        max_firmware_bytes=settings.ota_max_firmware_bytes,
+        signer=load_signer(settings.ota_signing_key, settings.ota_signing_key_file),
+        notify=notify,
+        registry=metrics.registry,
+        lease_s=settings.ota_gateway_lease_s,
+        step_s=settings.ota_step_s,
+        require_key=settings.ota_require_key,
+        base_url=settings.ota_base_url,
+    )
+
+
+def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
+    if path is not None:
+        return Signer.from_text(path.read_text())
+    return Signer.from_text(key.get_secret_value()) if key is not None else None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -119,6 +154,8 @@ def create_app(settings: Settings) -> FastAPI:
             stack.push_async_callback(stop_expiry)
             for start in app.state.starters:
                 await start(services, stack)
+            if services.ota is not None:  # issue 8: after MQTT, so the first notifications can go out
+                await stack.enter_async_context(services.ota)
             log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
             yield
 
@@ -134,7 +171,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
     install_error_handlers(app)
-    for module in (ingest, devices, telemetry, commands, alerts, health, aliases):
+    for module in (ingest, devices, telemetry, commands, alerts, health, aliases, firmware, ota):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.
     app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)
