@@ -49,6 +49,11 @@ def _with(update_id: int, t: Running, check: Callable[[dict[str, Any]], bool]) -
     return read
 
 
+def _told(detail: dict[str, Any]) -> int:
+    """Devices notified at least once."""
+    return sum(1 for n in detail["nodes"] if n["attempts"])
+
+
 async def _steps(t: Running) -> float:
     r = await t.client.get("/metrics")
     return metric_sum(r.text, "telemetra_ota_scheduler_steps_total")
@@ -70,7 +75,7 @@ async def test_waves_advance_and_devices_complete(app_factory: AppFactory) -> No
         assert [w["devices"] for w in update["waves"]] == [2, 8, 10]
         uid = update["id"]
 
-        detail = await eventually(_with(uid, t, lambda d: len([n for n in d["nodes"] if n["attempts"]]) == 2))
+        detail = await eventually(_with(uid, t, lambda d: _told(d) == 2))
         first = await _notified(detail)
         assert {n["wave"] for n in detail["nodes"] if n["node_id"] in first} == {0}
         command = (await _ota_commands(t, first[0]))[0]
@@ -94,15 +99,12 @@ async def test_waves_advance_and_devices_complete(app_factory: AppFactory) -> No
         assert (await _report(t, uid, a, fleet[a], "completed"))["node_status"] == "completed"
         r = await t.client.post(f"/api/v1/nodes/{b}/telemetry", json={"firmware": "v2.0"}, headers=fleet[b])
         assert r.status_code == 200
-        detail = await eventually(_with(uid, t, lambda d: d["current_wave"] == 1 and len([n for n in d["nodes"]
-                                                                                         if n["attempts"]]) == 10))  # fmt: skip
+        detail = await eventually(_with(uid, t, lambda d: d["current_wave"] == 1 and _told(d) == 10))
         assert detail["waves"][0]["status"] == "completed" and detail["waves"][1]["status"] == "running"
         for device in await _notified(detail, 1):
             await _report(t, uid, device, fleet[device], "success")
         detail = await eventually(_with(uid, t, lambda d: d["current_wave"] == 2))
-        for device in await _notified(
-            await eventually(_with(uid, t, lambda d: len([n for n in d["nodes"] if n["attempts"]]) == 20)), 2
-        ):
+        for device in await _notified(await eventually(_with(uid, t, lambda d: _told(d) == 20)), 2):
             await _report(t, uid, device, fleet[device], "completed")
         detail = await eventually(_with(uid, t, lambda d: d["status"] == "completed"))
         assert [w["status"] for w in detail["waves"]] == ["completed"] * 3
@@ -120,7 +122,7 @@ async def test_failures_pause_the_first_wave_and_resume_counts_from_then(app_fac
         update = await _rollout(t, firmware_id=fw["id"], waves=[50, 100], rate_per_minute=60_000,
                                 pause_failure_percent=20, pause_min_finished=5, max_retries=0)  # fmt: skip
         uid = update["id"]
-        detail = await eventually(_with(uid, t, lambda d: len([n for n in d["nodes"] if n["attempts"]]) == 15))
+        detail = await eventually(_with(uid, t, lambda d: _told(d) == 15))
         wave0 = await _notified(detail, 0)
         # 30 % of the first wave fails: 3 of the first 10 to finish.
         for i, device in enumerate(wave0[:10]):
@@ -154,7 +156,7 @@ async def test_cancel_stops_notifications_and_withdraws_queued_ones(app_factory:
         fw = await upload(t.client, image(500), model="env", version="4.0.0")
         update = await _rollout(t, firmware_id=fw["id"], target_model="env", rate_per_minute=600)  # one per 100 ms
         uid = update["id"]
-        detail = await eventually(_with(uid, t, lambda d: 1 <= len([n for n in d["nodes"] if n["attempts"]]) < 10))
+        detail = await eventually(_with(uid, t, lambda d: 1 <= _told(d) < 10))
         r = await t.client.post(f"/api/v1/ota/updates/{uid}/cancel", headers=ADMIN)
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
         told = await _notified(await job(t.client, uid))
@@ -198,12 +200,12 @@ async def test_a_rollout_survives_a_restart(app_factory: AppFactory) -> None:
         fw = await upload(t.client, image(500), model="env", version="6.0.0")
         update = await _rollout(t, firmware_id=fw["id"], waves=[50, 100], rate_per_minute=60_000)
         uid = update["id"]
-        detail = await eventually(_with(uid, t, lambda d: len([n for n in d["nodes"] if n["attempts"]]) == 2))
+        detail = await eventually(_with(uid, t, lambda d: _told(d) == 2))
         wave0 = await _notified(detail, 0)
     async with app_factory(**FAST) as t:  # a new process on the same database and data directory
         for device in wave0:
             await _report(t, uid, device, fleet[device], "completed")
-        detail = await eventually(_with(uid, t, lambda d: len([n for n in d["nodes"] if n["attempts"]]) == 4))
+        detail = await eventually(_with(uid, t, lambda d: _told(d) == 4))
         for device in await _notified(detail, 1):
             await _report(t, uid, device, fleet[device], "completed")
         await eventually(_with(uid, t, lambda d: d["status"] == "completed"))
