@@ -164,5 +164,5 @@ async def download_firmware(firmware_id: int, request: Request, ota: OtaDep, pri
     """The image: ``Range`` (one range) → 206, ``If-None-Match`` → 304, ``ETag`` = its SHA-256, ``X-MD5``,
     ``X-Checksum-SHA256``; no key needed unless TELEMETRA_OTA_REQUIRE_KEY is on."""
     check_download_key(ota, principal)
-    row = await ota.firmware.repo.get(firmware_id)
+    row = await ota.firmware.for_download(firmware_id)
     return firmware_response(request, row, ota.firmware.store.path_of(row.path), ota.firmware.signature(row))

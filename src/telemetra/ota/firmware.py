@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import PurePath
 
@@ -22,6 +23,7 @@ MODEL_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 HARDWARE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
 DEFAULT_HARDWARE = "ESP32"
 MAX_NOTES = 10_000
+DOWNLOAD_ROW_CACHE_S = 2.0
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -76,6 +78,21 @@ class FirmwareService:
         self.repo = repo
         self.store = store
         self.signer = signer
+        # Downloads come in 1 KB parts (iotmesh) or a few ranges per device: the row behind them is read
+        # from memory for a moment instead of once per part. A deleted image's file is gone at once, so a
+        # stale row answers 404 from the missing file, never with other bytes.
+        self._rows: dict[int, tuple[float, FirmwareRow]] = {}
+
+    async def for_download(self, firmware_id: int) -> FirmwareRow:
+        now = time.monotonic()
+        cached = self._rows.get(firmware_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        row = await self.repo.get(firmware_id)
+        if len(self._rows) > 256:
+            self._rows.clear()
+        self._rows[firmware_id] = (now + DOWNLOAD_ROW_CACHE_S, row)
+        return row
 
     def signature(self, firmware: FirmwareRow) -> str | None:
         return self.signature_of_digest(firmware.sha256)
@@ -157,6 +174,7 @@ class FirmwareService:
 
     async def delete(self, firmware_id: int) -> FirmwareRow:
         row = await self.repo.delete(firmware_id)
+        self._rows.pop(firmware_id, None)
         try:
             await self.store.remove(row.path)
         except OSError as exc:  # the row is gone; the start-up sweep removes the file later

@@ -13,6 +13,7 @@ Two deliveries share one job table and iotmesh's answer shapes:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ DEFAULT_PAUSE_FAILURE_PERCENT = 20.0
 DEFAULT_PAUSE_MIN_FINISHED = 10
 MAX_TARGET_DEVICES = 100_000
 REPORT_RETRIES = 3  # a report that loses a race with the scheduler re-reads the device and tries again
+JOB_CACHE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,26 @@ class JobService:
         self.firmware = firmware
         self.transitions = transitions
         self._lease_ms = lease_s * 1000
+        # Device reports read their job for every report; a second-old copy is good enough for that
+        # (its delivery, retries and whether it is over) and saves a query per report. Changes made
+        # here drop the copy at once; another process's are seen within JOB_CACHE_S.
+        self._jobs_seen: dict[int, tuple[float, OtaJobRow]] = {}
+        transitions.subscribe(self._forget_job)
+
+    def _forget_job(self, change: OtaChange) -> None:
+        if change.device_id is None:
+            self._jobs_seen.pop(change.job_id, None)
+
+    async def _job_for_report(self, job_id: int) -> OtaJobRow:
+        now = time.monotonic()
+        cached = self._jobs_seen.get(job_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        job = await self.jobs.get(job_id)
+        if len(self._jobs_seen) > 1000:
+            self._jobs_seen.clear()
+        self._jobs_seen[job_id] = (now + JOB_CACHE_S, job)
+        return job
 
     # -- create --------------------------------------------------------------------------------------
 
@@ -314,7 +336,7 @@ class JobService:
         """A progress report for one device (``device_only``: the caller is that device)."""
         if device_only is not None and device_only != node_id:
             raise Forbidden(f"a device reports only for itself, not for {node_id!r}", field="node_id")
-        job = await self.jobs.get(job_id)
+        job = await self._job_for_report(job_id)
         status = reported_status(report.status or "downloading")
         now = now_ms()
         values: dict[str, Any] = {}
@@ -363,8 +385,10 @@ class JobService:
         change = OtaChange(job.id, node.node_id, node.status, target, now, {"reported": status, "retry": retry})
         if not await self.transitions.apply(change, expect=(node.status,), values=values):
             return None
-        moved = await self.jobs.node(job.id, node.node_id)
-        assert moved is not None
+        # The row as written (a re-read would cost a query per report; the guarded update held it).
+        moved = OtaNodeRow(**{c.key: getattr(node, c.key) for c in OtaNodeRow.__mapper__.column_attrs})
+        for name, value in {**values, "status": target, "updated_at": now}.items():
+            setattr(moved, name, value)
         return ReportOutcome(moved, retry=retry)
 
     async def report_for_device(self, device_id: str, update_id: int | None, report: NodeReport) -> ReportOutcome:
@@ -383,7 +407,7 @@ class JobService:
         now = now_ms()
         for job_id in job_ids:
             try:
-                job = await self.jobs.get(job_id)
+                job = await self._job_for_report(job_id)
             except NotFound:
                 continue
             if job.status in (DISTRIBUTING, PAUSED):

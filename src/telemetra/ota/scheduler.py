@@ -27,6 +27,9 @@ from telemetra.storage.ota_jobs import JobRepository
 log = logging.getLogger(__name__)
 
 RECONCILE_EVERY_S = 15.0  # how often stored fwVersions are compared with running rollouts' targets
+# A woken scheduler still leaves this much between steps: finished devices arrive in bursts, and one
+# step per burst opens the next wave as soon as one step per device would.
+MIN_STEP_GAP_S = 0.05
 
 
 class SchedulerMetrics:
@@ -99,14 +102,16 @@ class OtaScheduler:
         self.metrics.steps.inc()
 
     async def _run_steps(self) -> None:
+        gap = min(MIN_STEP_GAP_S, self._step_s)
         while True:
+            self._wakeup.clear()  # a wake that comes during the step brings the next one forward
             try:
                 await self.step()
             except Exception:
                 log.exception("OTA scheduler step failed; retrying in %.1f s", self._step_s)
-            self._wakeup.clear()
+            await asyncio.sleep(gap)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._step_s)
+                await asyncio.wait_for(self._wakeup.wait(), self._step_s - gap)
 
     async def _run_reports(self) -> None:
         while True:
