@@ -210,10 +210,10 @@ class OtaJobRow(Base):
     target_node_type: Mapped[str | None] = mapped_column(String(128))
     force_update: Mapped[bool] = mapped_column(Boolean, default=False)
     target_model: Mapped[str | None] = mapped_column(String(128))
-    target_device_ids: Mapped[Any] = mapped_column(JSON)
-    target_filter: Mapped[Any] = mapped_column(JSON)
+    target_device_ids: Mapped[Any] = mapped_column(JSON, nullable=True)
+    target_filter: Mapped[Any] = mapped_column(JSON, nullable=True)
     target_percentage: Mapped[int | None] = mapped_column(Integer)
-    waves: Mapped[Any] = mapped_column(JSON)  # cumulative percentages
+    waves: Mapped[Any] = mapped_column(JSON, nullable=True)  # cumulative percentages
     current_wave: Mapped[int] = mapped_column(Integer, default=0)
     rate_per_minute: Mapped[int] = mapped_column(Integer)
     device_timeout_s: Mapped[int] = mapped_column(Integer)
