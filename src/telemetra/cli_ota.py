@@ -289,7 +289,7 @@ def _print_job(doc: dict[str, Any]) -> None:
     p = doc["progress"]
     title = f"update {doc['id']}: {doc['status']} — {doc['node_type']} {doc['version']} ({doc['delivery']})"
     console.print(f"[bold]{title}")
-    if doc.get("paused_reason"):
+    if doc["status"] == "paused" and doc.get("paused_reason"):
         console.print(f"paused: {doc['paused_reason']}")
     console.print(
         f"devices {p['total']}: {p['completed']} completed, {p['failed']} failed, {p['timed_out']} timed out, "
