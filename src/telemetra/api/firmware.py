@@ -10,7 +10,7 @@ from starlette.responses import Response
 from telemetra.api.deps import Admin, MaybePrincipal, ServicesDep
 from telemetra.api.firmware_download import firmware_response
 from telemetra.api.ota_present import firmware_public
-from telemetra.api.ota_schemas import FirmwareDeleted, FirmwareList, FirmwarePublic
+from telemetra.api.ota_schemas import FirmwareDeleted, FirmwareId, FirmwareList, FirmwarePublic
 from telemetra.domain.errors import Unauthorized, Unavailable
 from telemetra.domain.principal import Principal, Role
 from telemetra.ota.capability import Ota
@@ -112,7 +112,7 @@ async def list_firmware(
     hardware: str | None = None,
     is_stable: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> FirmwareList:
     """``{items, total}``, newest first (iotmesh's dashboard filters with ``?node_type=``)."""
     page = await ota.firmware.repo.list(
@@ -124,14 +124,14 @@ async def list_firmware(
 
 
 @router.get("/api/v1/firmware/{firmware_id}", response_model=FirmwarePublic)
-async def get_firmware(firmware_id: int, request: Request, ota: OtaDep, _: Admin) -> FirmwarePublic:
+async def get_firmware(firmware_id: FirmwareId, request: Request, ota: OtaDep, _: Admin) -> FirmwarePublic:
     row = await ota.firmware.repo.get(firmware_id)
     return firmware_public(row, base_url=base_url(request, ota), signature=ota.firmware.signature(row))
 
 
 @router.patch("/api/v1/firmware/{firmware_id}/stable", response_model=FirmwarePublic)
 async def set_stable(
-    firmware_id: int, request: Request, ota: OtaDep, _: Admin, is_stable: bool | None = None
+    firmware_id: FirmwareId, request: Request, ota: OtaDep, _: Admin, is_stable: bool | None = None
 ) -> FirmwarePublic:
     """Star or unstar (``?is_stable=true|false``); without the parameter the star toggles."""
     row = await ota.firmware.repo.set_stable(firmware_id, is_stable)
@@ -139,7 +139,7 @@ async def set_stable(
 
 
 @router.delete("/api/v1/firmware/{firmware_id}", response_model=FirmwareDeleted)
-async def delete_firmware(firmware_id: int, ota: OtaDep, _: Admin) -> FirmwareDeleted:
+async def delete_firmware(firmware_id: FirmwareId, ota: OtaDep, _: Admin) -> FirmwareDeleted:
     """Deletes the image and its pending and finished update jobs; 409 while one of them is running."""
     row = await ota.firmware.delete(firmware_id)
     return FirmwareDeleted(message=f"Firmware {row.model} {row.version} deleted", filename=row.filename, id=row.id)
@@ -154,15 +154,24 @@ _DOWNLOAD_RESPONSES = {
 }
 
 
-@router.api_route(
+@router.get(
     "/api/v1/firmware/{firmware_id}/download",
-    methods=["GET", "HEAD"],
     response_class=Response,
     responses=_DOWNLOAD_RESPONSES,  # type: ignore[arg-type]
 )
-async def download_firmware(firmware_id: int, request: Request, ota: OtaDep, principal: MaybePrincipal) -> Response:
+async def download_firmware(
+    firmware_id: FirmwareId, request: Request, ota: OtaDep, principal: MaybePrincipal
+) -> Response:
     """The image: ``Range`` (one range) → 206, ``If-None-Match`` → 304, ``ETag`` = its SHA-256, ``X-MD5``,
     ``X-Checksum-SHA256``; no key needed unless TELEMETRA_OTA_REQUIRE_KEY is on."""
     check_download_key(ota, principal)
     row = await ota.firmware.for_download(firmware_id)
     return firmware_response(request, row, ota.firmware.store.path_of(row.path), ota.firmware.signature(row))
+
+
+@router.head("/api/v1/firmware/{firmware_id}/download", response_class=Response, include_in_schema=False)
+async def download_firmware_head(
+    firmware_id: FirmwareId, request: Request, ota: OtaDep, principal: MaybePrincipal
+) -> Response:
+    """HEAD: the download's headers (size, ETag, digests) without the body."""
+    return await download_firmware(firmware_id, request, ota, principal)

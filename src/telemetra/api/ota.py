@@ -17,6 +17,7 @@ from telemetra.api.deps import Admin, MaybePrincipal, ServicesDep
 from telemetra.api.firmware import OtaDep, base_url, check_download_key
 from telemetra.api.ota_present import manifest_entry, pending_update, update_detail, update_job
 from telemetra.api.ota_schemas import (
+    MAX_ID,
     Manifest,
     PendingUpdate,
     ProgressAnswer,
@@ -26,6 +27,7 @@ from telemetra.api.ota_schemas import (
     UpdateCreate,
     UpdateDeleted,
     UpdateDetail,
+    UpdateId,
     UpdateJob,
 )
 from telemetra.api.schemas import DEVICE_ID_PATTERN
@@ -116,9 +118,9 @@ async def list_updates(
     ota: OtaDep,
     _: Admin,
     status: str | None = None,
-    firmware_id: int | None = None,
+    firmware_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[UpdateJob]:
     """A bare array, newest first (iotmesh's dashboard calls ``.filter`` on it)."""
     jobs = await ota.jobs_repo.list(status=status, firmware_id=firmware_id, limit=limit, offset=offset)
@@ -145,7 +147,7 @@ async def pending_updates(
 
 @router.get("/api/v1/ota/updates/{update_id}", response_model=UpdateDetail)
 async def get_update(
-    update_id: int, ota: OtaDep, _: Admin, nodes_limit: Annotated[int, Query(ge=0, le=100_000)] = 10_000
+    update_id: UpdateId, ota: OtaDep, _: Admin, nodes_limit: Annotated[int, Query(ge=0, le=100_000)] = 10_000
 ) -> UpdateDetail:
     """The job with ``waves`` and its devices as iotmesh's ``nodes[]``."""
     out = await _job_out(ota, update_id, nodes_limit=nodes_limit)
@@ -154,7 +156,7 @@ async def get_update(
 
 
 @router.delete("/api/v1/ota/updates/{update_id}", response_model=UpdateDeleted)
-async def delete_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateDeleted:
+async def delete_update(update_id: UpdateId, ota: OtaDep, _: Admin) -> UpdateDeleted:
     """Removes a pending or finished job; a running one must be cancelled first (409)."""
     job = await ota.jobs.delete(update_id)
     return UpdateDeleted(message=f"Update {job.id} deleted", update_id=job.id)
@@ -162,7 +164,7 @@ async def delete_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateDeleted:
 
 @router.post("/api/v1/ota/updates/{update_id}/start", response_model=TransitionAnswer)
 async def start_update(
-    update_id: int, request: Request, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
+    update_id: UpdateId, request: Request, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
 ) -> TransitionAnswer:
     """G4: pending → distributing (by the gateway that holds the job's lease, or an admin)."""
     caller = _gateway(principal, services)
@@ -172,7 +174,7 @@ async def start_update(
 
 @router.post("/api/v1/ota/updates/{update_id}/complete", response_model=TransitionAnswer)
 async def complete_update(
-    update_id: int, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
+    update_id: UpdateId, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
 ) -> TransitionAnswer:
     """G6: the job is done."""
     _gateway(principal, services)
@@ -182,7 +184,7 @@ async def complete_update(
 
 @router.post("/api/v1/ota/updates/{update_id}/fail", response_model=TransitionAnswer)
 async def fail_update(
-    update_id: int,
+    update_id: UpdateId,
     ota: OtaDep,
     services: ServicesDep,
     principal: MaybePrincipal,
@@ -196,7 +198,7 @@ async def fail_update(
 
 @router.post("/api/v1/ota/updates/{update_id}/node/{node_id}/progress", response_model=ProgressAnswer)
 async def node_progress(
-    update_id: int,
+    update_id: UpdateId,
     node_id: str,
     ota: OtaDep,
     services: ServicesDep,
@@ -232,7 +234,7 @@ def _valid_node_id(node_id: str) -> bool:
 
 
 @router.post("/api/v1/ota/updates/{update_id}/pause", response_model=UpdateJob)
-async def pause_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateJob:
+async def pause_update(update_id: UpdateId, ota: OtaDep, _: Admin) -> UpdateJob:
     """distributing → paused: no device is notified until resumed (devices already told carry on)."""
     await ota.jobs.pause(update_id)
     out = await _job_out(ota, update_id)
@@ -241,7 +243,7 @@ async def pause_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateJob:
 
 
 @router.post("/api/v1/ota/updates/{update_id}/resume", response_model=UpdateJob)
-async def resume_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateJob:
+async def resume_update(update_id: UpdateId, ota: OtaDep, _: Admin) -> UpdateJob:
     """paused → distributing; the pause criteria count failures from now on."""
     await ota.jobs.resume(update_id)
     ota.scheduler.wake()
@@ -251,7 +253,7 @@ async def resume_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateJob:
 
 
 @router.post("/api/v1/ota/updates/{update_id}/cancel", response_model=UpdateJob)
-async def cancel_update(update_id: int, ota: OtaDep, _: Admin) -> UpdateJob:
+async def cancel_update(update_id: UpdateId, ota: OtaDep, _: Admin) -> UpdateJob:
     """→ cancelled: no more notifications; those still queued for offline devices are withdrawn."""
     await ota.jobs.cancel(update_id)
     out = await _job_out(ota, update_id)

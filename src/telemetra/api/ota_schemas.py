@@ -5,14 +5,19 @@ rely on them)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from telemetra.api.schemas import DEVICE_ID_PATTERN
 from telemetra.domain.ota import DEVICE_STATUSES, JOB_STATUSES
 
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns: a larger one is a 422, not a database error
+
+FirmwareId = Annotated[int, Path(ge=1, le=MAX_ID, description="firmware id")]
+UpdateId = Annotated[int, Path(ge=1, le=MAX_ID, description="update (job) id")]
 
 JobStatus = Literal["pending", "distributing", "paused", "completed", "failed", "cancelled"]
 assert set(JobStatus.__args__) == set(JOB_STATUSES)  # type: ignore[attr-defined]
