@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import click
 import httpx
@@ -144,7 +144,9 @@ def firmware_upload(
     with api(url, key) as client, progress, file.open("rb") as handle:
         task = progress.add_task("upload", total=size)
         counting = _Counting(handle, lambda n: progress.advance(task, n))
-        resp = client.post("/api/v1/firmware/upload", data=fields, files={"file": (file.name, counting)})
+        resp = client.post(
+            "/api/v1/firmware/upload", data=fields, files={"file": (file.name, cast(IO[bytes], counting))}
+        )
         doc = answer(resp)
     if not _echo(doc, as_json):
         click.echo(f"firmware {doc['id']}: {doc['model']} {doc['version']} ({doc['size_bytes']:,} bytes)")

@@ -115,7 +115,7 @@ async def list_firmware(
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> FirmwareList:
     """``{items, total}``, newest first (iotmesh's dashboard filters with ``?node_type=``)."""
-    page = await ota.firmware.repo.list(
+    page = await ota.firmware.repo.page(
         model=model or node_type, version=version, hardware=hardware, is_stable=is_stable, limit=limit, offset=offset
     )
     url = base_url(request, ota)

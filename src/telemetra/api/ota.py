@@ -123,7 +123,7 @@ async def list_updates(
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[UpdateJob]:
     """A bare array, newest first (iotmesh's dashboard calls ``.filter`` on it)."""
-    jobs = await ota.jobs_repo.list(status=status, firmware_id=firmware_id, limit=limit, offset=offset)
+    jobs = await ota.jobs_repo.recent(status=status, firmware_id=firmware_id, limit=limit, offset=offset)
     counts = await ota.jobs_repo.counts([j.id for j in jobs])
     firmware = {}
     for fw_id in {j.firmware_id for j in jobs}:
@@ -213,7 +213,7 @@ async def node_progress(
         device_only = principal.device_id
     else:
         _gateway(principal, services)
-    body = body or ProgressBody()
+    body = body or ProgressBody.model_validate({})
     report = NodeReport(
         status=body.status,
         current_part=body.current_part,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from telemetra.api.ota_schemas import (
     FirmwarePublic,
@@ -20,6 +21,7 @@ from telemetra.ota.engine import download_url
 from telemetra.storage.ota_jobs import NodeCounts
 from telemetra.storage.schema import FirmwareRow, OtaJobRow, OtaNodeRow
 
+WaveStatus = Literal["pending", "running", "completed"]
 PART_BYTES = 1024  # the iotmesh gateway's fixed part size
 
 
@@ -93,9 +95,9 @@ def _waves(job: OtaJobRow, counts: NodeCounts | None) -> list[WaveOut]:
         statuses = counts.total(index) if counts else {}
         devices = sum(statuses.values())
         done = all(s in DEVICE_FINAL for s in statuses)
-        status = (
-            "completed" if done and index <= job.current_wave else "running" if index <= job.current_wave else "pending"
-        )
+        status: WaveStatus = "pending"
+        if index <= job.current_wave:
+            status = "completed" if done else "running"
         out.append(
             WaveOut(
                 percent=int(percent),

@@ -148,7 +148,8 @@ class RolloutEngine:
                     return None  # another process opened it, or the job was paused: next step sees it
                 wave += 1
                 continue
-            return await self._finish(job, counts, now)
+            await self._finish(job, counts, now)
+            return None
 
     async def _finish(self, job: OtaJobRow, counts: NodeCounts, now: int) -> None:
         totals = counts.total()
@@ -159,7 +160,6 @@ class RolloutEngine:
         if to == FAILED:
             values["error_message"] = "no device completed the update"
         await self.transitions.apply(change, expect=(DISTRIBUTING,), values=values)
-        return None
 
     async def _notify_due(self, job: OtaJobRow, wave: int, now: int) -> None:
         budget, start_at = self._budget(job, now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,8 +31,8 @@ class FirmwareRepository:
     async def create(self, **values: Any) -> FirmwareRow:
         try:
             async with self._engine.begin() as conn:
-                result = await conn.execute(FirmwareRow.__table__.insert().values(**values))
-                new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
+                result = await conn.execute(insert(FirmwareRow).values(**values))
+                new_id = result.inserted_primary_key[0]  # type: ignore[index]
         except IntegrityError:
             raise Conflict(
                 f"firmware {values['model']!r} {values['version']!r} for hardware {values['hardware']!r} "
@@ -55,7 +55,7 @@ class FirmwareRepository:
             raise NotFound("Firmware not found", field="firmware_id")
         return _firmware(row)
 
-    async def list(
+    async def page(
         self,
         *,
         model: str | None = None,

@@ -116,7 +116,7 @@ class JobRepository:
             raise NotFound("Update not found", field="update_id")
         return _job(row)
 
-    async def list(
+    async def recent(
         self, *, status: str | None = None, firmware_id: int | None = None, limit: int = 100, offset: int = 0
     ) -> list[OtaJobRow]:
         stmt = select(OtaJobRow.__table__)
