@@ -6,8 +6,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 
 from telemetra import __version__
@@ -18,8 +22,10 @@ from telemetra.api import (
     compat_iotmesh,
     compat_telemetry_app,
     devices,
+    firmware,
     health,
     ingest,
+    ota,
     telemetry,
 )
 from telemetra.api.deps import Services, warn_open_access
@@ -35,6 +41,8 @@ from telemetra.metrics import Metrics
 from telemetra.mqtt.downlink import CommandService
 from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.mqtt_runtime import route_table, start_mqtt
+from telemetra.ota.capability import Ota
+from telemetra.ota.signing import Signer
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
@@ -83,6 +91,8 @@ def build_services(settings: Settings, metrics: Metrics, database: DatabaseState
 
     commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online)
     queue.add_listener(commands.on_commit)
+    ota = ota_from(settings, engine, commands, metrics)  # issue 8
+    queue.add_listener(ota.on_commit)
     return Services(
         settings=settings,
         engine=engine,
@@ -95,7 +105,34 @@ def build_services(settings: Settings, metrics: Metrics, database: DatabaseState
         admin_keys=admin_keys,
         commands=commands,
         alerts=AlertRepository(engine),
+        ota=ota,
     )
+
+
+def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics) -> Ota:
+    """OTA (issue 8) from plain values; devices are notified through their command channel."""
+
+    async def notify(device_id: str, params: dict[str, Any], ttl_s: int) -> str:
+        return (await commands.create(device_id, "ota", params, ttl_s=ttl_s)).id
+
+    return Ota(
+        engine,
+        firmware_dir=settings.firmware_dir,
+        max_firmware_bytes=settings.ota_max_firmware_bytes,
+        signer=load_signer(settings.ota_signing_key, settings.ota_signing_key_file),
+        notify=notify,
+        registry=metrics.registry,
+        lease_s=settings.ota_gateway_lease_s,
+        step_s=settings.ota_step_s,
+        require_key=settings.ota_require_key,
+        base_url=settings.ota_base_url,
+    )
+
+
+def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
+    if path is not None:
+        return Signer.from_text(path.read_text())
+    return Signer.from_text(key.get_secret_value()) if key is not None else None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -133,6 +170,8 @@ def create_app(settings: Settings) -> FastAPI:
             stack.push_async_callback(stop_expiry)
             for start in app.state.starters:
                 await start(services, stack)
+            if services.ota is not None:  # issue 8: after MQTT, so the first notifications can go out
+                await stack.enter_async_context(services.ota)
             log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
             yield
 
@@ -149,7 +188,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
     install_error_handlers(app, database)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, health)
+    own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

@@ -1,5 +1,5 @@
-"""``telemetra``: serve | migrate | devices | claim-codes | simulate. Settings come from the environment
-(and ``.env``); options override them."""
+"""``telemetra``: serve | migrate | devices | claim-codes | simulate | firmware | ota. Settings come from the
+environment (and ``.env``); options override them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from telemetra import cli_ota
 from telemetra.config import Settings
 
 T = TypeVar("T")
@@ -241,6 +242,14 @@ main.add_command(devices_claim_codes, "claim-codes")
     help="where simulator-devices.json keeps the devices' credentials (0600) for re-runs",
 )
 @click.option("--seed", type=int, default=None, help="random seed for reproducible values")
+@click.option(
+    "--ota-failure-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="share of MQTT devices whose firmware update fails (stable per device and version)",
+)
+@click.option("--ota-failure-version", multiple=True, help="plant the failures for this version only (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def simulate(
     device_count: int,
@@ -257,6 +266,8 @@ def simulate(
     qos: int,
     state_dir: str,
     seed: int | None,
+    ota_failure_rate: float,
+    ota_failure_version: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Virtual devices sending realistic telemetry over MQTT or HTTP; answers commands, reports state."""
@@ -279,6 +290,8 @@ def simulate(
         qos=qos,
         state_dir=Path(state_dir),
         seed=seed,
+        ota_failure_rate=ota_failure_rate,
+        ota_failure_versions=ota_failure_version,
     )
     try:
         summary = sim.run(options)
@@ -297,6 +310,11 @@ def _print_credentials(device_id: str, secret: str) -> None:
     )
     if sys.stderr.isatty():
         click.echo("The secret is shown once; only its hash is stored.", err=True)
+
+
+# Issue 8: these talk to the running server over HTTP (as the whole CLI will, in another issue).
+main.add_command(cli_ota.firmware)
+main.add_command(cli_ota.ota)
 
 
 if __name__ == "__main__":

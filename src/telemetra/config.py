@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from telemetra.domain.principal import parse_networks
@@ -115,6 +115,17 @@ class Settings(BaseSettings):
     mqtt_dynsec_username: str | None = Field(None, validation_alias=_alias("MQTT_DYNSEC_USERNAME"))
     mqtt_dynsec_password: str | None = Field(None, validation_alias=_alias("MQTT_DYNSEC_PASSWORD"))
 
+    # OTA (issue 8): firmware images live on disk, in TELEMETRA_OTA_DIR or <data dir>/firmware.
+    ota_dir: Path | None = Field(None, validation_alias=_alias("OTA_DIR"))
+    ota_max_firmware_bytes: int = Field(128 * 1024 * 1024, ge=1, validation_alias=_alias("OTA_MAX_FIRMWARE_BYTES"))
+    # Ed25519 signing key: PEM (or 32 raw bytes as base64/hex), inline or in a file. Never logged.
+    ota_signing_key: SecretStr | None = Field(None, validation_alias=_alias("OTA_SIGNING_KEY"))
+    ota_signing_key_file: Path | None = Field(None, validation_alias=_alias("OTA_SIGNING_KEY_FILE"))
+    ota_require_key: bool = Field(False, validation_alias=_alias("OTA_REQUIRE_KEY"))
+    ota_base_url: str | None = Field(None, validation_alias=_alias("OTA_BASE_URL"))  # what devices download from
+    ota_gateway_lease_s: int = Field(120, ge=5, le=86400, validation_alias=_alias("OTA_GATEWAY_LEASE_S"))
+    ota_step_s: float = Field(1.0, gt=0, le=60, validation_alias=_alias("OTA_STEP_S"))
+
     _split = field_validator(
         "admin_keys",
         "device_api_keys",
@@ -197,6 +208,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_signing_key(self) -> Settings:
+        if self.ota_signing_key and self.ota_signing_key_file:
+            raise ValueError("set TELEMETRA_OTA_SIGNING_KEY or TELEMETRA_OTA_SIGNING_KEY_FILE, not both")
+        return self
+
+    @model_validator(mode="after")
     def _dynsec_pair(self) -> Settings:
         if bool(self.mqtt_dynsec_username) != bool(self.mqtt_dynsec_password):
             raise ValueError("set both TELEMETRA_MQTT_DYNSEC_USERNAME and TELEMETRA_MQTT_DYNSEC_PASSWORD, or neither")
@@ -231,6 +248,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'telemetra.db').resolve()}"
+
+    @property
+    def firmware_dir(self) -> Path:
+        return self.ota_dir or self.data_dir / "firmware"
 
     @property
     def is_sqlite(self) -> bool:

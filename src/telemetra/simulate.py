@@ -16,6 +16,9 @@ Profiles:
   ``POST /api/v1/nodes/{node}/telemetry`` and the gateway's key (the nodes register themselves), over
   MQTT as one array per tick on the gateway's own telemetry topic.
 
+MQTT devices also answer ``ota`` commands (``simulate_ota``): ranged download, SHA-256 check, progress on
+``event/ota``, then the new ``fwVersion`` in their state; ``--ota-failure-rate`` plants failures.
+
 MQTT uses one paho client per device, each with its own network thread (``loop_start``) — plenty for
 the few hundred devices a simulator runs. Those threads only hand events to the asyncio loop with
 ``call_soon_threadsafe``; publishing happens on the loop. MQTT 3.1.1, so the embedded broker works too.
@@ -45,6 +48,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from telemetra.simulate_ota import OtaAgent
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,10 @@ class SimOptions:
     qos: int = 1
     state_dir: Path = Path("telemetra-data")
     seed: int | None = None
+    # OTA (issue 8): MQTT devices answer `ota` commands; this share of them fails (these versions only,
+    # when given), chosen by a hash of device id and version.
+    ota_failure_rate: float = 0.0
+    ota_failure_versions: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -99,6 +108,8 @@ class SimOptions:
             raise SimulationError("--duration must be greater than 0")
         if self.qos not in (0, 1, 2):
             raise SimulationError("--qos must be 0, 1 or 2")
+        if not 0.0 <= self.ota_failure_rate <= 1.0:
+            raise SimulationError("--ota-failure-rate must be between 0 and 1")
 
 
 @dataclass
@@ -137,6 +148,8 @@ class Summary:
     events: int
     last_error: str | None
     credentials_file: str
+    ota_completed: int = 0
+    ota_failed: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -410,6 +423,7 @@ class Simulation:
         self.elapsed = 0.0
         self.in_flight = 0  # MQTT telemetry awaiting PUBACK
         self.drained = asyncio.Event()
+        self.ota: OtaAgent | None = None  # set once the HTTP client exists (downloads go through it)
 
     # ids: sim-001…; mesh: sim-gw and its nodes sim-node-001…
     def _ids(self) -> list[str]:
@@ -586,6 +600,7 @@ class MqttDevice:
         self.config_topic = f"{prefix}/{dev}/config"
         self.ack_topic = f"{prefix}/{dev}/event/ack"
         self.rssi = sim.rng.randint(-80, -45)
+        self.fw_version = FIRMWARE  # changes when an `ota` command installs another
         self.ready: asyncio.Future[None] = loop.create_future()
         self.connected = False
         self.pending: dict[int, tuple[int, int]] = {}  # mid -> (messages, points) awaiting PUBACK
@@ -645,7 +660,7 @@ class MqttDevice:
         if self.heatpump:
             self.client.publish(f"heatpump/{self.member.id}/status/online", "true", qos=1, retain=True)
         elif self.sim.o.profile == "env":
-            self.event("boot", {"reason": "power_on", "fwVersion": FIRMWARE})
+            self.event("boot", {"reason": "power_on", "fwVersion": self.fw_version})
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -655,10 +670,17 @@ class MqttDevice:
         self.connected = False
 
     def _report_state(self, config: dict[str, Any] | None) -> None:
-        doc: dict[str, Any] = {"online": True, "rssi": self.rssi, "fwVersion": FIRMWARE}
+        doc: dict[str, Any] = {"online": True, "rssi": self.rssi, "fwVersion": self.fw_version}
         if config is not None:
             doc["config"] = config
         self.client.publish(self.state_topic, orjson.dumps(doc), qos=1, retain=True)
+
+    @property
+    def device_id(self) -> str:
+        return self.member.id
+
+    def report_state(self) -> None:
+        self._report_state(None)
 
     def event(self, name: str, doc: dict[str, Any]) -> None:
         self.client.publish(f"{self.sim.o.prefix}/{self.member.id}/event/{name}", orjson.dumps(doc), qos=1)
@@ -679,8 +701,11 @@ class MqttDevice:
             answer = {"id": doc.get("id"), "status": "ok", "result": {"echo": name}}
             self.client.publish(self.ack_topic, orjson.dumps(answer), qos=1)
             self.sim.stats.commands += 1
+            params = doc.get("params")
+            if name == "ota" and self.sim.ota is not None and isinstance(params, dict):
+                self.sim.ota.handle(self, params)
             if name == "reboot" and self.sim.o.profile == "env":
-                self.event("boot", {"reason": "command", "fwVersion": FIRMWARE})
+                self.event("boot", {"reason": "command", "fwVersion": self.fw_version})
         elif topic == self.config_topic:
             self._report_state(doc)
             self.sim.stats.configs += 1
@@ -753,6 +778,8 @@ class MqttDevices:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._drain()
         finally:
+            if sim.ota is not None:
+                await sim.ota.close()
             await asyncio.gather(*(d.close() for d in self.devices), return_exceptions=True)
 
     def _send(self, device: MqttDevice, target: Target) -> None:
@@ -760,7 +787,7 @@ class MqttDevices:
         device.publish_telemetry(doc, 1, points)
         rng = self.sim.rng
         if self.sim.o.profile == "env" and rng.random() < 0.0005:
-            device.event("boot", {"reason": "watchdog", "fwVersion": FIRMWARE})
+            device.event("boot", {"reason": "watchdog", "fwVersion": device.fw_version})
         sensor = target.sensor
         if isinstance(sensor, HeatPump) and sensor.compressor > 85 and time.monotonic() - device.last_alert > 60:
             device.last_alert = time.monotonic()
@@ -803,6 +830,9 @@ async def simulate(options: SimOptions, *, console: Console | None = None) -> Su
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     try:
         async with httpx.AsyncClient(base_url=options.url.rstrip("/"), timeout=10.0, limits=limits) as http:
+            sim.ota = OtaAgent(
+                http, failure_rate=options.ota_failure_rate, failure_versions=options.ota_failure_versions
+            )
             prov = await sim.provision(http)
             if options.protocol == "mqtt" and options.profile == "heatpump":
                 sim.notes.append(
@@ -856,6 +886,8 @@ async def simulate(options: SimOptions, *, console: Console | None = None) -> Su
         last_error=s.last_error,
         credentials_file=str(sim.store.path),
         notes=sim.notes,
+        ota_completed=sim.ota.counts.completed if sim.ota else 0,
+        ota_failed=sim.ota.counts.failed if sim.ota else 0,
     )
 
 
@@ -878,6 +910,8 @@ def print_summary(summary: Summary, *, as_json: bool, console: Console | None = 
     table.add_row("commands answered", f"{summary.commands:,}")
     table.add_row("configs applied", f"{summary.configs:,}")
     table.add_row("events published", f"{summary.events:,}")
+    if summary.ota_completed or summary.ota_failed:
+        table.add_row("firmware updates", f"{summary.ota_completed:,} installed, {summary.ota_failed:,} failed")
     table.add_row("elapsed", f"{summary.seconds:.1f} s")
     table.add_row(
         "rate achieved", f"{summary.rate:,.1f} msg/s ({per_device:.2f} per device; asked {summary.rate_asked:g})"

@@ -18,6 +18,7 @@ from telemetra.ingest.queue import IngestQueue
 from telemetra.ingest.service import IngestService
 from telemetra.metrics import Metrics
 from telemetra.mqtt.downlink import CommandService
+from telemetra.ota.capability import Ota
 from telemetra.storage.commands import AlertRepository
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
@@ -42,6 +43,7 @@ class Services:
     admin_keys: list[str]
     commands: CommandService
     alerts: AlertRepository
+    ota: Ota | None = None  # issue 8: firmware, gateway jobs, rollouts
     extras: dict[str, Any] = field(default_factory=dict)  # later capabilities (MQTT, realtime) hang here
     registry_hooks: list[RegistryHook] = field(default_factory=list)
 

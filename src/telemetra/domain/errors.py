@@ -82,3 +82,10 @@ class StorageUnavailable(TelemetraError):
     def __init__(self, reason: str, *, retry_after: int = 5) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class Unavailable(TelemetraError):
+    """A capability this request needs is not running (e.g. OTA in a process built without it)."""
+
+    status = 503
+    code = "unavailable"

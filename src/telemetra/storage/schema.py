@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, Index, Integer, SmallInteger, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Double, Index, Integer, SmallInteger, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ID = String(128)
@@ -169,3 +169,92 @@ class AlertRow(Base):
     updated_at: Mapped[int] = mapped_column(BigInteger)
     acknowledged_at: Mapped[int | None] = mapped_column(BigInteger)
     cleared_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+# --- OTA (issue 8) ------------------------------------------------------------------------------------
+
+
+class FirmwareRow(Base):
+    """A firmware image's metadata; the bytes live on disk (``ota.store``), never in the database."""
+
+    __tablename__ = "firmware"
+    __table_args__ = (UniqueConstraint("model", "version", "hardware", name="uq_firmware_model_version_hardware"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)  # iotmesh's node_type
+    version: Mapped[str] = mapped_column(String(64))
+    hardware: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(String(255))  # file name inside the firmware directory
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    md5: Mapped[str] = mapped_column(String(32))
+    release_notes: Mapped[str | None] = mapped_column(Text)
+    is_stable: Mapped[bool] = mapped_column(Boolean, default=False)
+    prerelease: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class OtaJobRow(Base):
+    """An update job: iotmesh's gateway-driven job, or a server-driven rollout with waves."""
+
+    __tablename__ = "ota_jobs"
+    __table_args__ = (Index("ix_ota_jobs_status_created", "status", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    firmware_id: Mapped[int] = mapped_column(Integer, index=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    delivery: Mapped[str] = mapped_column(String(16))  # "gateway" | "devices"
+    status: Mapped[str] = mapped_column(String(16))
+    target_node_id: Mapped[str | None] = mapped_column(String(128))
+    target_node_type: Mapped[str | None] = mapped_column(String(128))
+    force_update: Mapped[bool] = mapped_column(Boolean, default=False)
+    target_model: Mapped[str | None] = mapped_column(String(128))
+    target_device_ids: Mapped[Any] = mapped_column(JSON, nullable=True)
+    target_filter: Mapped[Any] = mapped_column(JSON, nullable=True)
+    target_percentage: Mapped[int | None] = mapped_column(Integer)
+    waves: Mapped[Any] = mapped_column(JSON, nullable=True)  # cumulative percentages
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    rate_per_minute: Mapped[int] = mapped_column(Integer)
+    device_timeout_s: Mapped[int] = mapped_column(Integer)
+    max_retries: Mapped[int] = mapped_column(Integer)
+    pause_failure_percent: Mapped[float | None] = mapped_column(Double)
+    pause_min_finished: Mapped[int] = mapped_column(Integer)
+    criteria_since: Mapped[int] = mapped_column(BigInteger)  # failures before the last resume were accepted
+    next_notify_at: Mapped[int | None] = mapped_column(BigInteger)  # the notification rate's clock
+    base_url: Mapped[str | None] = mapped_column(Text)  # where devices download from
+    lease_holder: Mapped[str | None] = mapped_column(String(160))  # the gateway that took a pending job
+    lease_until: Mapped[int | None] = mapped_column(BigInteger)
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class OtaNodeRow(Base):
+    """One device (or mesh node) in a job: iotmesh's ``nodes[]`` and a rollout's per-device state."""
+
+    __tablename__ = "ota_job_nodes"
+    __table_args__ = (
+        Index("ix_ota_job_nodes_job_status", "job_id", "status"),
+        Index("ix_ota_job_nodes_node", "node_id"),
+    )
+
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    current_part: Mapped[int] = mapped_column(Integer, default=0)
+    total_parts: Mapped[int | None] = mapped_column(Integer)
+    progress: Mapped[int | None] = mapped_column(Integer)  # percent, as devices report it
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # notifications sent
+    command_id: Mapped[str | None] = mapped_column(String(36))
+    started_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    notified_at: Mapped[int | None] = mapped_column(BigInteger)
+    deadline_at: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger)

@@ -1,0 +1,1 @@
+"""OTA: firmware store, manifest, gateway jobs and staged rollouts (issue 8)."""

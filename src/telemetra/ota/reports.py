@@ -1,0 +1,120 @@
+"""What OTA learns from ingest: device ``event/ota`` reports and reported firmware versions.
+
+This is the one adapter between the ingest queue's commit listener and OTA. It reads committed
+``Batch``es (so what it acts on is stored), keeps only what concerns OTA, and queues it for the
+scheduler's consumer task — the writer never waits for OTA. When the event source (issue 7) lands, this
+module subscribes to typed events instead, and nothing else in ``ota/`` changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from telemetra.domain.errors import InvalidInput
+from telemetra.domain.records import Batch
+from telemetra.domain.versions import same_version
+from telemetra.ota.jobs import NodeReport
+
+log = logging.getLogger(__name__)
+
+OTA_EVENT = "ota"  # {prefix}/{device}/event/ota
+MAX_QUEUED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventReport:
+    device_id: str
+    ts: int
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class VersionReport:
+    device_id: str
+    version: str
+    job_ids: tuple[int, ...]
+
+
+Item = EventReport | VersionReport
+
+
+class OtaInbox:
+    def __init__(self, *, max_queued: int = MAX_QUEUED) -> None:
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(max_queued)
+        # Running rollouts' target versions (job id → version), refreshed by the scheduler: a reported
+        # fwVersion is queued only when it is one of them, so ordinary state reports cost a set lookup.
+        self._targets: dict[int, str] = {}
+        self.dropped = 0
+
+    def watch(self, targets: dict[int, str]) -> None:
+        self._targets = dict(targets)
+
+    def on_commit(self, batch: Batch) -> None:
+        """Ingest commit listener (synchronous, on the writer's path: only filters and enqueues)."""
+        for event in batch.events:
+            if event.name == OTA_EVENT:
+                self._put(EventReport(event.device_id, event.ts, event.payload))
+        if not self._targets:
+            return
+        for report in batch.reports:
+            version = report.fw_version
+            if version is None:
+                continue
+            jobs = tuple(j for j, target in self._targets.items() if same_version(version, target))
+            if jobs:
+                self._put(VersionReport(report.device_id, version, jobs))
+
+    def _put(self, item: Item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # The periodic reconcile still completes devices by their stored fwVersion.
+            self.dropped += 1
+            log.warning("OTA inbox full: dropped a report from %s", item.device_id)
+
+    async def get(self) -> Item:
+        return await self._queue.get()
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+
+def parse_event(payload: Any) -> tuple[int | None, NodeReport]:
+    """``{"update_id","status","progress","error"}`` (iotmesh's ``current_part``/``total_parts``/
+    ``error_message`` too) → (update id, report); ``InvalidInput`` naming the field otherwise."""
+    if not isinstance(payload, dict):
+        raise InvalidInput("an OTA report is a JSON object with at least 'status'", field="status")
+    update_id = payload.get("update_id", payload.get("job_id"))
+    if update_id is not None:
+        update_id = _int(update_id, "update_id", 0, 2**31 - 1)
+    status = payload.get("status", payload.get("state"))
+    if not isinstance(status, str) or not status.strip():
+        raise InvalidInput("'status' is required (downloading, installing, completed, failed, …)", field="status")
+    progress = payload.get("progress", payload.get("percent"))
+    error = payload.get("error", payload.get("error_message"))
+    return update_id, NodeReport(
+        status=status,
+        progress=None if progress is None else _int(progress, "progress", 0, 100),
+        current_part=_optional_int(payload.get("current_part"), "current_part"),
+        total_parts=_optional_int(payload.get("total_parts"), "total_parts"),
+        error_message=None if error is None else str(error)[:1000],
+    )
+
+
+def _optional_int(value: Any, field: str) -> int | None:
+    return None if value is None else _int(value, field, 0, 2**31 - 1)
+
+
+def _int(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise InvalidInput(f"{field} must be a number", field=field)
+    try:
+        number = int(float(value)) if isinstance(value, str | float) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{field} must be a number", field=field) from None
+    if not low <= number <= high:
+        raise InvalidInput(f"{field} must be between {low} and {high}", field=field)
+    return number
