@@ -15,6 +15,7 @@ from telemetra.api.deps import Services
 from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
+from telemetra.api.openapi import document_errors
 from telemetra.bootstrap import ensure_admin_keys
 from telemetra.config import Settings
 from telemetra.ingest.normalize import Limits
@@ -138,6 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
     install_error_handlers(app, database)
+    document_errors(app)
     for module in (ingest, devices, telemetry, commands, alerts, health, aliases):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

@@ -134,10 +134,12 @@ class TelemetryMessage(BaseModel):
             ]
         },
     )
-    device_id: str | None = None
-    ts: int | float | str | None = None
-    values: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
+    device_id: DeviceIdField | None = Field(None, description="also `device` or `deviceId`; else the key's device")
+    ts: int | float | str | None = Field(None, description="epoch s or ms, or ISO 8601; also `timestamp`")
+    # Any other member is a reading; `values` and `metrics` holding an object are wrappers of readings
+    # (seed 001), holding anything else they are readings of that name.
+    values: Any = Field(None, description="an object of readings (or a reading named `values`)")
+    metrics: Any = Field(None, description="an object of readings (or a reading named `metrics`)")
 
 
 class NodeTelemetry(BaseModel):
@@ -157,7 +159,8 @@ class NodeTelemetry(BaseModel):
             ]
         },
     )
-    name: str | None = None
-    role: str | None = None
-    firmware: str | None = None
-    state: dict[str, Any] | None = None
+    # The firmware sends strings; a number is taken as its text.
+    name: str | int | float | None = None
+    role: str | int | float | None = None
+    firmware: str | int | float | None = None
+    state: dict[str, str | int | float | bool | None] | None = Field(None, description="shared state: key → value")
