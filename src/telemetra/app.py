@@ -99,7 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
         admin_keys, generated = ensure_admin_keys(settings)
         if generated:
             print(
-                f"\n  Generated admin key (shown once, kept in {settings.data_dir / 'admin.key'}):\n  {generated}\n",
+                # Not the key itself: this output is the server's log (issue 6).
+                f"\n  Generated an admin key (mode 0600, never printed): cat {settings.data_dir / 'admin.key'}\n",
                 flush=True,
             )
         services = build_services(settings, metrics, database, admin_keys)
