@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from telemetra.api.deps import Admin, Caller, ServicesDep, check_reads
-from telemetra.api.fields import CommandIdPath, ConfigValue, DeviceIdPath, JsonValue, Name, Params, ShortText
+from telemetra.api.fields import CommandIdPath, ConfigValue, DeviceIdPath, JsonValue, Name, Params, ShortText, refusal
 from telemetra.domain.errors import Forbidden, NotFound
 from telemetra.domain.principal import Role
 from telemetra.domain.records import Batch, CommandAck, Event
@@ -44,10 +44,10 @@ class ConfigBody(BaseModel):
     def _keys(cls, value: Any) -> Any:
         if isinstance(value, dict):
             if len(value) > 1000:
-                raise ValueError("at most 1000 configuration keys")
+                raise refusal("at most 1000 configuration keys")
             for key in value:
                 if not isinstance(key, str) or not 0 < len(key) <= 128 or "\x00" in key:
-                    raise ValueError(f"configuration keys are 1-128 characters without NUL; got {str(key)[:40]!r}")
+                    raise refusal(f"configuration keys are 1-128 characters without NUL; got {str(key)[:40]!r}")
         return value
 
 

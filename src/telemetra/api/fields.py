@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Path, Query
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from telemetra.domain.errors import InvalidInput
 from telemetra.domain.ids import DEVICE_ID_PATTERN
@@ -36,9 +37,14 @@ MAX_KEY_LIST = 100 * 129  # at most 100 keys of 128 characters, comma-separated 
 _NUL_FREE = {"pattern": NUL_FREE_PATTERN}
 
 
+def refusal(reason: str) -> PydanticCustomError:
+    """A validation error that reads as ``reason`` (a ``ValueError`` would read "Value error, reason")."""
+    return PydanticCustomError("invalid", "{reason}", {"reason": reason})
+
+
 def _nul_free(value: str | None) -> str | None:
     if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+        raise refusal("must not contain NUL characters")
     return value
 
 
@@ -55,10 +61,10 @@ def checked_document(label: str) -> AfterValidator:
                 field=label,
             )
         except InvalidInput as exc:
-            # A ValueError becomes pydantic's error at this field's location; a place inside the
-            # document (``metadata.a.b[2]``) goes into the reason.
+            # Raised inside validation, it becomes pydantic's error at this field's location; a place
+            # inside the document (``metadata.a.b[2]``) goes into the reason.
             place = (exc.field or "").lstrip(".")
-            raise ValueError(f"{exc.reason} (at {place})" if place and place != label else exc.reason) from None
+            raise refusal(f"{exc.reason} (at {place})" if place and place != label else exc.reason) from None
         return value
 
     return AfterValidator(check)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from telemetra.api.fields import DeviceIdField, LongText, Metadata, Name
+from telemetra.api.fields import DeviceIdField, LongText, Metadata, Name, refusal
 from telemetra.domain.ids import reserved_reason
 
 
@@ -28,7 +28,7 @@ class DeviceCreate(_Strict):
     def _not_reserved(cls, value: str | None) -> str | None:
         reason = reserved_reason(value) if value is not None else None
         if reason:
-            raise ValueError(reason)
+            raise refusal(reason)
         return value
 
 
