@@ -114,6 +114,8 @@ def test_migrate_create_list_rotate(workdir: Path) -> None:
     assert missing.returncode == 1 and "'nope' not found" in missing.stderr
     bad_id = cli(workdir, "devices", "create", "has space")
     assert bad_id.returncode == 2 and "DEVICE_ID" in bad_id.stderr
+    reserved = cli(workdir, "devices", "create", "Admin")
+    assert reserved.returncode == 2 and "reserved" in reserved.stderr
 
 
 def test_creating_an_existing_device_is_a_clear_error(workdir: Path) -> None:
