@@ -27,7 +27,8 @@ lint: install-test
 	$(BIN)/ruff check src tests bench
 
 test: install-test services
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/python scripts/check_secrets.py
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install-test

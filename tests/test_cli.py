@@ -114,6 +114,8 @@ def test_migrate_create_list_rotate(workdir: Path) -> None:
     assert missing.returncode == 1 and "'nope' not found" in missing.stderr
     bad_id = cli(workdir, "devices", "create", "has space")
     assert bad_id.returncode == 2 and "DEVICE_ID" in bad_id.stderr
+    reserved = cli(workdir, "devices", "create", "Admin")
+    assert reserved.returncode == 2 and "reserved" in reserved.stderr
 
 
 def test_creating_an_existing_device_is_a_clear_error(workdir: Path) -> None:
@@ -251,8 +253,8 @@ def test_serve_generates_an_admin_key_once(workdir: Path, serve: list[Server]) -
 
     assert first.stop()  # a clean shutdown on SIGTERM
     output = first.output()
-    assert "Generated admin key" in output
-    assert output.count(key) == 1  # printed once, never logged again
+    assert "Generated an admin key" in output and str(key_file) in output
+    assert key not in output  # the output is the server's log: the key stays in its 0600 file
 
     # The second start keeps the key and does not print it.
     second = Server(workdir, workdir / "serve-2.log")
@@ -260,7 +262,7 @@ def test_serve_generates_an_admin_key_once(workdir: Path, serve: list[Server]) -
     second.wait_healthy()
     assert httpx.get(f"{second.url}/api/v1/devices", headers={"X-API-Key": key}).json()["total"] == 1
     assert second.stop()
-    assert "Generated admin key" not in second.output() and key not in second.output()
+    assert "Generated an admin key" not in second.output() and key not in second.output()
     assert key_file.read_text().strip() == key
 
 

@@ -32,6 +32,7 @@ from telemetra.api.deps import Services, warn_open_access
 from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
+from telemetra.api.openapi import document_errors
 from telemetra.bootstrap import ensure_admin_keys
 from telemetra.config import Settings
 from telemetra.ingest.normalize import Limits
@@ -121,7 +122,7 @@ def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, 
         max_firmware_bytes=settings.ota_max_firmware_bytes,
         signer=load_signer(settings.ota_signing_key, settings.ota_signing_key_file),
         notify=notify,
-        registry=metrics.registry,
+        metrics=metrics,
         lease_s=settings.ota_gateway_lease_s,
         step_s=settings.ota_step_s,
         require_key=settings.ota_require_key,
@@ -144,7 +145,8 @@ def create_app(settings: Settings) -> FastAPI:
         admin_keys, generated = ensure_admin_keys(settings)
         if generated:
             print(
-                f"\n  Generated admin key (shown once, kept in {settings.data_dir / 'admin.key'}):\n  {generated}\n",
+                # Not the key itself: this output is the server's log (issue 6).
+                f"\n  Generated an admin key (mode 0600, never printed): cat {settings.data_dir / 'admin.key'}\n",
                 flush=True,
             )
         services = build_services(settings, metrics, database, admin_keys)
@@ -187,6 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
     install_error_handlers(app, database)
+    document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
     own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):

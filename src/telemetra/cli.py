@@ -127,11 +127,15 @@ def devices() -> None:
 @click.option("--kind", type=click.Choice(["device", "gateway"]), default="device")
 def devices_create(device_id: str, model: str | None, name: str | None, kind: str) -> None:
     """Register DEVICE_ID and print its credentials (shown once)."""
+    from telemetra.domain.ids import reserved_reason
     from telemetra.domain.timeutil import now_ms
     from telemetra.ingest.normalize import valid_device_id
 
     if not valid_device_id(device_id):
         raise click.BadParameter("letters, digits, '-', '_', '.', ':' (1-128)", param_hint="DEVICE_ID")
+    reserved = reserved_reason(device_id)
+    if reserved:
+        raise click.BadParameter(reserved, param_hint="DEVICE_ID")
     settings = load_settings()
     device, secret = _with_repo(
         settings, lambda repo: repo.create(device_id, now_ms=now_ms(), model=model, name=name, kind=kind)

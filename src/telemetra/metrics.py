@@ -59,6 +59,14 @@ class Metrics:
         self.mqtt_messages = Counter(
             "telemetra_mqtt_messages", "MQTT messages received by the collector", ["kind"], registry=r
         )
+        # OTA (issue 8): created here, with the rest, so an app whose lifespan runs twice registers once.
+        self.ota_steps = Counter("telemetra_ota_scheduler_steps", "OTA scheduler steps run", registry=r)
+        self.ota_notifications = Counter(
+            "telemetra_ota_notifications", "ota commands sent to devices by rollouts", registry=r
+        )
+        self.ota_reports = Counter(
+            "telemetra_ota_reports", "Device OTA reports taken from ingest, by outcome", ["outcome"], registry=r
+        )
         self.mqtt_connected = Gauge("telemetra_mqtt_connected", "1 while the collector is connected", registry=r)
         # Mosquitto dynamic security against the device registry (mqtt/broker_accounts.py).
         self.mqtt_account_drift = Counter(

@@ -321,7 +321,7 @@ async def test_create_claim_codes_by_count_and_by_ids(shared: Running) -> None:
         ({"count": 1, "device_ids": ["x"]}, 422, "count"),
         ({"count": 0}, 422, "count"),
         ({"count": 1001}, 422, "count"),
-        ({"device_ids": ["bad id"]}, 422, "device_ids"),
+        ({"device_ids": ["bad id"]}, 422, "device_ids.0"),
         ({"count": 1, "ttl_s": 5}, 422, "ttl_s"),
         ({"count": 1, "prefix": "a/b"}, 422, "prefix"),
     ],

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from telemetra.api.deps import Operator, ServicesDep, Viewer
+from telemetra.api.fields import AlertIdPath, DeviceIdQuery
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.storage.schema import AlertRow
 
@@ -40,7 +41,7 @@ async def list_alerts(
     services: ServicesDep,
     _: Viewer,
     status: Annotated[str | None, Query(pattern="^(active|acknowledged|cleared)$")] = None,
-    device_id: str | None = None,
+    device_id: DeviceIdQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     rows = await services.alerts.list(status=status, device_id=device_id, limit=limit)
@@ -48,10 +49,10 @@ async def list_alerts(
 
 
 @router.post("/api/v1/alerts/{alert_id}/acknowledge")
-async def acknowledge(alert_id: int, services: ServicesDep, _: Operator) -> dict[str, Any]:
+async def acknowledge(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     return alert_out(await services.alerts.transition(alert_id, "acknowledged", now_ms=now_ms()))
 
 
 @router.post("/api/v1/alerts/{alert_id}/clear")
-async def clear(alert_id: int, services: ServicesDep, _: Operator) -> dict[str, Any]:
+async def clear(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     return alert_out(await services.alerts.transition(alert_id, "cleared", now_ms=now_ms()))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from telemetra.api.deps import Caller, Operator, ServicesDep, check_reads
+from telemetra.api.fields import CommandIdPath, ConfigValue, DeviceIdPath, JsonValue, Name, Params, ShortText, refusal
 from telemetra.domain.errors import Forbidden, NotFound
 from telemetra.domain.principal import Role
 from telemetra.domain.records import Batch, CommandAck, Event
@@ -21,18 +22,33 @@ MAX_WAIT_S = 60
 
 class CommandCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=128)
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: Name = Field(..., min_length=1)
+    params: Params = Field(default_factory=dict)
     ttl_s: int = Field(3600, ge=1, le=30 * 86400, description="expires unanswered after this many seconds")
 
 
 class CommandAckBody(BaseModel):
-    status: str = Field("ok", max_length=32, description="ok | error")
-    result: Any = None
+    status: ShortText = Field("ok", description="ok | error")
+    result: JsonValue = None
 
 
 class ConfigBody(BaseModel):
+    """Any JSON object; each value is checked like a stored document (checked before anything is saved:
+    a configuration that cannot be published must not become the desired one)."""
+
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{"interval_s": 60, "led": "on"}]})
+    __pydantic_extra__: dict[str, ConfigValue]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if len(value) > 1000:
+                raise refusal("at most 1000 configuration keys")
+            for key in value:
+                if not isinstance(key, str) or not 0 < len(key) <= 128 or "\x00" in key:
+                    raise refusal(f"configuration keys are 1-128 characters without NUL; got {str(key)[:40]!r}")
+        return value
 
 
 def command_out(c: CommandRow) -> dict[str, Any]:
@@ -60,7 +76,7 @@ async def _device(services: Any, device_id: str) -> None:
 
 @router.post("/api/v1/devices/{device_id}/commands", status_code=201)
 async def send_command(
-    device_id: str,
+    device_id: DeviceIdPath,
     body: CommandCreate,
     services: ServicesDep,
     _: Operator,
@@ -77,10 +93,10 @@ async def send_command(
 
 @router.get("/api/v1/devices/{device_id}/commands")
 async def list_commands(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
-    status: str | None = None,
+    status: Annotated[str | None, Query(pattern="^(queued|sent|acked|failed|expired)$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     check_reads(principal, device_id)
@@ -89,7 +105,9 @@ async def list_commands(
 
 
 @router.get("/api/v1/devices/{device_id}/commands/{command_id}")
-async def get_command(device_id: str, command_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+async def get_command(
+    device_id: DeviceIdPath, command_id: CommandIdPath, services: ServicesDep, principal: Caller
+) -> dict[str, Any]:
     check_reads(principal, device_id)
     return command_out(await services.commands.repo.get(command_id, device_id))
 
@@ -113,7 +131,7 @@ async def poll_commands(
 
 @router.post("/api/v1/device/commands/{command_id}/ack", tags=["ingest (device side)"])
 async def ack_command(
-    command_id: str, body: CommandAckBody, services: ServicesDep, principal: Caller
+    command_id: CommandIdPath, body: CommandAckBody, services: ServicesDep, principal: Caller
 ) -> dict[str, Any]:
     """The device's answer; goes through the same ingest path as an MQTT ``event/ack``."""
     device_id = _own_device(principal)
@@ -129,7 +147,7 @@ async def ack_command(
 
 
 @router.put("/api/v1/devices/{device_id}/config")
-async def put_config(device_id: str, body: ConfigBody, services: ServicesDep, _: Operator) -> dict[str, Any]:
+async def put_config(device_id: DeviceIdPath, body: ConfigBody, services: ServicesDep, _: Operator) -> dict[str, Any]:
     """Desired configuration: stored with a new version and published retained on ``{prefix}/{id}/config``."""
     config = body.model_dump()
     config.pop("version", None)
@@ -139,7 +157,7 @@ async def put_config(device_id: str, body: ConfigBody, services: ServicesDep, _:
 
 
 @router.get("/api/v1/devices/{device_id}/config")
-async def get_config(device_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+async def get_config(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     return await _config_view(services, device_id)
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
+from telemetra.api.fields import DeviceIdPath, DeviceIdQuery
 from telemetra.api.health import fleet_stats
 from telemetra.api.present import is_online
 from telemetra.domain.errors import NotFound
@@ -113,7 +114,7 @@ async def _status(services: Any, device_id: str) -> dict[str, Any]:
 
 
 @router.get("/devices/{device_id}/status")
-async def status(device_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+async def status(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     """Flat ``{device_id, is_online, last_seen, temp_inlet, …, compressor_running}`` (latest values);
     404 without data in 24 h."""
     check_reads(principal, device_id)
@@ -121,14 +122,14 @@ async def status(device_id: str, services: ServicesDep, principal: Caller) -> di
 
 
 @router.get("/devices/{device_id}/readings/latest")
-async def readings_latest(device_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+async def readings_latest(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     return await _status(services, device_id)
 
 
 @router.get("/devices/{device_id}/readings")
 async def readings(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     hours: Annotated[int, Query(ge=1, le=168)] = 24,
@@ -164,7 +165,7 @@ def _alert_out(a: AlertRow) -> dict[str, Any]:
 async def alerts(
     services: ServicesDep,
     _: Viewer,
-    device_id: str | None = None,
+    device_id: DeviceIdQuery = None,
     hours: Annotated[int, Query(ge=1, le=24 * 365)] = 24,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:

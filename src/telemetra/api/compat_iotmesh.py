@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from telemetra.api.deps import Caller, Operator, ServicesDep, Viewer, check_reads
+from telemetra.api.fields import DeviceIdPath
 from telemetra.api.present import is_online
 from telemetra.domain.errors import NotFound
 from telemetra.domain.timeutil import ms_to_iso, now_ms
@@ -78,7 +79,7 @@ def _peers(latest: dict[str, list[Any]], device_id: str) -> Any:
 
 
 @router.get("/nodes/{device_id}")
-async def get_node(device_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+async def get_node(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     device = await _node(services, device_id)
     peers = await ReadingQueries(services.engine).latest_many([device_id], ["peer_count"])
@@ -88,7 +89,7 @@ async def get_node(device_id: str, services: ServicesDep, principal: Caller) -> 
 
 
 @router.put("/nodes/{device_id}/name")
-async def rename_node(device_id: str, body: NodeName, services: ServicesDep, _: Operator) -> dict[str, Any]:
+async def rename_node(device_id: DeviceIdPath, body: NodeName, services: ServicesDep, _: Operator) -> dict[str, Any]:
     await _node(services, device_id)
     now = now_ms()
     device = await services.devices.update(device_id, now_ms=now, name=body.name)
@@ -96,7 +97,7 @@ async def rename_node(device_id: str, body: NodeName, services: ServicesDep, _: 
 
 
 @router.delete("/nodes/{device_id}")
-async def delete_node(device_id: str, services: ServicesDep, _: Operator) -> dict[str, Any]:
+async def delete_node(device_id: DeviceIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     """Deletes the node with all its data; answers JSON (the dashboard parses every answer)."""
     await _node(services, device_id)
     await services.devices.delete(device_id)
@@ -106,7 +107,7 @@ async def delete_node(device_id: str, services: ServicesDep, _: Operator) -> dic
 
 @router.get("/nodes/{device_id}/history")
 async def node_history(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     hours: Annotated[int, Query(ge=1, le=168)] = 24,
@@ -133,7 +134,7 @@ async def node_history(
 
 
 @router.get("/nodes/{device_id}/state")
-async def node_state(device_id: str, services: ServicesDep, principal: Caller) -> list[dict[str, Any]]:
+async def node_state(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> list[dict[str, Any]]:
     check_reads(principal, device_id)
     await _node(services, device_id)
     return [state_out(r) for r in await services.queries.state(device_id)]

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from telemetra.api.deps import Admin, Caller, Services, ServicesDep, Viewer, check_reads
+from telemetra.api.fields import DeviceIdPath, TextQuery
 from telemetra.api.health import health_report
 from telemetra.api.params import time_range
 from telemetra.api.present import is_online, reading_id
-from telemetra.api.schemas import DEVICE_ID_PATTERN
 from telemetra.domain.errors import NotFound
+from telemetra.domain.ids import DEVICE_ID_PATTERN
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.storage.queries import PointOut
 from telemetra.storage.readings import MAX_READINGS, ReadingQueries
@@ -161,14 +162,14 @@ async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> 
 
 
 @router.get("/devices/{device_id}")
-async def get_device(device_id: str, services: ServicesDep, principal: Caller) -> JSONResponse:
+async def get_device(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> JSONResponse:
     check_reads(principal, device_id)
     device = await _device(services, device_id)
     return envelope(device_out(device, now=now_ms(), offline_after_s=services.settings.offline_after_s))
 
 
 @router.get("/devices/{device_id}/latest")
-async def latest(device_id: str, services: ServicesDep, principal: Caller) -> JSONResponse:
+async def latest(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> JSONResponse:
     """The latest Reading, or ``data: null`` when the device sent nothing yet."""
     check_reads(principal, device_id)
     await _device(services, device_id)
@@ -178,12 +179,12 @@ async def latest(device_id: str, services: ServicesDep, principal: Caller) -> JS
 
 @router.get("/devices/{device_id}/history")
 async def history(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     range_: Annotated[str | None, Query(alias="range")] = None,
-    start: str | None = None,
-    end: str | None = None,
+    start: TextQuery = None,
+    end: TextQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_READINGS)] = 1000,
 ) -> JSONResponse:
     """Readings oldest first (the app plots in array order): the newest ``limit`` of the range."""
@@ -198,7 +199,7 @@ async def history(
 
 @router.get("/devices/{device_id}/stats")
 async def stats(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     range_: Annotated[str | None, Query(alias="range")] = "24h",

@@ -4,11 +4,12 @@ rotate credentials, claim codes; and the unauthenticated claim-code exchange for
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from telemetra.api.deps import Admin, Caller, Operator, ServicesDep, Viewer, check_reads
+from telemetra.api.fields import DeviceIdPath, Offset, TextQuery
 from telemetra.api.present import device_public, with_credentials
 from telemetra.api.schemas import (
     ClaimCode,
@@ -22,6 +23,7 @@ from telemetra.api.schemas import (
     DeviceWithCredentials,
 )
 from telemetra.domain.errors import InvalidInput
+from telemetra.domain.ids import reserved_reason
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.ingest.normalize import valid_device_id
 
@@ -52,12 +54,12 @@ async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> 
 async def list_devices(
     services: ServicesDep,
     _: Viewer,
-    model: str | None = None,
+    model: TextQuery = None,
     online: bool | None = None,
-    search: Annotated[str | None, Query(max_length=128)] = None,
-    kind: str | None = None,
+    search: TextQuery = None,
+    kind: Literal["device", "gateway"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> DeviceList:
     now = now_ms()
     page = await services.devices.list(
@@ -79,7 +81,7 @@ async def list_devices(
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic)
-async def get_device(device_id: str, services: ServicesDep, principal: Caller) -> DevicePublic:
+async def get_device(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> DevicePublic:
     check_reads(principal, device_id)
     device = await services.devices.get(device_id)
     return device_public(device, now=now_ms(), offline_after_s=services.settings.offline_after_s)
@@ -87,7 +89,9 @@ async def get_device(device_id: str, services: ServicesDep, principal: Caller) -
 
 @router.patch("/devices/{device_id}", response_model=DevicePublic)
 @router.put("/devices/{device_id}", response_model=DevicePublic, include_in_schema=False)
-async def update_device(device_id: str, body: DeviceUpdate, services: ServicesDep, _: Operator) -> DevicePublic:
+async def update_device(
+    device_id: DeviceIdPath, body: DeviceUpdate, services: ServicesDep, _: Operator
+) -> DevicePublic:
     fields = body.model_dump(exclude_unset=True)
     if "metadata" in fields:
         fields["meta"] = fields.pop("metadata")
@@ -98,7 +102,7 @@ async def update_device(device_id: str, body: DeviceUpdate, services: ServicesDe
 
 
 @router.delete("/devices/{device_id}", status_code=204)
-async def delete_device(device_id: str, services: ServicesDep, _: Operator) -> None:
+async def delete_device(device_id: DeviceIdPath, services: ServicesDep, _: Operator) -> None:
     """Delete the device with all its telemetry, state and events."""
     await services.devices.delete(device_id)
     await services.registry_changed(device_id, deleted=True)
@@ -106,7 +110,7 @@ async def delete_device(device_id: str, services: ServicesDep, _: Operator) -> N
 
 @router.post("/devices/{device_id}/rotate", response_model=DeviceWithCredentials)
 @router.post("/devices/{device_id}/credentials", response_model=DeviceWithCredentials, include_in_schema=False)
-async def rotate_credentials(device_id: str, services: ServicesDep, _: Admin) -> DeviceWithCredentials:
+async def rotate_credentials(device_id: DeviceIdPath, services: ServicesDep, _: Admin) -> DeviceWithCredentials:
     """New secret for HTTP and MQTT; the old one stops working at once."""
     now = now_ms()
     device, secret = await services.devices.rotate(device_id, now_ms=now)
@@ -123,6 +127,9 @@ async def create_claim_codes(body: ClaimCodesCreate, services: ServicesDep, _: A
     bad = [d for d in device_ids if not valid_device_id(d)]
     if bad:
         raise InvalidInput(f"invalid device id {bad[0]!r}", field="device_ids")
+    reserved = [reason for reason in map(reserved_reason, device_ids) if reason]
+    if reserved:
+        raise InvalidInput(reserved[0], field="device_ids")
     ttl = body.ttl_s or services.settings.claim_code_ttl_s
     now = now_ms()
     codes = await services.devices.create_claim_codes(

@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,6 +21,21 @@ from telemetra.domain.errors import TelemetraError
 from telemetra.storage.faults import DatabaseState, describe, is_transient, sqlstate
 
 log = logging.getLogger(__name__)
+
+
+class ErrorReason(BaseModel):
+    field: str = Field(description="where: body.name, query.offset, path.device_id…")
+    reason: str
+
+
+# Declared on every operation of the OpenAPI document by ``api.openapi``.
+class ErrorBody(BaseModel):
+    """The body of every refusal (4xx) and of an outage (503)."""
+
+    detail: str = Field(description="what is wrong, for a person")
+    field: str | None = Field(description="the request value at fault (a body field, query or path parameter)")
+    code: str = Field(description="invalid, malformed, unauthorized, forbidden, not_found, conflict, gone, …")
+    errors: list[ErrorReason] | None = Field(None, description="every failed check, on request validation (422)")
 
 
 def error_response(

@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from telemetra.api.deps import Services, principal_of
+from telemetra.api.fields import DeviceIdPath
 from telemetra.api.present import reading_id
 from telemetra.api.schemas import IngestAccepted, NodeTelemetry, TelemetryMessage
 from telemetra.domain.errors import Forbidden, InvalidInput, MalformedPayload, PayloadTooLarge, Unauthorized
@@ -178,14 +179,14 @@ async def _post_for_device(device_id: str, request: Request, services: Services,
 
 
 @router.post("/api/v1/devices/{device_id}/telemetry", openapi_extra=_body_schema(NodeTelemetry))
-async def post_device_telemetry(device_id: str, request: Request) -> Response:
+async def post_device_telemetry(device_id: DeviceIdPath, request: Request) -> Response:
     """A gateway (for its children) or an admin posts for a device; seed 000's node shape is accepted."""
     services, principal = await _caller(request, anonymous_ok=True)
     return await _post_for_device(device_id, request, services, _node_principal(principal, services))
 
 
 @router.post("/api/v1/nodes/{device_id}/telemetry", openapi_extra=_body_schema(NodeTelemetry))
-async def post_node_telemetry(device_id: str, request: Request) -> Response:
+async def post_node_telemetry(device_id: DeviceIdPath, request: Request) -> Response:
     """Seed 000's path: ``{"name","uptime","heap_free","peer_count","role","firmware","state":{…}}``."""
     services, principal = await _caller(request, anonymous_ok=True)
     return await _post_for_device(device_id, request, services, _node_principal(principal, services))

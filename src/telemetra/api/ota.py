@@ -30,8 +30,8 @@ from telemetra.api.ota_schemas import (
     UpdateId,
     UpdateJob,
 )
-from telemetra.api.schemas import DEVICE_ID_PATTERN
 from telemetra.domain.errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from telemetra.domain.ids import DEVICE_ID_PATTERN
 from telemetra.domain.ota import DEVICES, check_waves, exponential_waves
 from telemetra.domain.principal import Principal, Role
 from telemetra.ota import manifest

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from telemetra.api.schemas import DEVICE_ID_PATTERN
+from telemetra.domain.ids import DEVICE_ID_PATTERN
 from telemetra.domain.ota import DEVICE_STATUSES, JOB_STATUSES
 
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from telemetra.domain.errors import InvalidInput
 from telemetra.domain.timeutil import now_ms, parse_duration_ms
+from telemetra.ingest.documents import INT64_MAX
 from telemetra.ingest.normalize import parse_timestamp
 
 DEFAULT_RANGE_MS = 24 * 3_600_000
@@ -84,6 +85,10 @@ def decode_cursor(cursor: str | None) -> tuple[int, str] | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         ts, key = raw.split(":", 1)
-        return int(ts), key
+        after = int(ts), key
     except ValueError:
         raise InvalidInput("cursor is not one this server issued", field="cursor") from None
+    # It goes into the query as a BIGINT and a text: anything this server did not issue stops here.
+    if not 0 <= after[0] <= INT64_MAX or "\x00" in after[1] or len(after[1]) > 1024:
+        raise InvalidInput("cursor is not one this server issued", field="cursor")
+    return after

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+from telemetra.api.fields import DeviceIdField, LongText, Metadata, Name, refusal
+from telemetra.domain.ids import reserved_reason
 
 
 class _Strict(BaseModel):
@@ -14,22 +15,30 @@ class _Strict(BaseModel):
 
 
 class DeviceCreate(_Strict):
-    id: str | None = Field(None, pattern=DEVICE_ID_PATTERN, description="generated when absent")
-    name: str | None = Field(None, max_length=128)
-    model: str | None = Field(None, max_length=128)
+    id: DeviceIdField | None = Field(None, description="generated when absent")
+    name: Name | None = None
+    model: Name | None = None
     kind: Literal["device", "gateway"] = "device"
-    parent_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
-    notes: str | None = Field(None, max_length=10_000)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    parent_id: DeviceIdField | None = None
+    notes: LongText | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        reason = reserved_reason(value) if value is not None else None
+        if reason:
+            raise refusal(reason)
+        return value
 
 
 class DeviceUpdate(_Strict):
-    name: str | None = Field(None, max_length=128)
-    model: str | None = Field(None, max_length=128)
+    name: Name | None = None
+    model: Name | None = None
     kind: Literal["device", "gateway"] | None = None
-    parent_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
-    notes: str | None = Field(None, max_length=10_000)
-    metadata: dict[str, Any] | None = None
+    parent_id: DeviceIdField | None = None
+    notes: LongText | None = None
+    metadata: Metadata | None = None
     disabled: bool | None = None
 
     @field_validator("kind", "disabled", mode="before")
@@ -84,9 +93,9 @@ class DeviceList(BaseModel):
 
 class ClaimCodesCreate(_Strict):
     count: int | None = Field(None, ge=1, le=1000, description="devices to create with generated ids")
-    device_ids: list[str] | None = Field(None, max_length=1000)
+    device_ids: list[DeviceIdField] | None = Field(None, max_length=1000)
     prefix: str = Field("dev", pattern=r"^[A-Za-z0-9_\-]{1,32}$")
-    model: str | None = Field(None, max_length=128)
+    model: Name | None = None
     kind: Literal["device", "gateway"] = "device"
     ttl_s: int | None = Field(None, ge=60, le=365 * 86400)
 
@@ -130,10 +139,12 @@ class TelemetryMessage(BaseModel):
             ]
         },
     )
-    device_id: str | None = None
-    ts: int | float | str | None = None
-    values: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
+    device_id: DeviceIdField | None = Field(None, description="also `device` or `deviceId`; else the key's device")
+    ts: int | float | str | None = Field(None, description="epoch s or ms, or ISO 8601; also `timestamp`")
+    # Any other member is a reading; `values` and `metrics` holding an object are wrappers of readings
+    # (seed 001), holding anything else they are readings of that name.
+    values: Any = Field(None, description="an object of readings (or a reading named `values`)")
+    metrics: Any = Field(None, description="an object of readings (or a reading named `metrics`)")
 
 
 class NodeTelemetry(BaseModel):
@@ -153,7 +164,8 @@ class NodeTelemetry(BaseModel):
             ]
         },
     )
-    name: str | None = None
-    role: str | None = None
-    firmware: str | None = None
-    state: dict[str, Any] | None = None
+    # The firmware sends strings; a number is taken as its text.
+    name: str | int | float | None = None
+    role: str | int | float | None = None
+    firmware: str | int | float | None = None
+    state: dict[str, str | int | float | bool | None] | None = Field(None, description="shared state: key → value")

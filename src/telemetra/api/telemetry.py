@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
+from telemetra.api.fields import DeviceIdPath, DeviceIdQuery, KeysQuery, TextQuery
 from telemetra.api.params import decode_cursor, encode_cursor, interval_ms, key_list, time_range
 from telemetra.api.present import point, series
 from telemetra.domain.errors import InvalidInput, NotFound
@@ -18,10 +19,13 @@ from telemetra.storage.queries import AGGREGATES
 
 router = APIRouter(prefix="/api/v1", tags=["telemetry"])
 
-Keys = Annotated[str | None, Query(description="comma-separated keys; all when absent")]
-Start = Annotated[str | None, Query(description="ISO 8601 or epoch s/ms; default end - 24h")]
-End = Annotated[str | None, Query(description="ISO 8601 or epoch s/ms; default now")]
-Range = Annotated[str | None, Query(alias="range", description="instead of start: a span back from end, e.g. 24h")]
+Keys = KeysQuery
+Start = Annotated[str | None, Query(max_length=64, description="ISO 8601 or epoch s/ms; default end - 24h")]
+End = Annotated[str | None, Query(max_length=64, description="ISO 8601 or epoch s/ms; default now")]
+Range = Annotated[
+    str | None, Query(alias="range", max_length=32, description="instead of start: a span back from end, e.g. 24h")
+]
+Cursor = Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_\-]*$", description="next_cursor")]
 
 
 async def _known(services: Any, device_id: str) -> None:
@@ -32,7 +36,7 @@ async def _known(services: Any, device_id: str) -> None:
 @router.get("/devices/{device_id}/telemetry")
 @router.get("/devices/{device_id}/history")
 async def history(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     keys: Keys = None,
@@ -40,7 +44,7 @@ async def history(
     end: End = None,
     range_: Range = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
 ) -> dict[str, Any]:
     """Raw points by keys and time range, oldest first (or ``order=desc``); follow ``next_cursor``."""
@@ -66,7 +70,9 @@ async def history(
 
 
 @router.get("/devices/{device_id}/latest")
-async def latest(device_id: str, services: ServicesDep, principal: Caller, keys: Keys = None) -> dict[str, Any]:
+async def latest(
+    device_id: DeviceIdPath, services: ServicesDep, principal: Caller, keys: Keys = None
+) -> dict[str, Any]:
     check_reads(principal, device_id)
     await _known(services, device_id)
     points = await services.queries.latest(device_id, key_list(keys))
@@ -75,7 +81,7 @@ async def latest(device_id: str, services: ServicesDep, principal: Caller, keys:
 
 async def _aggregate(
     services: Any,
-    device_id: str,
+    device_id: DeviceIdPath,
     keys: str | None,
     start: str | None,
     end: str | None,
@@ -114,15 +120,17 @@ async def _aggregate(
 
 @router.get("/devices/{device_id}/aggregate")
 async def aggregate(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     keys: Keys = None,
     start: Start = None,
     end: End = None,
     range_: Range = None,
-    interval: Annotated[str | None, Query(description="bucket width (1m, 1h, 1d); one bucket when absent")] = None,
-    fn: Annotated[str | None, Query(description="comma list of min,max,avg,sum,count,last")] = None,
+    interval: Annotated[
+        str | None, Query(max_length=32, description="bucket width (1m, 1h, 1d); one bucket when absent")
+    ] = None,
+    fn: Annotated[str | None, Query(max_length=64, description="comma list of min,max,avg,sum,count,last")] = None,
 ) -> dict[str, Any]:
     check_reads(principal, device_id)
     return await _aggregate(services, device_id, keys, start, end, range_, interval, fn)
@@ -130,7 +138,7 @@ async def aggregate(
 
 @router.get("/devices/{device_id}/stats")
 async def stats(
-    device_id: str, services: ServicesDep, principal: Caller, range_: Range = "24h", keys: Keys = None
+    device_id: DeviceIdPath, services: ServicesDep, principal: Caller, range_: Range = "24h", keys: Keys = None
 ) -> dict[str, Any]:
     """Seed 001's ``/stats?range=24h``: min/max/avg (and count) per metric over the range."""
     check_reads(principal, device_id)
@@ -145,7 +153,7 @@ async def stats(
     responses={200: {"content": {"text/csv": {}}}},
 )
 async def export_csv(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     keys: Keys = None,
@@ -196,7 +204,7 @@ def _is_number(text: str) -> bool:
 
 
 @router.get("/devices/{device_id}/state")
-async def device_state(device_id: str, services: ServicesDep, principal: Caller) -> dict[str, Any]:
+async def device_state(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     await _known(services, device_id)
     rows = await services.queries.state(device_id)
@@ -208,7 +216,7 @@ async def device_state(device_id: str, services: ServicesDep, principal: Caller)
 
 @router.get("/devices/{device_id}/state/history")
 async def device_state_history(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
     start: Start = None,
@@ -225,10 +233,10 @@ async def device_state_history(
 
 @router.get("/devices/{device_id}/events")
 async def events(
-    device_id: str,
+    device_id: DeviceIdPath,
     services: ServicesDep,
     principal: Caller,
-    name: str | None = None,
+    name: TextQuery = None,
     start: Start = None,
     end: End = None,
     range_: Range = None,
@@ -246,7 +254,7 @@ async def events(
 
 @router.get("/rejected")
 async def rejected(
-    services: ServicesDep, _: Viewer, device_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    services: ServicesDep, _: Viewer, device_id: DeviceIdQuery = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     """Messages we could not take, newest first, with their reason."""
     rows = await services.queries.rejected(limit=limit, device_id=device_id)

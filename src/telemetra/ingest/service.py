@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from telemetra.domain.errors import Forbidden, InvalidInput
+from telemetra.domain.ids import reserved_reason
 from telemetra.domain.principal import Principal, Role
 from telemetra.domain.records import AutoRegister, Batch, DeviceReport, StateUpdate, Telemetry
 from telemetra.domain.timeutil import now_ms
@@ -136,13 +137,26 @@ class IngestService:
                         raise Forbidden(
                             f"unknown device {device_id!r} (gateway auto-registration is off)", field="device_id"
                         )
+                    _may_register(device_id)
                     batch.register.append(AutoRegister(device_id, parent_id=principal.device_id))
                 elif info.parent_id != principal.device_id:
                     raise Forbidden(
                         f"device {device_id!r} is not a child of gateway {principal.device_id!r}", field="device_id"
                     )
+                elif info.disabled:
+                    # As over MQTT: disabling a device stops its data, whoever relays it.
+                    raise Forbidden(f"device {device_id!r} is disabled", field="device_id")
                 continue
             if info is None:
+                _may_register(device_id)
                 batch.register.append(AutoRegister(device_id))
             elif info.disabled and principal.role is not Role.ADMIN:
                 raise Forbidden(f"device {device_id!r} is disabled", field="device_id")
+
+
+def _may_register(device_id: str) -> None:
+    """Auto-registration creates only ids that could have been created by hand (the ids reaching here
+    already passed ``valid_device_id``); a reserved one is refused for every caller."""
+    reason = reserved_reason(device_id)
+    if reason:
+        raise Forbidden(reason, field="device_id")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from types import TracebackType
 
-from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.records import Batch
+from telemetra.metrics import Metrics
 from telemetra.ota.engine import Notify, RolloutEngine
 from telemetra.ota.firmware import FirmwareService
 from telemetra.ota.jobs import JobService
@@ -31,7 +31,7 @@ class Ota:
         max_firmware_bytes: int,
         signer: Signer | None,
         notify: Notify,
-        registry: CollectorRegistry,
+        metrics: Metrics,
         lease_s: int = 120,
         step_s: float = 1.0,
         require_key: bool = False,
@@ -48,7 +48,7 @@ class Ota:
         )
         self.jobs = JobService(self.jobs_repo, firmware_repo, self.transitions, lease_s=lease_s)
         self.inbox = OtaInbox()
-        metrics = SchedulerMetrics(registry)
+        scheduler_metrics = SchedulerMetrics(metrics)
         self.engine = RolloutEngine(
             self.jobs_repo,
             firmware_repo,
@@ -56,7 +56,7 @@ class Ota:
             notify=notify,
             sign=self.firmware.signature_of_digest,
             step_s=step_s,
-            on_notified=metrics.notifications.inc,
+            on_notified=scheduler_metrics.notifications.inc,
         )
         self.scheduler = OtaScheduler(
             engine=self.engine,
@@ -64,7 +64,7 @@ class Ota:
             jobs=self.jobs_repo,
             inbox=self.inbox,
             step_s=step_s,
-            metrics=metrics,
+            metrics=scheduler_metrics,
         )
 
     def on_commit(self, batch: Batch) -> None:

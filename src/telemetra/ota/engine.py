@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from telemetra.domain.ota import (
+    CANCELLED,
     COMPLETED,
     DEVICE_FINAL,
     DEVICE_IN_PROGRESS,
@@ -208,6 +209,10 @@ class RolloutEngine:
             await self.transitions.apply(back, expect=(NOTIFIED,), values={"attempts": node.attempts})
             return False
         await self.jobs.move_node(job.id, node.node_id, expect=DEVICE_IN_PROGRESS, values={"command_id": command_id})
+        if (await self.jobs.get(job.id)).status == CANCELLED:
+            # Cancelled while this notification was being queued, after the cancel read the commands to
+            # withdraw: this one is withdrawn here (each side writes, then reads what the other wrote).
+            await self.jobs.expire_commands([command_id])
         return True
 
     def _budget(self, job: OtaJobRow, now: int) -> tuple[int, int]:

@@ -14,11 +14,11 @@ import logging
 from types import TracebackType
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter
 
 from telemetra.domain.errors import TelemetraError
 from telemetra.domain.ota import DEVICE_FINAL
 from telemetra.domain.timeutil import now_ms
+from telemetra.metrics import Metrics
 from telemetra.ota.engine import RolloutEngine
 from telemetra.ota.jobs import JobService
 from telemetra.ota.reports import EventReport, OtaInbox, VersionReport, parse_event
@@ -33,15 +33,12 @@ MIN_STEP_GAP_S = 0.05
 
 
 class SchedulerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.steps = Counter("telemetra_ota_scheduler_steps", "OTA scheduler steps run", registry=r)
-        self.notifications = Counter(
-            "telemetra_ota_notifications", "ota commands sent to devices by rollouts", registry=r
-        )
-        self.reports = Counter(
-            "telemetra_ota_reports", "Device OTA reports taken from ingest, by outcome", ["outcome"], registry=r
-        )
+    """The OTA counters of the app's ``Metrics``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.steps = metrics.ota_steps
+        self.notifications = metrics.ota_notifications
+        self.reports = metrics.ota_reports
 
 
 class OtaScheduler:
