@@ -1,10 +1,14 @@
-"""``create_app(settings)``: the app and the one lifespan that starts and stops everything it owns."""
+"""``create_app(settings)``: the app and the one lifespan that starts and stops everything it owns.
+
+The lifespan builds the services (``telemetra.services``), brings the schema up to date, then enters each
+capability — ingest core, MQTT, OTA, realtime — as an async context manager that owns its background
+tasks (each under a ``Supervisor``); leaving the lifespan leaves them in the reverse order, so the writer
+stops last and commits what the others handed it."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,28 +32,34 @@ from telemetra.api import (
     ota,
     telemetry,
 )
-from telemetra.api.deps import Services, warn_open_access
+from telemetra.api.deps import warn_open_access
 from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
 from telemetra.api.openapi import document_errors
 from telemetra.bootstrap import ensure_admin_keys
 from telemetra.config import Settings
+from telemetra.core import Core
+from telemetra.events.hub import EventHub
+from telemetra.events.model import ChangeEvent
 from telemetra.ingest.normalize import Limits
 from telemetra.ingest.queue import IngestQueue
 from telemetra.ingest.service import IngestService
 from telemetra.metrics import Metrics
 from telemetra.mqtt.downlink import CommandService
 from telemetra.mqtt.shapes import DownlinkPlan
-from telemetra.mqtt_runtime import route_table, start_mqtt
+from telemetra.mqtt_runtime import MqttCapability, route_table
 from telemetra.ota.capability import Ota
 from telemetra.ota.signing import Signer
+from telemetra.services import Services
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
+from telemetra.storage.event_bridge import LocalChanges, PgEventBridge, SqliteRegistryFollower
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
+from telemetra.supervise import Failures
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +77,18 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
-def build_services(settings: Settings, metrics: Metrics, database: DatabaseState, admin_keys: list[str]) -> Services:
+def build_services(
+    settings: Settings, metrics: Metrics, database: DatabaseState, admin_keys: list[str], failures: Failures
+) -> Services:
     engine = create_engine(settings)
+    hub = EventHub()
+    local = LocalChanges()
+    bridge: PgEventBridge | SqliteRegistryFollower
+    if engine.dialect.name == "postgresql":
+        dsn = settings.effective_database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        bridge = PgEventBridge(dsn, engine, hub, local)
+    else:
+        bridge = SqliteRegistryFollower(engine, hub, local)
     directory = DeviceDirectory(engine, state=database)
     queue = IngestQueue(
         engine,
@@ -80,6 +100,8 @@ def build_services(settings: Settings, metrics: Metrics, database: DatabaseState
         retry_after_s=settings.ingest_retry_after_s,
         # SQLite has one writer at a time; a second transaction would only wait for the lock.
         commits_in_flight=1 if engine.dialect.name == "sqlite" else settings.ingest_commits_in_flight,
+        hub=hub,
+        announcer=bridge if isinstance(bridge, PgEventBridge) else None,
     )
     devices = DeviceRepository(engine)
     mqtt_on = bool(settings.mqtt_url) or settings.mqtt_port != 0
@@ -90,14 +112,22 @@ def build_services(settings: Settings, metrics: Metrics, database: DatabaseState
         device = await devices.find(device_id)
         return bool(device and device.online)
 
-    commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online)
-    queue.add_listener(commands.on_commit)
-    ota = ota_from(settings, engine, commands, metrics)  # issue 8
-    queue.add_listener(ota.on_commit)
+    async def emit(events: Sequence[ChangeEvent]) -> None:
+        """Changes committed outside the ingest queue: to this process's hub, and to the others."""
+        hub.publish(events)
+        await bridge.announce_committed(events)
+
+    commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit)
+    ota = ota_from(settings, engine, commands, metrics, hub)
     return Services(
         settings=settings,
         engine=engine,
         metrics=metrics,
+        database=database,
+        hub=hub,
+        bridge=bridge,
+        local_changes=local,
+        failures=failures,
         queue=queue,
         directory=directory,
         ingest=IngestService(directory, limits_from(settings), gateway_auto_register=settings.gateway_auto_register),
@@ -110,7 +140,7 @@ def build_services(settings: Settings, metrics: Metrics, database: DatabaseState
     )
 
 
-def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics) -> Ota:
+def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics, hub: EventHub) -> Ota:
     """OTA (issue 8) from plain values; devices are notified through their command channel."""
 
     async def notify(device_id: str, params: dict[str, Any], ttl_s: int) -> str:
@@ -123,6 +153,7 @@ def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, 
         signer=load_signer(settings.ota_signing_key, settings.ota_signing_key_file),
         notify=notify,
         metrics=metrics,
+        hub=hub,
         lease_s=settings.ota_gateway_lease_s,
         step_s=settings.ota_step_s,
         require_key=settings.ota_require_key,
@@ -149,31 +180,19 @@ def create_app(settings: Settings) -> FastAPI:
                 f"\n  Generated an admin key (mode 0600, never printed): cat {settings.data_dir / 'admin.key'}\n",
                 flush=True,
             )
-        services = build_services(settings, metrics, database, admin_keys)
+        services = build_services(settings, metrics, database, admin_keys, Failures())
         app.state.services = services
         warn_open_access(settings)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
             await migrate(services.engine)
-            writer = asyncio.create_task(services.queue.run(), name="ingest-writer")
-
-            async def stop_writer() -> None:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
-
-            stack.push_async_callback(stop_writer)
-            expiry = asyncio.create_task(services.commands.run_expiry(), name="command-expiry")
-
-            async def stop_expiry() -> None:
-                expiry.cancel()
-                await asyncio.gather(expiry, return_exceptions=True)
-                await services.commands.close()
-
-            stack.push_async_callback(stop_expiry)
-            for start in app.state.starters:
-                await start(services, stack)
-            if services.ota is not None:  # issue 8: after MQTT, so the first notifications can go out
-                await stack.enter_async_context(services.ota)
+            capabilities: list[Any] = [Core(services), MqttCapability(services)]
+            if services.ota is not None:  # after MQTT, so the first notifications can go out
+                capabilities.append(services.ota)
+            capabilities.extend(start(services) for start in app.state.capabilities)
+            for capability in capabilities:
+                await stack.enter_async_context(capability)
+                services.components.append(capability)  # what /health asks
             log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
             yield
 
@@ -187,7 +206,8 @@ def create_app(settings: Settings) -> FastAPI:
         # (~5 % of a single-reading post); it is off unless asked for. Prometheus metrics are always on.
         telemetry={"tracing": otel, "metrics": otel, "logs": otel},
     )
-    app.state.starters = [start_mqtt]  # capabilities started inside the lifespan, in order
+    # Capabilities added by the API modules that need one (realtime), built from the services at start.
+    app.state.capabilities = []
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).

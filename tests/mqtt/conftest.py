@@ -207,12 +207,12 @@ async def start_mqtt_app(mode: str, tmp_path: Path, *, db: str = "sqlite", **ove
         )
         running = await stack.enter_async_context(running_app(settings))
         if mosquitto is not None:
-            collector = running.services.extras["mqtt_collector"]
+            collector = running.services.mqtt_collector
             await eventually(lambda: _true(collector.connected), what="the collector to connect")
             endpoint = Endpoint(mosquitto.host, mosquitto.port)
         else:
             # In process: no collector and no service account, what devices publish goes straight in.
-            endpoint = Endpoint("127.0.0.1", running.services.extras["mqtt_broker"].port)
+            endpoint = Endpoint("127.0.0.1", running.services.mqtt_broker.port)
             service_user, service_password = "", ""
         app = MqttApp(mode, running, endpoint, service_user, service_password, mosquitto)
         stack.push_async_callback(app.close_devices)

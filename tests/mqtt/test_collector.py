@@ -185,7 +185,7 @@ async def test_rotation_while_connecting_shuts_the_old_secret_out(
 
         monkeypatch.setattr(directory, "by_secret", slow_by_secret)
     else:
-        broker = mqtt_app.services.extras["mqtt_broker"]._broker
+        broker = mqtt_app.services.mqtt_broker._broker
         disconnect_previous = broker._disconnect_previous
 
         async def slow_disconnect_previous(client_id: str) -> None:

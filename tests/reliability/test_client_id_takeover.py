@@ -64,7 +64,7 @@ async def stored_once(app: MqttApp, stream: Stream) -> Tally:
 
 async def test_no_device_can_take_over_another_devices_or_the_collectors_session(tmp_path: Path) -> None:
     async with start_mqtt_app("mosquitto", tmp_path, mqtt_client_id=None) as app:
-        collector_id = app.services.extras["mqtt_collector"].client._client_id.decode()
+        collector_id = app.services.mqtt_collector.client._client_id.decode()
         # Not derived from anything a device can know (it used to be telemetra-<host>-<port>).
         assert socket.gethostname() not in collector_id and str(app.running.settings.port) not in collector_id
         assert len(collector_id) >= len("telemetra-") + 24, collector_id
@@ -90,7 +90,7 @@ async def test_no_device_can_take_over_another_devices_or_the_collectors_session
         assert (await victim.next_message()).payload == b"for-b"
         assert not victim.disconnected.is_set()
         # The collector kept its session: what dev-b sent meanwhile is all stored.
-        assert app.services.extras["mqtt_collector"].connected
+        assert app.services.mqtt_collector.connected
         await stream.send(100)
         tally = await stored_once(app, stream)
 

@@ -101,7 +101,7 @@ async def delete_node(device_id: DeviceIdPath, services: ServicesDep, _: Operato
     """Deletes the node with all its data; answers JSON (the dashboard parses every answer)."""
     await _node(services, device_id)
     await services.devices.delete(device_id)
-    await services.registry_changed(device_id, deleted=True)
+    await services.registry_changed(device_id, "deleted")
     return {"message": f"Node {device_id} deleted", "node_id": device_id}
 
 

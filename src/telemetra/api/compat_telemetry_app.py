@@ -152,7 +152,7 @@ async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> 
     """Its legacy provisioning page: ``{device_id, name}`` → the device with its key, shown once."""
     now = now_ms()
     device, secret = await services.devices.create(body.device_id, now_ms=now, name=body.name)
-    await services.registry_changed(device.id, secret=secret)
+    await services.registry_changed(device.id, "created", secret=secret)
     data = {
         **device_out(device, now=now, offline_after_s=services.settings.offline_after_s),
         "api_key": secret,

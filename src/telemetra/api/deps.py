@@ -1,80 +1,25 @@
-"""The services an app owns, and ``Annotated`` dependencies so endpoint signatures read like sentences."""
+"""``Annotated`` dependencies so endpoint signatures read like sentences: the app's services (the
+container lives in ``telemetra.services``) and the caller, with the role each endpoint needs."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.config import Settings
 from telemetra.domain.errors import Forbidden, Unauthorized
-from telemetra.domain.principal import FLEET, AccessPolicy, Principal, Role, matches_any, parse_networks
-from telemetra.ingest.queue import IngestQueue
-from telemetra.ingest.service import IngestService
-from telemetra.metrics import Metrics
-from telemetra.mqtt.downlink import CommandService
-from telemetra.ota.capability import Ota
-from telemetra.storage.commands import AlertRepository
-from telemetra.storage.devices import DeviceRepository
-from telemetra.storage.directory import DeviceDirectory
-from telemetra.storage.queries import TelemetryQueries
+from telemetra.domain.principal import FLEET, Principal, Role, matches_any
+from telemetra.services import Services
 
 log = logging.getLogger(__name__)
-
-# (device_id, new secret or None, enabled or None, deleted)
-RegistryHook = Callable[[str, str | None, bool | None, bool], Awaitable[None]]
-
-
-@dataclass
-class Services:
-    settings: Settings
-    engine: AsyncEngine
-    metrics: Metrics
-    queue: IngestQueue
-    directory: DeviceDirectory
-    ingest: IngestService
-    devices: DeviceRepository
-    queries: TelemetryQueries
-    admin_keys: list[str]
-    commands: CommandService
-    alerts: AlertRepository
-    ota: Ota | None = None  # issue 8: firmware, gateway jobs, rollouts
-    extras: dict[str, Any] = field(default_factory=dict)  # later capabilities (MQTT, realtime) hang here
-    registry_hooks: list[RegistryHook] = field(default_factory=list)
-
-    @cached_property
-    def access(self) -> AccessPolicy:
-        return access_policy(self.settings, self.admin_keys)
-
-    async def registry_changed(
-        self, device_id: str, *, secret: str | None = None, enabled: bool | None = None, deleted: bool = False
-    ) -> None:
-        """A device was created, re-keyed, enabled/disabled or deleted: drop cached credentials, and let
-        the hooks (e.g. Mosquitto dynamic security) follow the registry."""
-        self.directory.invalidate(device_id)
-        for hook in self.registry_hooks:
-            await hook(device_id, secret, enabled, deleted)
 
 
 async def get_services(request: Request) -> Services:
     # async: FastAPI runs a plain ``def`` dependency in the thread pool, a thread hop per request.
     services: Services = request.app.state.services
     return services
-
-
-def access_policy(settings: Settings, admin_keys: list[str]) -> AccessPolicy:
-    return AccessPolicy(
-        admin_keys=tuple(admin_keys),
-        operator_keys=tuple(settings.operator_keys),
-        viewer_keys=tuple(settings.viewer_keys),
-        trusted_networks=parse_networks(settings.trusted_networks),
-        trusted_role=Role(settings.trusted_role),
-    )
 
 
 def warn_open_access(settings: Settings) -> None:

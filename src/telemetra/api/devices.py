@@ -46,7 +46,7 @@ async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> 
         meta=body.metadata,
     )
     assert secret is not None
-    await services.registry_changed(device_id, secret=secret)
+    await services.registry_changed(device_id, "created", secret=secret)
     return with_credentials(device, secret, now=now, offline_after_s=services.settings.offline_after_s)
 
 
@@ -97,7 +97,9 @@ async def update_device(
         fields["meta"] = fields.pop("metadata")
     now = now_ms()
     device = await services.devices.update(device_id, now_ms=now, **fields)
-    await services.registry_changed(device_id, enabled=not device.disabled)
+    # The word the database's trigger uses for the same change (a disable or enable wins over an edit).
+    change = ("disabled" if device.disabled else "enabled") if "disabled" in fields else "updated"
+    await services.registry_changed(device_id, change)
     return device_public(device, now=now, offline_after_s=services.settings.offline_after_s)
 
 
@@ -105,7 +107,7 @@ async def update_device(
 async def delete_device(device_id: DeviceIdPath, services: ServicesDep, _: Operator) -> None:
     """Delete the device with all its telemetry, state and events."""
     await services.devices.delete(device_id)
-    await services.registry_changed(device_id, deleted=True)
+    await services.registry_changed(device_id, "deleted")
 
 
 @router.post("/devices/{device_id}/rotate", response_model=DeviceWithCredentials)
@@ -114,7 +116,7 @@ async def rotate_credentials(device_id: DeviceIdPath, services: ServicesDep, _: 
     """New secret for HTTP and MQTT; the old one stops working at once."""
     now = now_ms()
     device, secret = await services.devices.rotate(device_id, now_ms=now)
-    await services.registry_changed(device_id, secret=secret)
+    await services.registry_changed(device_id, "rotated", secret=secret)
     return with_credentials(device, secret, now=now, offline_after_s=services.settings.offline_after_s)
 
 
@@ -144,5 +146,5 @@ async def claim(body: ClaimRequest, services: ServicesDep) -> DeviceWithCredenti
     """Unauthenticated: a device trades its claim code, once, for its credentials."""
     now = now_ms()
     device, secret = await services.devices.claim(body.claim_code, now_ms=now)
-    await services.registry_changed(device.id, secret=secret)
+    await services.registry_changed(device.id, "claimed", secret=secret)
     return with_credentials(device, secret, now=now, offline_after_s=services.settings.offline_after_s)

@@ -10,31 +10,34 @@ from sqlalchemy import func, select, text
 from starlette.responses import JSONResponse, Response
 
 from telemetra import __version__
-from telemetra.api.deps import Services, ServicesDep, Viewer
+from telemetra.api.deps import ServicesDep, Viewer
 from telemetra.domain.timeutil import ms_to_iso, now_ms
+from telemetra.services import Services
 from telemetra.storage.schema import Device, LatestRow
 
 router = APIRouter(tags=["operations"])
 
 
 async def health_report(services: Services) -> dict[str, Any]:
-    """Status of the database, MQTT, the ingest queue and WebSockets (shared by every health path)."""
+    """Status of the database, each capability (ingest, MQTT, OTA, realtime) and any background task that
+    died (shared by every health path). Anything not ok — down, failing, stalled, stopped — is 503."""
     checks: dict[str, Any] = {}
     try:
         async with services.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         checks["database"] = {"status": "ok", "dialect": services.engine.dialect.name}
     except Exception as exc:  # a health check reports a failure, it does not raise it
-        checks["database"] = {"status": "down", "error": type(exc).__name__}
-    checks["ingest_queue"] = {
-        "status": "ok" if services.queue.depth < services.queue.capacity else "full",
-        "depth": services.queue.depth,
-        "capacity": services.queue.capacity,
-    }
-    for name, probe in services.extras.get("health_probes", {}).items():
-        checks[name] = probe()
-    # The realtime capability registers its own probe (connection count); until it exists, say so.
-    checks.setdefault("websocket", {"status": "off", "detail": "realtime streaming is not in this build"})
+        services.database.failed(exc)
+        checks["database"] = {"status": "down", "error": type(exc).__name__, "where": services.database.location.where}
+    for component in services.components:
+        try:
+            checks[component.name] = component.health()
+        except Exception as exc:  # a probe that fails says so; it does not fail the whole report
+            checks[component.name] = {"status": "down", "error": f"{type(exc).__name__}: {exc}"}
+    checks.setdefault("mqtt", {"status": "off"})
+    checks.setdefault("websocket", {"status": "off", "detail": "realtime streaming is not running"})
+    if services.failures:
+        checks["tasks"] = {"status": "failed", "failed": services.failures.snapshot()}
     healthy = all(c.get("status") in ("ok", "off") for c in checks.values())
     # "healthy": the word iotmesh's test suite, paku's OTA tooling and telemetry_app's ESP32 document read.
     return {

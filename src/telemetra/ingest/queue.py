@@ -18,6 +18,11 @@ When a commit fails, the writer tells the two causes apart (``storage.faults``):
   message is alone, the good neighbours are committed, and the poison message becomes a
   rejected-message record (with its payload in a storable form) when its transport keeps one, or
   ``Unstorable`` (HTTP 422) otherwise. One bad message never holds up or fails the others.
+
+What a commit changed is announced as events (``ingest.announce``): inside the transaction to other
+processes (``Announcer``: PostgreSQL NOTIFY, delivered only if the transaction commits), and after it to
+this process's hub — in the order the batches were taken, even when a later one commits first, so a
+device's events never overtake each other.
 """
 
 from __future__ import annotations
@@ -29,13 +34,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from telemetra.domain.errors import Overloaded, StorageUnavailable, Unstorable
 from telemetra.domain.records import Batch, Rejected
 from telemetra.domain.timeutil import now_ms
+from telemetra.events import model
+from telemetra.events.hub import EventHub
+from telemetra.events.model import ChangeEvent
+from telemetra.ingest.announce import events_of
 from telemetra.logs import Throttle
 from telemetra.metrics import Metrics
 from telemetra.storage.faults import DatabaseState, describe, is_transient
@@ -44,6 +54,16 @@ from telemetra.storage.writes import WriteResult, write_batch
 log = logging.getLogger(__name__)
 
 CommitListener = Callable[[Batch], None]
+
+
+class Announcer(Protocol):
+    """Tells other processes of a transaction's events, from inside it (see ``storage.event_bridge``)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    async def announce(self, conn: AsyncConnection, events: Sequence[ChangeEvent]) -> None: ...
+
 
 # While the database is down in the middle of isolating a poison message, how long to wait between tries.
 RETRY_MIN_S, RETRY_MAX_S = 0.2, 5.0
@@ -91,8 +111,16 @@ class IngestQueue:
         linger_ms: float = 0.0,
         retry_after_s: int = 1,
         commits_in_flight: int = 1,
+        hub: EventHub | None = None,
+        announcer: Announcer | None = None,
     ) -> None:
         self._engine = engine
+        self._hub = hub
+        self._announcer = announcer
+        # Events are handed to the hub in the order batches were taken (see _publish_in_order).
+        self._taken_seq = 0
+        self._published_seq = 0
+        self._finished: dict[int, list[ChangeEvent]] = {}
         self._metrics = metrics
         self._state = state
         self._max_points = max_points
@@ -163,7 +191,11 @@ class IngestQueue:
         taking messages and the broker holds them — backpressure, not loss)."""
         weight = sum([p.weight for p in parts])
         async with self._space:
-            await self._space.wait_for(lambda: not self._weight or self._weight + weight <= self._max_points)
+            await self._space.wait_for(
+                lambda: self._closed or not self._weight or self._weight + weight <= self._max_points
+            )
+        if self._closed:
+            raise StorageUnavailable("the server is shutting down; nothing was stored", retry_after=self._retry_after)
         return self._enqueue(list(parts), transport, messages)
 
     def _enqueue(self, parts: list[Batch], transport: str, messages: int | None = None) -> asyncio.Future[WriteResult]:
@@ -190,7 +222,8 @@ class IngestQueue:
                 if not taken:
                     self._slots.release()
                     continue
-                task = asyncio.create_task(self._commit_and_release(taken, weight), name="ingest-commit")
+                seq, self._taken_seq = self._taken_seq, self._taken_seq + 1
+                task = asyncio.create_task(self._commit_and_release(taken, weight, seq), name="ingest-commit")
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
         except asyncio.CancelledError:
@@ -198,8 +231,18 @@ class IngestQueue:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             while self._items:
                 taken, weight = self._take()
-                await self._commit(taken, draining=True)
+                seq, self._taken_seq = self._taken_seq, self._taken_seq + 1
+                self._publish_in_order(seq, await self._commit(taken, draining=True))
                 await self._release(weight)
+            raise
+        except BaseException:
+            # The writer itself died (a bug): nobody would ever resolve what waits, so refuse it all now.
+            self._closed = True
+            for item in self._items:
+                if not item.future.done():
+                    item.future.set_exception(
+                        StorageUnavailable("the ingest writer stopped; nothing stored", retry_after=self._retry_after)
+                    )
             raise
         finally:
             self._running = False
@@ -215,12 +258,22 @@ class IngestQueue:
             self._wakeup.clear()
         return taken, weight
 
-    async def _commit_and_release(self, taken: list[_Item], weight: int) -> None:
+    async def _commit_and_release(self, taken: list[_Item], weight: int, seq: int) -> None:
+        events: list[ChangeEvent] = []
         try:
-            await self._commit(taken)
+            events = await self._commit(taken)
         finally:
+            self._publish_in_order(seq, events)
             self._slots.release()
             await self._release(weight)
+
+    def _publish_in_order(self, seq: int, events: list[ChangeEvent]) -> None:
+        self._finished[seq] = events
+        while self._published_seq in self._finished:
+            ready = self._finished.pop(self._published_seq)
+            self._published_seq += 1
+            if ready and self._hub is not None:
+                self._hub.publish(ready)
 
     async def _release(self, weight: int) -> None:
         # The queue's room comes back only once the points are stored: the bound covers what is
@@ -230,10 +283,12 @@ class IngestQueue:
         async with self._space:
             self._space.notify_all()
 
-    async def _commit(self, items: list[_Item], *, draining: bool = False) -> None:
-        """Commit ``items``; whatever happens, every item's future is resolved before this returns."""
+    async def _commit(self, items: list[_Item], *, draining: bool = False) -> list[ChangeEvent]:
+        """Commit ``items``; whatever happens, every item's future is resolved before this returns.
+        Returns the events of what was committed."""
+        events: list[ChangeEvent] = []
         try:
-            await self._commit_items(items, draining=draining)
+            await self._commit_items(items, events, draining=draining)
         except BaseException as exc:
             for item in items:
                 if not item.future.done():
@@ -247,14 +302,15 @@ class IngestQueue:
             if not is_transient(exc):
                 # A bug of ours, not the database's: say so, keep the writer alive.
                 log.error("ingest commit failed unexpectedly: %s", describe(exc), exc_info=_loggable(exc))
+        return events
 
-    async def _commit_items(self, items: list[_Item], *, draining: bool) -> None:
+    async def _commit_items(self, items: list[_Item], events: list[ChangeEvent], *, draining: bool) -> None:
         parts = [part for item in items for part in item.parts]
         try:
-            merged = await self._transaction(parts)
+            merged = await self._transaction(parts, events)
         except Exception as exc:
             if not is_transient(exc):
-                await self._isolate_poison(items, parts, exc, draining=draining)
+                await self._isolate_poison(items, parts, exc, events, draining=draining)
                 return
             self._state.failed(exc)
             self._metrics.batch_failures.inc()
@@ -270,11 +326,19 @@ class IngestQueue:
             if not item.future.done():
                 item.future.set_result(_result(item.parts))
 
-    async def _transaction(self, parts: list[Batch]) -> Batch:
+    async def _transaction(self, parts: list[Batch], events: list[ChangeEvent]) -> Batch:
+        """One transaction for ``parts``; appends the events of what it changed to ``events``."""
         merged = parts[0] if len(parts) == 1 else _merge(parts)
         started = time.perf_counter()
+        announcer = self._announcer if self._announcer is not None and self._announcer.active else None
         async with self._engine.begin() as conn:
-            result = await write_batch(conn, merged, now_ms=now_ms())
+            now = now_ms()
+            result = await write_batch(conn, merged, now_ms=now)
+            wanted = announcer is not None or (self._hub is not None and self._hub.wants(model.TELEMETRY))
+            committed = events_of(parts, result.changes, now=now, telemetry=wanted)
+            if announcer is not None and committed:
+                await announcer.announce(conn, committed)
+        events.extend(committed)
         elapsed = time.perf_counter() - started
         self._state.succeeded()
         self._last_progress = time.monotonic()
@@ -299,11 +363,17 @@ class IngestQueue:
 
     # -- poison ------------------------------------------------------------------------------------------
     async def _isolate_poison(
-        self, items: list[_Item], parts: list[Batch], error: BaseException, *, draining: bool
+        self,
+        items: list[_Item],
+        parts: list[Batch],
+        error: BaseException,
+        events: list[ChangeEvent],
+        *,
+        draining: bool,
     ) -> None:
         """Split the refused batch until each refused message stands alone; commit everything else."""
         refused: dict[int, str] = {}  # id(part) → why the database refused it
-        await self._split(parts, error, refused, draining=draining)
+        await self._split(parts, error, refused, events, draining=draining)
         stand_ins: list[Batch] = []
         for part in parts:
             reason = refused.get(id(part))
@@ -311,7 +381,7 @@ class IngestQueue:
                 stand_ins.append(_rejected_stand_in(part, reason))
                 self._log_poison(part, reason)
         if stand_ins:
-            await self._store_stand_ins(stand_ins, draining=draining)
+            await self._store_stand_ins(stand_ins, events, draining=draining)
         for item in items:
             reasons = [refused[id(p)] for p in item.parts if id(p) in refused]
             kept = [p for p in item.parts if id(p) not in refused]
@@ -329,28 +399,36 @@ class IngestQueue:
                 item.future.set_result(_result(kept, rejected=len(reasons)))
 
     async def _split(
-        self, parts: list[Batch], error: BaseException, refused: dict[int, str], *, draining: bool
+        self,
+        parts: list[Batch],
+        error: BaseException,
+        refused: dict[int, str],
+        events: list[ChangeEvent],
+        *,
+        draining: bool,
     ) -> None:
         if len(parts) == 1:
             if await self._database_answers(draining=draining):
                 refused[id(parts[0])] = describe(error)
                 return
             # The database went away meanwhile: the failure says nothing about the data. Try it again.
-            await self._retry_until_written(parts, refused, draining=draining)
+            await self._retry_until_written(parts, refused, events, draining=draining)
             return
         middle = len(parts) // 2
         for half in (parts[:middle], parts[middle:]):
-            await self._retry_until_written(half, refused, draining=draining)
+            await self._retry_until_written(half, refused, events, draining=draining)
 
-    async def _retry_until_written(self, parts: list[Batch], refused: dict[int, str], *, draining: bool) -> None:
+    async def _retry_until_written(
+        self, parts: list[Batch], refused: dict[int, str], events: list[ChangeEvent], *, draining: bool
+    ) -> None:
         delay = RETRY_MIN_S
         while True:
             try:
-                self._committed(await self._transaction(parts))
+                self._committed(await self._transaction(parts, events))
                 return
             except Exception as exc:
                 if not is_transient(exc):
-                    await self._split(parts, exc, refused, draining=draining)
+                    await self._split(parts, exc, refused, events, draining=draining)
                     return
                 self._state.failed(exc)
                 if draining:
@@ -374,17 +452,17 @@ class IngestQueue:
                 delay = min(RETRY_MAX_S, delay * 2)
         return False
 
-    async def _store_stand_ins(self, stand_ins: list[Batch], *, draining: bool) -> None:
+    async def _store_stand_ins(self, stand_ins: list[Batch], events: list[ChangeEvent], *, draining: bool) -> None:
         refused: dict[int, str] = {}
         try:
-            await self._retry_until_written(stand_ins, refused, draining=draining)
+            await self._retry_until_written(stand_ins, refused, events, draining=draining)
         except Exception as exc:
             log.error("could not store %d rejected-message records: %s", len(stand_ins), describe(exc))
             return
         if refused:  # even the escaped record was refused: keep what cannot fail, the reason and a digest
             bare = [_bare_stand_in(b) for b in stand_ins if id(b) in refused]
             with contextlib.suppress(Exception):
-                await self._retry_until_written(bare, {}, draining=draining)
+                await self._retry_until_written(bare, {}, events, draining=draining)
 
     def _log_poison(self, part: Batch, reason: str) -> None:
         origin = part.origin

@@ -6,17 +6,23 @@ command topic in that scheme's shape (``mqtt.shapes``: ``{prefix}/{device}/cmd``
 ``acked``/``failed`` when the device answers on ``event/ack`` (or the HTTP ack), ``expired`` after its TTL.
 A device that is offline gets its queued commands when it comes back. Devices that speak only HTTP poll
 for them instead; a poll also takes commands that went out over MQTT and stay unanswered.
+
+Every status change is a ``command`` event (``emit``); the service also follows the hub (``follow``):
+command events wake ``?wait`` callers — whichever process committed the device's answer — and a device
+coming online gets what is queued for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from telemetra.domain.records import Batch
 from telemetra.domain.timeutil import now_ms
+from telemetra.events import model
+from telemetra.events.hub import EventHub
+from telemetra.events.model import ChangeEvent, Gap
 from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.storage.commands import CommandRepository
 from telemetra.storage.schema import CommandRow
@@ -24,7 +30,9 @@ from telemetra.storage.schema import CommandRow
 log = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 5.0
-WAIT_POLL_S = 0.5  # how often a waiter re-reads the row, for acks committed by another process
+# A waiter is woken by the command's events; it re-reads the row this often anyway, in case an event
+# never came (another process's notification lost with its connection).
+WAIT_RECHECK_S = 5.0
 HTTP_RESEND_S = 30  # an unanswered command is handed to an HTTP poller again after this long
 
 
@@ -35,6 +43,9 @@ class Publisher(Protocol):
     def connected(self) -> bool: ...
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None: ...
+
+
+Emit = Callable[[Sequence[ChangeEvent]], Awaitable[None]]
 
 
 class _DeviceLock:
@@ -52,8 +63,10 @@ class CommandService:
         *,
         plan: DownlinkPlan,
         is_online: Callable[[str], Any],
+        emit: Emit | None = None,
     ) -> None:
         self.repo = repo
+        self._emit = emit
         self._plan = plan
         self._is_online = is_online
         self.publisher: Publisher | None = None
@@ -65,6 +78,7 @@ class CommandService:
     async def create(self, device_id: str, name: str, params: Any, *, ttl_s: int) -> CommandRow:
         self._plan.check_command(name, params)  # refused now (422) rather than never delivered
         command = await self.repo.create(device_id, name, params, now_ms=now_ms(), ttl_s=ttl_s)
+        await self._status(device_id, command.id, "queued", name=name)
         self._arrivals.setdefault(device_id, asyncio.Event()).set()
         if await self._is_online(device_id):
             await self.dispatch(device_id)
@@ -110,8 +124,16 @@ class CommandService:
                 log.warning("could not publish command %s: %s", command.id, exc)
                 await self.repo.release([c.id for c in mine[i:]])
                 return i
-            self._notify(command.id)
+            await self._status(device_id, command.id, "sent", name=command.name)
         return len(mine)
+
+    async def _status(self, device_id: str, command_id: str, status: str, *, name: str | None = None) -> None:
+        self._notify(command_id)
+        if self._emit is not None:
+            data: dict[str, Any] = {"id": command_id, "status": status}
+            if name is not None:
+                data["name"] = name
+            await self._emit([ChangeEvent(model.COMMAND, device_id, now_ms(), data)])
 
     async def publish_config(self, device_id: str, config: dict[str, Any], version: int) -> bool:
         publisher = self.publisher
@@ -135,7 +157,7 @@ class CommandService:
                     return command
                 event.clear()
                 try:
-                    await asyncio.wait_for(event.wait(), min(remaining, WAIT_POLL_S))
+                    await asyncio.wait_for(event.wait(), min(remaining, WAIT_RECHECK_S))
                 except TimeoutError:
                     pass
         finally:
@@ -158,25 +180,39 @@ class CommandService:
                 ids = [c.id for c in commands]
                 moved = set(await self.repo.mark_sent(ids, now_ms=now, via="http", for_poll_before=resend))
                 taken = [c for c in commands if c.id in moved]
+                for command in taken:
+                    await self._status(device_id, command.id, "sent", name=command.name)
                 if taken:
                     return taken
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
             try:
-                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+                await asyncio.wait_for(event.wait(), min(remaining, WAIT_RECHECK_S))
             except TimeoutError:
                 pass
 
-    def on_commit(self, batch: Batch) -> None:
-        """Commit listener: wake waiters for acks; dispatch to devices that just came online."""
-        for ack in batch.acks:
-            self._notify(ack.command_id)
-        online = {r.device_id for r in batch.reports if r.online}
-        for device_id in online:
-            task = asyncio.get_running_loop().create_task(self.dispatch(device_id), name=f"dispatch-{device_id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def follow(self, hub: EventHub) -> None:
+        """Runs until cancelled: command events wake their waiters (and pollers, for a command queued in
+        another process); a device that comes online gets what is queued for it."""
+        async with hub.subscribe(types=(model.COMMAND, model.STATE), maxsize=10_000) as events:
+            async for event in events:
+                if isinstance(event, Gap):
+                    log.warning("command service missed %s events; waking every waiter", event.missed)
+                    for waiting in self._changed.values():
+                        waiting.set()
+                    continue
+                if event.type == model.COMMAND:
+                    self._notify(str(event.data.get("id")))
+                    if event.data.get("status") == "queued" and event.device_id is not None:
+                        self._arrivals.setdefault(event.device_id, asyncio.Event()).set()
+                elif event.data.get("online") is True and event.device_id is not None:
+                    self._dispatch_soon(event.device_id)
+
+    def _dispatch_soon(self, device_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.dispatch(device_id), name=f"dispatch-{device_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -197,6 +233,6 @@ class CommandService:
                 log.warning("command expiry sweep failed: %s", exc)
                 continue
             if expired:
-                log.info("expired %d commands", expired)
-                for event in self._changed.values():
-                    event.set()
+                log.info("expired %d commands", len(expired))
+                for command_id, device_id in expired:
+                    await self._status(device_id, command_id, "expired")

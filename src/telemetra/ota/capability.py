@@ -3,12 +3,14 @@ firmware directory, then the scheduler's tasks), left to stop them."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from telemetra.domain.records import Batch
+from telemetra.events.hub import EventHub
 from telemetra.metrics import Metrics
 from telemetra.ota.engine import Notify, RolloutEngine
 from telemetra.ota.firmware import FirmwareService
@@ -32,11 +34,14 @@ class Ota:
         signer: Signer | None,
         notify: Notify,
         metrics: Metrics,
+        hub: EventHub,
         lease_s: int = 120,
         step_s: float = 1.0,
         require_key: bool = False,
         base_url: str | None = None,
     ) -> None:
+        self._hub = hub
+        self._follower: asyncio.Task[None] | None = None
         self.require_key = require_key
         self.base_url = base_url.rstrip("/") if base_url else None
         self.signer = signer
@@ -67,16 +72,25 @@ class Ota:
             metrics=scheduler_metrics,
         )
 
-    def on_commit(self, batch: Batch) -> None:
-        """The ingest queue's commit listener (``IngestQueue.add_listener``)."""
-        self.inbox.on_commit(batch)
-
     async def __aenter__(self) -> Ota:
         await self.firmware.sweep()
         await self.scheduler.__aenter__()
+        self._follower = asyncio.create_task(self.inbox.follow(self._hub), name="ota-reports")
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         await self.scheduler.__aexit__(exc_type, exc, tb)
+
+    name = "ota"
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok" if self.alive else "down", "inbox": self.inbox.pending()}
+
+    @property
+    def alive(self) -> bool:
+        return self.scheduler.alive and self._follower is not None and not self._follower.done()

@@ -1,9 +1,8 @@
 """What OTA learns from ingest: device ``event/ota`` reports and reported firmware versions.
 
-This is the one adapter between the ingest queue's commit listener and OTA. It reads committed
-``Batch``es (so what it acts on is stored), keeps only what concerns OTA, and queues it for the
-scheduler's consumer task — the writer never waits for OTA. When the event source (issue 7) lands, this
-module subscribes to typed events instead, and nothing else in ``ota/`` changes.
+This is the one adapter between the event hub and OTA. It reads committed changes (so what it acts on is
+stored, whichever process ingested it): ``event`` events named ``ota`` and ``state`` events carrying a
+firmware version, keeps only what concerns OTA, and queues it for the scheduler's consumer task.
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from telemetra.domain.errors import InvalidInput
-from telemetra.domain.records import Batch
 from telemetra.domain.versions import same_version
+from telemetra.events import model
+from telemetra.events.hub import EventHub
+from telemetra.events.model import ChangeEvent, Gap
 from telemetra.ota.jobs import NodeReport
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,29 @@ class OtaInbox:
     def watch(self, targets: dict[int, str]) -> None:
         self._targets = dict(targets)
 
-    def on_commit(self, batch: Batch) -> None:
-        """Ingest commit listener (synchronous, on the writer's path: only filters and enqueues)."""
-        for event in batch.events:
-            if event.name == OTA_EVENT:
-                self._put(EventReport(event.device_id, event.ts, event.payload))
-        if not self._targets:
+    async def follow(self, hub: EventHub) -> None:
+        """Runs until cancelled: what devices report, into the inbox."""
+        async with hub.subscribe(types=(model.EVENT, model.STATE), maxsize=MAX_QUEUED) as events:
+            async for event in events:
+                if isinstance(event, Gap):
+                    # The periodic reconcile still completes devices by their stored fwVersion.
+                    log.warning("OTA missed %s device events", event.missed)
+                    continue
+                self.on_event(event)
+
+    def on_event(self, event: ChangeEvent) -> None:
+        if event.device_id is None:
             return
-        for report in batch.reports:
-            version = report.fw_version
-            if version is None:
-                continue
-            jobs = tuple(j for j, target in self._targets.items() if same_version(version, target))
-            if jobs:
-                self._put(VersionReport(report.device_id, version, jobs))
+        if event.type == model.EVENT:
+            if event.data.get("name") == OTA_EVENT:
+                self._put(EventReport(event.device_id, event.ts, event.data.get("payload")))
+            return
+        version = event.data.get("fw_version")
+        if not self._targets or not isinstance(version, str):
+            return
+        jobs = tuple(j for j, target in self._targets.items() if same_version(version, target))
+        if jobs:
+            self._put(VersionReport(event.device_id, version, jobs))
 
     def _put(self, item: Item) -> None:
         try:

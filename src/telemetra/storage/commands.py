@@ -114,14 +114,16 @@ class CommandRepository:
                 .values(status="queued", sent_at=None, sent_via=None)
             )
 
-    async def expire(self, *, now_ms: int) -> int:
+    async def expire(self, *, now_ms: int) -> list[tuple[str, str]]:
+        """Expire what outlived its TTL; returns the (command id, device id) of each."""
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 update(CommandRow)
                 .where(CommandRow.status.in_(OPEN), CommandRow.expires_at <= now_ms)
                 .values(status="expired")
+                .returning(CommandRow.id, CommandRow.device_id)
             )
-        return int(result.rowcount or 0)
+            return [(row[0], row[1]) for row in result.all()]
 
     async def set_desired_config(self, device_id: str, config: dict[str, Any], *, now_ms: int) -> int:
         async with self._engine.begin() as conn:

@@ -8,12 +8,18 @@ savepoint is rolled back and the batch goes through a per-connection temporary s
 ``INSERT … SELECT … ON CONFLICT DO NOTHING`` instead, which stores exactly what is new. Latest values
 (one row per device and key) and last-seen go as ``unnest`` arrays.
 
-SQLite: ``executemany``. The rest (state, events, reports, rejected messages) is rare and uses Core."""
+SQLite: ``executemany`` inside a savepoint; when it inserts fewer rows than it was given (a redelivery),
+the savepoint is rolled back and the rows go through a temporary table and ``INSERT … SELECT …
+RETURNING``, as on PostgreSQL. The rest (state, events, reports, rejected messages) is rare and uses Core.
+
+Besides storing, ``write_batch`` says what actually changed (``Changes``) — which points were new (a
+redelivered duplicate is not a change), which devices came online, which state keys changed, the
+alerts raised or refreshed, the commands answered — so the writer can announce exactly that."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -44,6 +50,7 @@ _PG_POINTS = f"""
 INSERT INTO telemetry (device_id, key, ts, value_num, value_text, vtype)
 SELECT device_id, key, ts, value_num, value_text, vtype FROM {_PG_STAGE_TABLE}
 ON CONFLICT DO NOTHING
+RETURNING device_id, key, ts
 """
 _PG_LATEST = """
 INSERT INTO latest (device_id, key, ts, value_num, value_text, vtype)
@@ -52,10 +59,12 @@ ON CONFLICT (device_id, key) DO UPDATE
 SET ts = EXCLUDED.ts, value_num = EXCLUDED.value_num, value_text = EXCLUDED.value_text, vtype = EXCLUDED.vtype
 WHERE latest.ts <= EXCLUDED.ts
 """
+# Returns the devices that were offline until now (the old value comes from the joined, locked row).
 _PG_TOUCH = """
 UPDATE devices AS d SET last_seen_at = $2::int8, online = true
-FROM unnest($1::text[]) AS v(id)
-WHERE d.id = v.id
+FROM (SELECT id, online AS was FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE) AS o
+WHERE d.id = o.id
+RETURNING d.id, o.was
 """
 _SQLITE_POINTS = (
     "INSERT OR IGNORE INTO telemetry (device_id, key, ts, value_num, value_text, vtype) VALUES (?, ?, ?, ?, ?, ?)"
@@ -67,8 +76,35 @@ SET ts = excluded.ts, value_num = excluded.value_num, value_text = excluded.valu
 WHERE latest.ts <= excluded.ts
 """
 _SQLITE_TOUCH = "UPDATE devices SET last_seen_at = ?, online = 1 WHERE id = ?"
+_SQLITE_STAGE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS telemetra_points_in (
+    device_id text, key text, ts integer, value_num real, value_text text, vtype integer
+)
+"""
+_SQLITE_STAGED = "INSERT INTO telemetra_points_in VALUES (?, ?, ?, ?, ?, ?)"
+# "WHERE true" tells SQLite's parser the ON CONFLICT belongs to the INSERT, not to a join.
+_SQLITE_FROM_STAGE = """
+INSERT INTO telemetry (device_id, key, ts, value_num, value_text, vtype)
+SELECT device_id, key, ts, value_num, value_text, vtype FROM telemetra_points_in WHERE true
+ON CONFLICT DO NOTHING
+RETURNING device_id, key, ts
+"""
 
 MAX_REJECTED_PAYLOAD = 4096
+
+
+PointKey = tuple[str, str, int]
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a committed batch changed, beyond "it was written"."""
+
+    inserted: set[PointKey] | None = None  # the points that were new; None: all of them
+    came_online: list[str] = field(default_factory=list)
+    states: list[tuple[str, str, str, int]] = field(default_factory=list)  # device, key, new value, ts
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # the alert rows raised or refreshed
+    commands: list[tuple[str, str, str]] = field(default_factory=list)  # command id, device, new status
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +112,7 @@ class WriteResult:
     points: int
     messages: int
     rejected: int = 0  # messages the database refused, kept as rejected-message records instead
+    changes: Changes = field(default_factory=Changes)
 
 
 PointRow = tuple[str, str, int, float | None, str | None, int]
@@ -105,7 +142,8 @@ def _columns(rows: Sequence[PointRow]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(6)]
 
 
-async def _pg_points(conn: AsyncConnection, rows: list[PointRow]) -> None:
+async def _pg_points(conn: AsyncConnection, rows: list[PointRow]) -> set[PointKey] | None:
+    """Insert ``rows``; None when all were new, else the keys of those that were."""
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
     try:
@@ -113,10 +151,33 @@ async def _pg_points(conn: AsyncConnection, rows: list[PointRow]) -> None:
         # which bypasses SQLAlchemy, runs inside it.
         async with conn.begin_nested():
             await driver.copy_records_to_table("telemetry", records=rows, columns=_POINT_COLUMNS)
+        return None
     except asyncpg.UniqueViolationError:
         await conn.exec_driver_sql(_PG_STAGE)
         await driver.copy_records_to_table(_PG_STAGE_TABLE, records=rows, columns=_POINT_COLUMNS)
-        await conn.exec_driver_sql(_PG_POINTS)
+        return {(r[0], r[1], r[2]) for r in (await conn.exec_driver_sql(_PG_POINTS)).all()}
+
+
+async def _sqlite_points(conn: AsyncConnection, rows: list[PointRow]) -> set[PointKey] | None:
+    """As ``_pg_points``: the plain insert when every row is new, the staged one when some are not."""
+    async with conn.begin_nested() as savepoint:
+        result = await conn.exec_driver_sql(_SQLITE_POINTS, rows)  # type: ignore[arg-type]
+        if result.rowcount == len(rows):
+            return None
+        await savepoint.rollback()
+    await conn.exec_driver_sql(_SQLITE_STAGE)
+    await conn.exec_driver_sql("DELETE FROM telemetra_points_in")
+    await conn.exec_driver_sql(_SQLITE_STAGED, rows)  # type: ignore[arg-type]
+    inserted = {(r[0], r[1], r[2]) for r in (await conn.exec_driver_sql(_SQLITE_FROM_STAGE)).all()}
+    await conn.exec_driver_sql("DELETE FROM telemetra_points_in")
+    return inserted
+
+
+async def _sqlite_touch(conn: AsyncConnection, seen: list[str], now_ms: int) -> list[str]:
+    offline = select(Device.id).where(Device.id.in_(seen), Device.online.is_not(True))
+    came = sorted((await conn.execute(offline)).scalars())
+    await conn.exec_driver_sql(_SQLITE_TOUCH, [(now_ms, d) for d in seen])  # type: ignore[arg-type]
+    return came
 
 
 async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> WriteResult:
@@ -130,22 +191,26 @@ async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> Wr
         | {r.device_id for r in batch.states}
         | {r.device_id for r in batch.events}
     )
+    changes = Changes()
     if pg:
         # Through SQLAlchemy, not the raw asyncpg connection: SQLAlchemy opens its transaction lazily on
         # the first statement it runs, so raw calls made first would autocommit on their own.
         if rows:
-            await _pg_points(conn, rows)
+            changes.inserted = await _pg_points(conn, rows)
             await conn.exec_driver_sql(_PG_LATEST, tuple(_columns(_latest_rows(rows))))
         if seen:
-            await conn.exec_driver_sql(_PG_TOUCH, (seen, now_ms))
+            touched = (await conn.exec_driver_sql(_PG_TOUCH, (seen, now_ms))).all()
+            changes.came_online = sorted(row[0] for row in touched if not row[1])
     else:
-        if rows:
-            await conn.exec_driver_sql(_SQLITE_POINTS, rows)  # type: ignore[arg-type]
-            await conn.exec_driver_sql(_SQLITE_LATEST, _latest_rows(rows))  # type: ignore[arg-type]
+        # Touch first: the driver opens the transaction only at a data change, and the points' SAVEPOINT
+        # must be inside it — as the outermost one, its RELEASE would commit on its own.
         if seen:
-            await conn.exec_driver_sql(_SQLITE_TOUCH, [(now_ms, d) for d in seen])  # type: ignore[arg-type]
+            changes.came_online = await _sqlite_touch(conn, seen, now_ms)
+        if rows:
+            changes.inserted = await _sqlite_points(conn, rows)
+            await conn.exec_driver_sql(_SQLITE_LATEST, _latest_rows(rows))  # type: ignore[arg-type]
     if batch.states:
-        await _write_states(conn, batch.states, pg=pg)
+        changes.states = await _write_states(conn, batch.states, pg=pg)
     for report in batch.reports:
         await _apply_report(conn, report, now_ms=now_ms)
     if batch.events:
@@ -169,18 +234,21 @@ async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> Wr
             ],
         )
     for alert in batch.alerts:
-        await _raise_alert(conn, alert, now_ms=now_ms)
+        changes.alerts.append(await _raise_alert(conn, alert, now_ms=now_ms))
     for ack in batch.acks:
-        await conn.execute(
+        status = "acked" if ack.ok else "failed"
+        answered = await conn.execute(
             update(CommandRow)
             .where(
                 CommandRow.id == ack.command_id,
                 CommandRow.device_id == ack.device_id,
                 CommandRow.status.in_(("queued", "sent")),
             )
-            .values(status="acked" if ack.ok else "failed", acked_at=now_ms, result=ack.result)
+            .values(status=status, acked_at=now_ms, result=ack.result)
         )
-    return WriteResult(points=len(rows), messages=len(batch.telemetry))
+        if answered.rowcount:
+            changes.commands.append((ack.command_id, ack.device_id, status))
+    return WriteResult(points=len(rows), messages=len(batch.telemetry), changes=changes)
 
 
 def storable_payload(payload: bytes) -> str:
@@ -194,7 +262,7 @@ def storable_text(value: str | None, limit: int) -> str | None:
     return value[:limit].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
-async def _raise_alert(conn: AsyncConnection, alert: AlertRaise, *, now_ms: int) -> None:
+async def _raise_alert(conn: AsyncConnection, alert: AlertRaise, *, now_ms: int) -> dict[str, Any]:
     """One open alert per (device, type): a repeat refreshes it instead of piling up copies."""
     open_id = (
         await conn.execute(
@@ -221,8 +289,8 @@ async def _raise_alert(conn: AsyncConnection, alert: AlertRaise, *, now_ms: int)
                 updated_at=now_ms,
             )
         )
-        return
-    await conn.execute(
+        return await _alert_row(conn, open_id)
+    inserted = await conn.execute(
         AlertRow.__table__.insert().values(
             device_id=alert.device_id,
             type=alert.type,
@@ -236,6 +304,13 @@ async def _raise_alert(conn: AsyncConnection, alert: AlertRaise, *, now_ms: int)
             updated_at=now_ms,
         )
     )
+    assert inserted.inserted_primary_key is not None
+    return await _alert_row(conn, inserted.inserted_primary_key[0])
+
+
+async def _alert_row(conn: AsyncConnection, alert_id: int) -> dict[str, Any]:
+    row = (await conn.execute(select(AlertRow.__table__).where(AlertRow.id == alert_id))).one()
+    return dict(row._mapping)
 
 
 async def _register(conn: AsyncConnection, batch: Batch, *, now_ms: int, pg: bool) -> None:
@@ -260,7 +335,9 @@ async def _register(conn: AsyncConnection, batch: Batch, *, now_ms: int, pg: boo
     await conn.execute(insert.on_conflict_do_nothing(index_elements=["id"]), values)
 
 
-async def _write_states(conn: AsyncConnection, states: list[StateUpdate], *, pg: bool) -> None:
+async def _write_states(
+    conn: AsyncConnection, states: list[StateUpdate], *, pg: bool
+) -> list[tuple[str, str, str, int]]:
     latest: dict[tuple[str, str], tuple[str, int]] = {}
     for s in sorted(states, key=lambda s: s.ts):
         for key, value in s.values.items():
@@ -286,6 +363,7 @@ async def _write_states(conn: AsyncConnection, states: list[StateUpdate], *, pg:
         history.append({"device_id": device_id, "key": key, "value": value, "ts": ts})
     if history:
         await conn.execute(StateHistory.__table__.insert(), history)
+    return [(h["device_id"], h["key"], h["value"], h["ts"]) for h in history]
 
 
 async def _apply_report(conn: AsyncConnection, report: DeviceReport, *, now_ms: int) -> None:

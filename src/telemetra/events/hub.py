@@ -1,0 +1,191 @@
+"""The in-process event hub: committed changes in, every interested subscriber out, nobody waits.
+
+``publish`` is synchronous and never blocks the writer: each subscriber has a bounded queue, and a
+subscriber that falls behind loses its oldest events and is told how many (a ``Gap``) before the next
+one it gets. Subscribers filter by event type and by device; the hub indexes them by device, so a
+per-device subscriber costs nothing for other devices' events. The last ``history`` events are kept, so
+a client that reconnects with the last id it saw gets what it missed — or a ``Gap`` when that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+
+from telemetra.domain.timeutil import now_ms
+from telemetra.events.model import ChangeEvent, Gap
+
+DEFAULT_HISTORY = 10_000
+DEFAULT_QUEUE = 1_000
+UNKNOWN = -1  # Gap.missed when the count cannot be known (a resume from before this process started)
+
+
+class Subscription:
+    """An async iterator of ``ChangeEvent`` and ``Gap``; ``close()`` (or leaving ``async with``) ends it."""
+
+    def __init__(
+        self,
+        hub: EventHub,
+        *,
+        types: frozenset[str] | None,
+        devices: frozenset[str] | None,
+        maxsize: int,
+    ) -> None:
+        self._hub = hub
+        self.types = types
+        self.devices = devices
+        self._maxsize = maxsize
+        self._queue: deque[ChangeEvent] = deque()
+        self._missed = 0
+        self._ready = asyncio.Event()
+        self.closed = False
+        self.delivered = 0
+
+    def wants(self, event: ChangeEvent) -> bool:
+        return self.types is None or event.type in self.types
+
+    def offer(self, event: ChangeEvent) -> None:
+        if len(self._queue) >= self._maxsize:
+            self._queue.popleft()
+            self._missed += 1
+        self._queue.append(event)
+        self._ready.set()
+
+    def note_missed(self, missed: int) -> None:
+        self._missed = UNKNOWN if missed == UNKNOWN or self._missed == UNKNOWN else self._missed + missed
+        self._ready.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def take_nowait(self) -> ChangeEvent | Gap | None:
+        if self._missed:
+            missed, self._missed = self._missed, 0
+            return Gap(missed)
+        if self._queue:
+            self.delivered += 1
+            return self._queue.popleft()
+        self._ready.clear()
+        return None
+
+    async def next(self) -> ChangeEvent | Gap:
+        while True:
+            item = self.take_nowait()
+            if item is not None:
+                return item
+            if self.closed:
+                raise StopAsyncIteration
+            await self._ready.wait()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> ChangeEvent | Gap:
+        return await self.next()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._hub._remove(self)
+            self._ready.set()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class EventHub:
+    def __init__(self, *, history: int = DEFAULT_HISTORY) -> None:
+        # Ids start at the start time in µs: a restarted process never reuses an id a client still holds.
+        self._start_id = now_ms() * 1000 + 1
+        self._ids = itertools.count(self._start_id)
+        self._history: deque[ChangeEvent] = deque(maxlen=history)
+        self._everything: list[Subscription] = []  # no device filter
+        self._by_device: dict[str, list[Subscription]] = {}
+        self._any_type = 0  # subscriptions of every type
+        self._by_type: Counter[str] = Counter()
+        self.published = 0
+
+    def wants(self, event_type: str) -> bool:
+        """Does any subscriber take events of ``event_type``? (Saves building those nobody reads.)"""
+        return self._any_type > 0 or self._by_type[event_type] > 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._everything) + sum(len(s) for s in self._by_device.values())
+
+    @property
+    def last_id(self) -> int:
+        return self._history[-1].id if self._history else 0
+
+    def publish(self, events: Iterable[ChangeEvent]) -> None:
+        ids, history, everything, by_device = self._ids, self._history, self._everything, self._by_device
+        for event in events:
+            event.id = next(ids)
+            history.append(event)
+            self.published += 1
+            for sub in everything:
+                if sub.types is None or event.type in sub.types:
+                    sub.offer(event)
+            if event.device_id is not None:
+                for sub in by_device.get(event.device_id, ()):
+                    if sub.types is None or event.type in sub.types:
+                        sub.offer(event)
+
+    def subscribe(
+        self,
+        *,
+        types: Iterable[str] | None = None,
+        devices: Iterable[str] | None = None,
+        since: int | None = None,
+        maxsize: int = DEFAULT_QUEUE,
+    ) -> Subscription:
+        sub = Subscription(
+            self,
+            types=frozenset(types) if types is not None else None,
+            devices=frozenset(devices) if devices is not None else None,
+            maxsize=maxsize,
+        )
+        if since is not None:
+            self._replay(sub, since)
+        if sub.types is None:
+            self._any_type += 1
+        else:
+            self._by_type.update(sub.types)
+        if sub.devices is None:
+            self._everything.append(sub)
+        else:
+            for device in sub.devices:
+                self._by_device.setdefault(device, []).append(sub)
+        return sub
+
+    def _replay(self, sub: Subscription, since: int) -> None:
+        kept: Sequence[ChangeEvent] = self._history
+        if since < self._start_id - 1:
+            sub.note_missed(UNKNOWN)  # an id of an earlier run: what happened since is not known here
+        elif kept and since < kept[0].id - 1:
+            sub.note_missed(kept[0].id - 1 - since)
+        for event in kept:
+            if event.id > since and sub.wants(event) and (sub.devices is None or event.device_id in sub.devices):
+                sub.offer(event)
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub.types is None:
+            self._any_type -= 1
+        else:
+            self._by_type.subtract(sub.types)
+        if sub.devices is None:
+            if sub in self._everything:
+                self._everything.remove(sub)
+            return
+        for device in sub.devices:
+            subs = self._by_device.get(device)
+            if subs and sub in subs:
+                subs.remove(sub)
+                if not subs:
+                    del self._by_device[device]
