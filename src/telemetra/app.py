@@ -30,6 +30,7 @@ from telemetra.api import (
     health,
     ingest,
     ota,
+    realtime,
     telemetry,
 )
 from telemetra.api.deps import warn_open_access
@@ -186,7 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
             await migrate(services.engine)
-            capabilities: list[Any] = [Core(services), MqttCapability(services)]
+            capabilities: list[Any] = [Core(services), MqttCapability(services), services.streams]
             if services.ota is not None:  # after MQTT, so the first notifications can go out
                 capabilities.append(services.ota)
             capabilities.extend(start(services) for start in app.state.capabilities)
@@ -211,7 +212,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota)
+    own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota, realtime)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.
