@@ -36,7 +36,9 @@ async def test_a_redelivered_reading_is_stored_once_and_is_no_event(app_factory:
         assert (await t.client.post("/api/v1/ingest", json=body2, headers=device)).status_code == 201
         got = [e for e in drain(events) if isinstance(e, ChangeEvent)]
         assert [e.data["values"] for e in got] == [{"t": 1.5, "h": 40.0}, {"extra": 7.0}]
-        r = await t.client.get("/api/v1/devices/dup/telemetry", params={"keys": "t", "start": "2026-01-01T00:00:00Z"}, headers=ADMIN)
+        r = await t.client.get(
+            "/api/v1/devices/dup/telemetry", params={"keys": "t", "start": "2026-01-01T00:00:00Z"}, headers=ADMIN
+        )
         assert len(r.json()["series"]["t"]) == 1  # and stored once
 
 
@@ -63,7 +65,9 @@ async def test_state_presence_and_command_status_are_events(app_factory: AppFact
         key = await t.create_device("st")
         device = {"X-API-Key": key}
         events = t.services.hub.subscribe(types=[model.STATE, model.COMMAND, model.DEVICE], devices=["st"])
-        assert (await t.client.post("/api/v1/ingest", json={"device_id": "st", "t": 1}, headers=device)).status_code == 201
+        assert (
+            await t.client.post("/api/v1/ingest", json={"device_id": "st", "t": 1}, headers=device)
+        ).status_code == 201
         r = await t.client.post("/api/v1/devices/st/commands", json={"name": "reboot"}, headers=ADMIN)
         assert r.status_code in (200, 201, 202), r.text
         command_id = r.json()["id"]
