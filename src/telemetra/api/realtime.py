@@ -170,7 +170,7 @@ class Stream:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             if self.ws.application_state is WebSocketState.CONNECTED:
-                with contextlib.suppress(RuntimeError, OSError):
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                     await self.ws.close(1001, "server shutting down")
 
     async def _read(self, on_message: OnMessage | None) -> None:
