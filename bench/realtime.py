@@ -5,6 +5,9 @@ subprocess, provisions ``--devices`` devices, then runs two phases of ``--durati
 offered ``--rate`` of messages/s (HTTP batches of ``--batch`` messages for different devices, admin key):
 
 1. **alone**: no subscribers;
+   on PostgreSQL, then **alone + a peer**: a second Telemetra process on the same database, so every commit
+   is NOTIFYed to it too (what LISTEN/NOTIFY costs ingest); the subscribers then connect to that peer, so
+   every delivery crosses processes;
 2. **with subscribers**: ``--subscribers`` WebSocket clients of ``/api/v1/realtime`` in a separate
    process — ``--all-devices`` of them on every device, the rest on one device each.
 
@@ -217,22 +220,29 @@ def main() -> int:
     if args.postgres:
         pg_name, env["TELEMETRA_DATABASE_URL"] = pg_database()
     log = (workdir / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(VENV_BIN / "telemetra"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=workdir,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "telemetra"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
         for _ in range(300):
             try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return process
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        raise RuntimeError(f"the server on {port} did not start; see {workdir / 'server.log'}")
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        server = start(port)
         devices = [f"rt-{i:04d}" for i in range(args.devices)]
 
         async def provision() -> None:
@@ -261,15 +271,30 @@ def main() -> int:
             f"server CPU {(cpu1 - cpu0) / alone['seconds']:.2f} cores, RSS {rss1:.0f} MB"
         )
 
+        ws_port = port
+        if args.postgres:
+            # A second process on the same database: now every commit is also NOTIFYed to it (the cost of
+            # LISTEN/NOTIFY on ingest), and the subscribers connect to it, so each delivery crosses processes.
+            ws_port = free_port()
+            start(ws_port)
+            time.sleep(1.0)  # its first heartbeat tells the first process it has a peer
+            _, cpu0 = rss_and_cpu(server.pid)
+            peer = asyncio.run(ingest(base, admin, devices, args.rate, args.duration, args.batch))
+            rss1, cpu1 = rss_and_cpu(server.pid)
+            print(
+                f"alone + a peer:   ingest {peer['rate']:8.0f} msg/s acked  (refused {peer['refused']:.0f}); "
+                f"server CPU {(cpu1 - cpu0) / peer['seconds']:.2f} cores, RSS {rss1:.0f} MB; "
+                f"NOTIFY cost: {peer['rate'] / alone['rate']:.2f} of alone; subscribers below are on the peer"
+            )
         parent, child = mp.Pipe()
         subs = mp.Process(
             target=subscriber_process,
-            args=(f"ws://127.0.0.1:{port}", admin, devices, args.subscribers, args.all_devices, child),
+            args=(f"ws://127.0.0.1:{ws_port}", admin, devices, args.subscribers, args.all_devices, child),
         )
         subs.start()
         assert parent.poll(180), "subscribers did not connect"
         parent.recv()
-        health = httpx.get(base + "/health").json()["checks"]["websocket"]
+        health = httpx.get(f"http://127.0.0.1:{ws_port}/health").json()["checks"]["websocket"]
         parent.send("measure")
         _, cpu2 = rss_and_cpu(server.pid)
         loaded = asyncio.run(ingest(base, admin, devices, args.rate, args.duration, args.batch))
@@ -305,11 +330,13 @@ def main() -> int:
         )
         return 0 if ok_p99 and ok_ratio else 1
     finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
         log.close()
         if pg_name:
             drop_pg_database(pg_name)

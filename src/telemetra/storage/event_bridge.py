@@ -164,6 +164,12 @@ class PgEventBridge:
         return self._connected.is_set()
 
     @property
+    def server_pid(self) -> int | None:
+        """The database backend of the listening connection (what an operator sees in pg_stat_activity)."""
+        conn = self._connection
+        return conn.get_server_pid() if conn is not None and not conn.is_closed() else None
+
+    @property
     def active(self) -> bool:
         """Are other processes listening (so our events must be sent to them)?"""
         horizon = time.monotonic() - PEER_TIMEOUT_S
