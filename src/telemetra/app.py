@@ -8,7 +8,7 @@ stops last and commits what the others handed it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,7 @@ def build_services(
         await bridge.announce_committed(events)
 
     commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit)
-    ota = ota_from(settings, engine, commands, metrics, hub)
+    ota = ota_from(settings, engine, commands, metrics, hub, bridge.announce_committed)
     return Services(
         settings=settings,
         engine=engine,
@@ -141,7 +141,14 @@ def build_services(
     )
 
 
-def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics, hub: EventHub) -> Ota:
+def ota_from(
+    settings: Settings,
+    engine: AsyncEngine,
+    commands: CommandService,
+    metrics: Metrics,
+    hub: EventHub,
+    announce: Callable[[Sequence[ChangeEvent]], Awaitable[None]],
+) -> Ota:
     """OTA (issue 8) from plain values; devices are notified through their command channel."""
 
     async def notify(device_id: str, params: dict[str, Any], ttl_s: int) -> str:
@@ -155,6 +162,7 @@ def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, 
         notify=notify,
         metrics=metrics,
         hub=hub,
+        announce=announce,
         lease_s=settings.ota_gateway_lease_s,
         step_s=settings.ota_step_s,
         require_key=settings.ota_require_key,

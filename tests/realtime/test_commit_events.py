@@ -82,3 +82,31 @@ async def test_state_presence_and_command_status_are_events(app_factory: AppFact
         statuses = [e.data["status"] for e in got if e.type == model.COMMAND]
         assert statuses == ["queued", "sent", "acked"]
         assert [e.data["change"] for e in got if e.type == model.DEVICE] == ["config"]
+
+
+async def test_ota_state_changes_are_events(app_factory: AppFactory) -> None:
+    from tests.ota.conftest import image, upload
+
+    async with app_factory(ota_step_s=0.05) as t:
+        key = await t.create_device("ota-1", model="env")
+        events = t.services.hub.subscribe(types=[model.OTA])
+        fw = await upload(t.client, image(2000, 1), model="env", version="2.0.0")
+        r = await t.client.post(
+            "/api/v1/ota/updates", json={"firmware_id": fw["id"], "target_model": "env"}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        update_id = r.json()["id"]
+        progress = f"/api/v1/ota/updates/{update_id}/node/ota-1/progress"
+        for status in ("downloading", "installing", "completed"):
+            r = await t.client.post(progress, json={"status": status}, headers={"X-API-Key": key})
+            assert r.status_code == 200, r.text
+        seen: list[tuple[str | None, str]] = []
+        async with asyncio.timeout(10):
+            async for event in events:
+                if isinstance(event, ChangeEvent):
+                    assert event.data["update_id"] == update_id
+                    seen.append((event.device_id, event.data["status"]))
+                    if seen[-1] == (None, "completed"):  # the rollout itself, once its only device is done
+                        break
+        device_steps = [status for device, status in seen if device == "ota-1"]
+        assert device_steps[-3:] == ["downloading", "installing", "completed"]
