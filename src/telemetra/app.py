@@ -117,8 +117,10 @@ def build_services(
         hub.publish(events)
         await bridge.announce_committed(events)
 
-    commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit)
-    ota = ota_from(settings, engine, commands, metrics, hub)
+    commands = CommandService(
+        CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit, database=database
+    )
+    ota = ota_from(settings, engine, commands, metrics, hub, database)
     return Services(
         settings=settings,
         engine=engine,
@@ -140,7 +142,14 @@ def build_services(
     )
 
 
-def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics, hub: EventHub) -> Ota:
+def ota_from(
+    settings: Settings,
+    engine: AsyncEngine,
+    commands: CommandService,
+    metrics: Metrics,
+    hub: EventHub,
+    database: DatabaseState | None = None,
+) -> Ota:
     """OTA (issue 8) from plain values; devices are notified through their command channel."""
 
     async def notify(device_id: str, params: dict[str, Any], ttl_s: int) -> str:
@@ -158,6 +167,7 @@ def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, 
         step_s=settings.ota_step_s,
         require_key=settings.ota_require_key,
         base_url=settings.ota_base_url,
+        database=database,
     )
 
 
