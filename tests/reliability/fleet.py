@@ -23,11 +23,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 
 class FleetDevice:
-    def __init__(self, host: str, port: int, device_id: str, secret: str, *, window: int, base_ms: int) -> None:
+    def __init__(
+        self, host: str, port: int, device_id: str, secret: str, *, window: int, base_ms: int, client_id: str
+    ) -> None:
         self.device_id = device_id
         self.base_ms = base_ms
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"fleet-{device_id}", protocol=mqtt.MQTTv311, clean_session=True
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
         )
         self.client.username_pw_set(device_id, secret)
         self.client.max_inflight_messages_set(window)
@@ -82,11 +84,16 @@ class Fleet:
         window: int = 20,
         payloads: Callable[[str, int], tuple[str | None, bytes | None]] | None = None,
         rate: float | None = None,
+        client_id_prefix: str = "fleet-",
     ) -> None:
         """``rate``: at most this many messages per device and second (default: as fast as the
-        acknowledgements come back)."""
+        acknowledgements come back). Client ids are ``client_id_prefix`` + device id (Mosquitto, with
+        client ids bound to their device, wants the bare device id)."""
         base = int(time.time() * 1000) - 3_600_000
-        self.devices = [FleetDevice(host, port, d, s, window=window, base_ms=base) for d, s in credentials]
+        self.devices = [
+            FleetDevice(host, port, d, s, window=window, base_ms=base, client_id=client_id_prefix + d)
+            for d, s in credentials
+        ]
         self.per_device = per_device
         self._payloads = payloads
         self._window = window
