@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing as mp
 import os
 import platform
+import random
 import secrets
 import signal
 import subprocess
@@ -41,11 +43,14 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -143,16 +148,74 @@ class MqttDevice:
         self.client.loop_stop()
 
 
-@dataclass
-class HttpDevice:
-    device_id: str
-    key: str
-    acks: Acks = field(default_factory=Acks)
-    next_seq: int = 0
+def http_main(
+    base_url: str,
+    creds: list[tuple[str, str]],
+    rate: float,
+    base_ms: int,
+    start_at: float,
+    acked: Any,
+    stop: Any,
+    conn: Connection,
+) -> None:
+    """The HTTP devices, in a process of their own (their own GIL): one thread per device posting its
+    numbered readings at its share of ``rate`` (stdlib http.client: far less CPU per request than an
+    HTTP library, so the load generator stays cheaper than the server). A 2xx acknowledges the reading;
+    anything else is sent again. At the end, every device's acknowledged seqs go back through ``conn``."""
+    url = urlsplit(base_url)
+    per_device = rate / max(1, len(creds))
+    interval = 1.0 / per_device if per_device > 0 else 1.0
+    lock = threading.Lock()
+    answers: Counter[str] = Counter()
+    late = [0]
+    bitmaps: dict[str, Acks] = {d: Acks() for d, _ in creds}
+
+    def post(device_id: str, key: str) -> None:
+        acks = bitmaps[device_id]
+        headers = {"X-API-Key": key, "Content-Type": "application/json"}
+        http = HTTPConnection(url.hostname, url.port, timeout=30)
+        seq = sent = 0
+        # Spread the devices' first posts over one interval, then keep each to its own schedule.
+        begin = start_at + interval * random.random()
+        while not stop.is_set():
+            delay = begin + sent * interval - time.time()
+            if delay > 0:
+                stop.wait(delay)
+            elif delay < -1.0:
+                with lock:
+                    late[0] += 1  # over a second behind its schedule (answers slower than the rate)
+            try:
+                http.request("POST", "/api/v1/ingest", body=body(base_ms, seq), headers=headers)
+                response = http.getresponse()
+                response.read()
+                status = str(response.status)
+            except (OSError, HTTPException) as exc:
+                http.close()
+                http = HTTPConnection(url.hostname, url.port, timeout=30)
+                status = type(exc).__name__
+            with lock:
+                answers[status] += 1
+            if status.startswith("2"):
+                acks.add(seq)
+                seq += 1
+                with acked.get_lock():
+                    acked.value += 1
+            sent += 1
+        http.close()
+
+    threads = [threading.Thread(target=post, args=cred, daemon=True) for cred in creds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    conn.send(
+        {"acks": {d: (bytes(a._bits), a.count) for d, a in bitmaps.items()}, "answers": dict(answers), "late": late[0]}
+    )
+    conn.close()
 
 
 class Load:
-    """MQTT devices fed at their share of the rate by one thread; HTTP devices posted by a few threads."""
+    """MQTT devices fed at their share of the rate by one thread; HTTP devices in a process of their own."""
 
     def __init__(
         self,
@@ -167,24 +230,38 @@ class Load:
         window: int,
     ) -> None:
         self.base_ms = int(time.time() * 1000) - 7 * 24 * 3_600_000
-        self.mqtt = [MqttDevice(mqtt_host, mqtt_port, d, s, window=window, base_ms=self.base_ms) for d, s in mqtt_creds]
-        self.http = [HttpDevice(d, s) for d, s in http_creds]
-        self.http_answers: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._base_url = base_url
-        self._mqtt_rate = mqtt_rate
-        self._http_rate = http_rate
-        self._stop = threading.Event()
-        self.started = time.monotonic()
-        self.behind = 0  # MQTT feeder rounds that left a device short for a full window (server slow)
+        self.http_ids = [d for d, _ in http_creds]
+        self.http_acks: dict[str, Acks] = {}
+        self.http_answers: dict[str, int] = {}
         self.http_late = 0  # HTTP posts sent over a second after their slot (answers slower than the rate)
+        self.behind = 0  # MQTT feeder rounds that left a device short for a full window (server slow)
+        self.started = time.monotonic()
+        # The HTTP process is forked first, before this process has any thread of its own.
+        ctx = mp.get_context("fork")
+        self._http_acked = ctx.Value("q", 0)
+        self._http_stop = ctx.Event()
+        self._http_conn, child_conn = ctx.Pipe(duplex=False)
+        self._http = ctx.Process(
+            target=http_main,
+            args=(
+                base_url,
+                http_creds,
+                http_rate,
+                self.base_ms,
+                time.time(),
+                self._http_acked,
+                self._http_stop,
+                child_conn,
+            ),
+            name="soak-http",
+            daemon=True,
+        )
+        self._http.start()
+        child_conn.close()
+        self.mqtt = [MqttDevice(mqtt_host, mqtt_port, d, s, window=window, base_ms=self.base_ms) for d, s in mqtt_creds]
+        self._mqtt_rate = mqtt_rate
+        self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._feed_mqtt, daemon=True, name="soak-mqtt")]
-        # One thread per HTTP device: each request waits for its commit (tens of ms), so the rate comes
-        # from many devices posting at once, as in a fleet.
-        self._threads += [
-            threading.Thread(target=self._post_http, args=(device,), daemon=True, name="soak-http")
-            for device in self.http
-        ]
         for thread in self._threads:
             thread.start()
 
@@ -194,7 +271,7 @@ class Load:
 
     @property
     def http_acked(self) -> int:
-        return sum(d.acks.count for d in self.http)
+        return int(self._http_acked.value)
 
     def _feed_mqtt(self) -> None:
         per_device = self._mqtt_rate / max(1, len(self.mqtt))
@@ -209,41 +286,25 @@ class Load:
                     self.behind += 1
             time.sleep(0.01)
 
-    def _post_http(self, device: HttpDevice) -> None:
-        rate = self._http_rate / max(1, len(self.http))
-        interval = 1.0 / rate if rate > 0 else 1.0
-        client = httpx.Client(base_url=self._base_url, headers={"X-API-Key": device.key}, timeout=30)
-        sent = 0
-        try:
-            while not self._stop.is_set():
-                seq = device.next_seq
-                try:
-                    r = client.post(
-                        "/api/v1/ingest", content=body(self.base_ms, seq), headers={"Content-Type": "application/json"}
-                    )
-                    status = str(r.status_code)
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                with self._lock:
-                    self.http_answers[status] += 1
-                if status.startswith("2"):
-                    device.acks.add(seq)
-                    device.next_seq += 1
-                sent += 1
-                # Open loop at the configured rate (a slow answer is not made up for with a burst).
-                delay = self.started + sent * interval - time.monotonic()
-                if delay > 0:
-                    self._stop.wait(delay)
-                elif delay < -1.0:
-                    with self._lock:
-                        self.http_late += 1  # over a second behind its schedule
-        finally:
-            client.close()
-
     def stop(self) -> None:
+        """Stop both loads; the HTTP process sends back what it had acknowledged (once)."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=40)
+        self._http_stop.set()
+        if self._http_conn is not None:
+            if self._http_conn.poll(60):
+                report = self._http_conn.recv()
+                for device_id, (bits, n) in report["acks"].items():
+                    acks = Acks()
+                    acks._bits, acks.count = bytearray(bits), n
+                    self.http_acks[device_id] = acks
+                self.http_answers, self.http_late = report["answers"], report["late"]
+            self._http_conn.close()
+            self._http_conn = None
+        self._http.join(timeout=10)
+        if self._http.is_alive():
+            self._http.kill()
 
     def wait_mqtt_settled(self, timeout: float) -> int:
         """After stop: wait for the PUBACKs still due; returns how many never came."""
@@ -461,9 +522,9 @@ def soak(config: str, url: str, opts: argparse.Namespace) -> bool:
                 time.sleep(0.5)
             stored = stored_seqs(dsn)
             mqtt_tally = tally({d.device_id: d.acks for d in load.mqtt}, stored)
-            http_tally = tally({d.device_id: d.acks for d in load.http}, stored)
+            http_tally = tally({d: load.http_acks.get(d, Acks()) for d in load.http_ids}, stored)
             say(config, f"MQTT: {mqtt_tally} (still unacknowledged at the end: {unacked})")
-            say(config, f"HTTP: {http_tally}; answers {dict(load.http_answers)}")
+            say(config, f"HTTP: {http_tally}; answers {load.http_answers}")
             say(config, f"feeder rounds with an MQTT window full: {load.behind}; HTTP posts late: {load.http_late}")
             if len(samples) >= 2:
                 first, last = samples[0], samples[-1]
