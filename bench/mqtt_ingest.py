@@ -15,7 +15,8 @@ per client) over one ``select`` loop. Messages are ``{"ts":<ms, unique per devic
 "humidity":…,"voltage":…}`` — three readings; ``ts`` is the publish time, so publish→stored latency is
 read off the database. Prints messages acked by the broker per second, messages stored per second
 (sustained: until the last one is committed), readings/s, loss (acked − stored, must be 0), latency
-p50/p99, server RSS and CPU, ratios, and PASS/MISS against 4,000 msg/s with zero loss.
+p50/p99, server RSS and CPU, ratios, and PASS/MISS against 4,000 msg/s (Mosquitto) and 2,000 msg/s
+(embedded) with zero loss.
 
     .venv/bin/python bench/mqtt_ingest.py [--devices 100] [--procs 2] [--duration 15] [--rate 0] [--json FILE]
 """
@@ -62,6 +63,9 @@ PG_ADMIN_URL = os.environ.get("TELEMETRA_BENCH_PG_URL", "postgresql://postgres@1
 PREFIX = "telemetra"
 READINGS_PER_MESSAGE = 3
 TARGET_MSGS_S = 4_000
+# Issue 6's target for the embedded broker on this 2-core box (it carries less than Mosquitto: amqtt alone
+# is about 0.4 of bare Mosquitto here).
+TARGET_EMBEDDED_MSGS_S = 2_000
 SERVICE_USER = "svc"
 LATENCY_POLL_S = 0.02
 COUNT_POLL_S = 0.25
@@ -1198,11 +1202,12 @@ def verdicts(results: list[Result]) -> list[tuple[str, str, bool | None]]:
     for r in results:
         if not r.stores:
             continue
-        ok = r.steady_s >= TARGET_MSGS_S and r.loss == 0
+        target = TARGET_EMBEDDED_MSGS_S if r.broker == "embedded" else TARGET_MSGS_S
+        ok = r.steady_s >= target and r.loss == 0
         rows.append(
             (
                 f"{r.scenario} {r.broker}: stored msg/s, loss",
-                f"{r.steady_s:,.0f} msg/s, loss {r.loss} (target ≥ {TARGET_MSGS_S:,}, 0)",
+                f"{r.steady_s:,.0f} msg/s, loss {r.loss} (target ≥ {target:,}, 0)",
                 ok,
             )
         )

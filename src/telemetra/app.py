@@ -118,8 +118,10 @@ def build_services(
         hub.publish(events)
         await bridge.announce_committed(events)
 
-    commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit)
-    ota = ota_from(settings, engine, commands, metrics, hub, bridge.announce_committed)
+    commands = CommandService(
+        CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit, database=database
+    )
+    ota = ota_from(settings, engine, commands, metrics, hub, bridge.announce_committed, database)
     return Services(
         settings=settings,
         engine=engine,
@@ -148,6 +150,7 @@ def ota_from(
     metrics: Metrics,
     hub: EventHub,
     announce: Callable[[Sequence[ChangeEvent]], Awaitable[None]],
+    database: DatabaseState | None = None,
 ) -> Ota:
     """OTA (issue 8) from plain values; devices are notified through their command channel."""
 
@@ -167,6 +170,7 @@ def ota_from(
         step_s=settings.ota_step_s,
         require_key=settings.ota_require_key,
         base_url=settings.ota_base_url,
+        database=database,
     )
 
 

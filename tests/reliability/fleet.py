@@ -23,11 +23,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 
 class FleetDevice:
-    def __init__(self, host: str, port: int, device_id: str, secret: str, *, window: int, base_ms: int) -> None:
+    def __init__(
+        self, host: str, port: int, device_id: str, secret: str, *, window: int, base_ms: int, client_id: str
+    ) -> None:
         self.device_id = device_id
         self.base_ms = base_ms
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"fleet-{device_id}", protocol=mqtt.MQTTv311, clean_session=True
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
         )
         self.client.username_pw_set(device_id, secret)
         self.client.max_inflight_messages_set(window)
@@ -81,25 +83,38 @@ class Fleet:
         per_device: int,
         window: int = 20,
         payloads: Callable[[str, int], tuple[str | None, bytes | None]] | None = None,
+        rate: float | None = None,
+        client_id_prefix: str = "fleet-",
     ) -> None:
+        """``rate``: at most this many messages per device and second (default: as fast as the
+        acknowledgements come back). Client ids are ``client_id_prefix`` + device id (Mosquitto, with
+        client ids bound to their device, wants the bare device id)."""
         base = int(time.time() * 1000) - 3_600_000
-        self.devices = [FleetDevice(host, port, d, s, window=window, base_ms=base) for d, s in credentials]
+        self.devices = [
+            FleetDevice(host, port, d, s, window=window, base_ms=base, client_id=client_id_prefix + d)
+            for d, s in credentials
+        ]
         self.per_device = per_device
         self._payloads = payloads
         self._window = window
+        self._rate = rate
         self._stop = threading.Event()
         self._feeder = threading.Thread(target=self._feed, name="fleet-feeder", daemon=True)
         self._feeder.start()
 
     def _feed(self) -> None:
         next_seq = {d.device_id: 0 for d in self.devices}
+        started = time.monotonic()
         while not self._stop.is_set():
             busy = False
+            allowed = self.per_device if self._rate is None else int((time.monotonic() - started) * self._rate) + 1
             for device in self.devices:
                 seq = next_seq[device.device_id]
                 if seq >= self.per_device:
                     continue
                 busy = True
+                if seq >= allowed:
+                    continue
                 if device.sent - device.acked_count() >= 2 * self._window:
                     continue
                 topic, payload = self._payloads(device.device_id, seq) if self._payloads else (None, None)

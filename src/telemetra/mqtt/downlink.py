@@ -25,6 +25,7 @@ from telemetra.events.hub import EventHub
 from telemetra.events.model import ChangeEvent, Gap
 from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.storage.commands import CommandRepository
+from telemetra.storage.faults import DatabaseState, is_transient
 from telemetra.storage.schema import CommandRow
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ class CommandService:
         plan: DownlinkPlan,
         is_online: Callable[[str], Any],
         emit: Emit | None = None,
+        database: DatabaseState | None = None,
     ) -> None:
         self.repo = repo
+        self._database = database
         self._emit = emit
         self._plan = plan
         self._is_online = is_online
@@ -236,8 +239,13 @@ class CommandService:
             try:
                 expired = await self.repo.expire(now_ms=now_ms())
             except Exception as exc:  # the sweep retries next round
-                log.warning("command expiry sweep failed: %s", exc)
+                if self._database is not None and is_transient(exc):
+                    self._database.failed(exc)  # an outage is logged once, not once per sweep
+                else:
+                    log.warning("command expiry sweep failed: %s", exc)
                 continue
+            if self._database is not None:
+                self._database.succeeded()
             if expired:
                 log.info("expired %d commands", len(expired))
                 for command_id, device_id in expired:

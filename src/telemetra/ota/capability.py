@@ -24,6 +24,7 @@ from telemetra.ota.scheduler import OtaScheduler, SchedulerMetrics
 from telemetra.ota.signing import Signer
 from telemetra.ota.store import FirmwareStore
 from telemetra.ota.transitions import Transitions
+from telemetra.storage.faults import DatabaseState
 from telemetra.storage.firmware import FirmwareRepository
 from telemetra.storage.ota_jobs import JobRepository
 
@@ -44,6 +45,7 @@ class Ota:
         step_s: float = 1.0,
         require_key: bool = False,
         base_url: str | None = None,
+        database: DatabaseState | None = None,
     ) -> None:
         self._hub = hub
         self._announce = announce
@@ -78,6 +80,7 @@ class Ota:
             inbox=self.inbox,
             step_s=step_s,
             metrics=scheduler_metrics,
+            database=database,
         )
 
     async def __aenter__(self) -> Ota:

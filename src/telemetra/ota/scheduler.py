@@ -22,6 +22,7 @@ from telemetra.metrics import Metrics
 from telemetra.ota.engine import RolloutEngine
 from telemetra.ota.jobs import JobService
 from telemetra.ota.reports import EventReport, OtaInbox, VersionReport, parse_event
+from telemetra.storage.faults import DatabaseState, is_transient
 from telemetra.storage.ota_jobs import JobRepository
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class OtaScheduler:
         inbox: OtaInbox,
         step_s: float,
         metrics: SchedulerMetrics,
+        database: DatabaseState | None = None,
     ) -> None:
+        """``database``: where an outage is noted (logged once, by it) instead of a traceback per step."""
         if step_s <= 0:
             raise ValueError("step_s must be positive")
         self._engine = engine
@@ -60,6 +63,7 @@ class OtaScheduler:
         self._inbox = inbox
         self._step_s = step_s
         self.metrics = metrics
+        self._database = database
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_reconcile = 0.0
@@ -104,8 +108,12 @@ class OtaScheduler:
             self._wakeup.clear()  # a wake that comes during the step brings the next one forward
             try:
                 await self.step()
-            except Exception:
-                log.exception("OTA scheduler step failed; retrying in %.1f s", self._step_s)
+            except Exception as exc:
+                if not self._outage(exc):
+                    log.exception("OTA scheduler step failed; retrying in %.1f s", self._step_s)
+            else:
+                if self._database is not None:
+                    self._database.succeeded()
             await asyncio.sleep(gap)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._step_s - gap)
@@ -115,9 +123,18 @@ class OtaScheduler:
             item = await self._inbox.get()
             try:
                 await self._apply(item)
-            except Exception:
-                log.exception("OTA report from %s could not be applied", item.device_id)
+            except Exception as exc:
+                if not self._outage(exc):
+                    log.exception("OTA report from %s could not be applied", item.device_id)
                 self.metrics.reports.labels("error").inc()
+
+    def _outage(self, exc: Exception) -> bool:
+        """The database is down: noted once per outage by ``DatabaseState`` (a step a second used to log a
+        traceback each for as long as it lasted)."""
+        if self._database is None or not is_transient(exc):
+            return False
+        self._database.failed(exc)
+        return True
 
     async def _apply(self, item: EventReport | VersionReport) -> None:
         if isinstance(item, VersionReport):
