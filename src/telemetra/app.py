@@ -102,6 +102,7 @@ def build_services(
         commits_in_flight=1 if engine.dialect.name == "sqlite" else settings.ingest_commits_in_flight,
         hub=hub,
         announcer=bridge if isinstance(bridge, PgEventBridge) else None,
+        rollups=settings.rollups,
     )
     devices = DeviceRepository(engine)
     mqtt_on = bool(settings.mqtt_url) or settings.mqtt_port != 0
@@ -132,7 +133,7 @@ def build_services(
         directory=directory,
         ingest=IngestService(directory, limits_from(settings), gateway_auto_register=settings.gateway_auto_register),
         devices=devices,
-        queries=TelemetryQueries(engine),
+        queries=TelemetryQueries(engine, rollups=settings.rollups),
         admin_keys=admin_keys,
         commands=commands,
         alerts=AlertRepository(engine),

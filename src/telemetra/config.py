@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     max_future_skew_s: int = Field(300, ge=0, validation_alias=_alias("MAX_FUTURE_SKEW_S"))
     max_past_age_days: int = Field(3650, ge=1, validation_alias=_alias("MAX_PAST_AGE_DAYS"))
     offline_after_s: int = Field(120, ge=5, validation_alias=_alias("OFFLINE_AFTER_S"))
+    # Data lifecycle (issue 10). Rollups off: nothing is merged at ingest and every aggregate reads raw
+    # points (turning them on again later leaves a hole: the tiers are filled only by the migration).
+    rollups: bool = Field(True, validation_alias=_alias("ROLLUPS"))
     # Refused MQTT messages kept per device (or per topic root) and minute; the rest are only counted.
     rejected_per_minute: int = Field(10, ge=0, validation_alias=_alias("REJECTED_PER_MINUTE"))
 

@@ -99,19 +99,16 @@ async def _aggregate(
             f"unknown function {unknown[0] if unknown else ''!r}; use {', '.join(AGGREGATES)}", field="fn"
         )
     wanted = key_list(keys) or [p.key for p in await services.queries.latest(device_id) if not isinstance(p.value, str)]
-    buckets = (
-        await services.queries.aggregate(
-            device_id, keys=wanted, start=span.start, end=span.end, interval_ms=step, functions=functions
-        )
-        if wanted
-        else []
+    result = await services.queries.aggregate_at(
+        device_id, keys=wanted or [], start=span.start, end=span.end, interval_ms=step, functions=functions
     )
     out: dict[str, list[dict[str, Any]]] = {k: [] for k in wanted}
-    for b in buckets:
+    for b in result.buckets:
         out.setdefault(b.key, []).append({"start": ms_to_iso(b.start), **b.values})
     return {
         "device_id": device_id,
         "interval": interval,
+        "resolution": result.resolution,
         "start": ms_to_iso(span.start),
         "end": ms_to_iso(span.end),
         "series": out,

@@ -20,6 +20,8 @@ from telemetra.storage.schema import (
     DeviceState,
     EventRow,
     LatestRow,
+    Rollup1h,
+    Rollup1m,
     StateHistory,
     TelemetryRow,
 )
@@ -158,6 +160,8 @@ class DeviceRepository:
                 raise NotFound(f"device {device_id!r} not found", field="device_id")
             for model in (
                 TelemetryRow,
+                Rollup1m,
+                Rollup1h,
                 LatestRow,
                 DeviceState,
                 StateHistory,
