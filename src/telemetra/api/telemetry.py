@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
 from telemetra.api.fields import DeviceIdPath, DeviceIdQuery, KeysQuery, TextQuery
@@ -130,7 +131,9 @@ async def aggregate(
     fn: Annotated[str | None, Query(max_length=64, description="comma list of min,max,avg,sum,count,last")] = None,
 ) -> dict[str, Any]:
     check_reads(principal, device_id)
-    return await _aggregate(services, device_id, keys, start, end, range_, interval, fn)
+    body = await _aggregate(services, device_id, keys, start, end, range_, interval, fn)
+    # A year of hourly buckets is thousands of objects: orjson writes them ~10x faster than FastAPI's encoder.
+    return Response(orjson.dumps(body, default=float), media_type="application/json")  # type: ignore[return-value]
 
 
 @router.get("/devices/{device_id}/stats")

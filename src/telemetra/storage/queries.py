@@ -11,7 +11,7 @@ from sqlalchemy import BigInteger, and_, func, literal_column, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.records import ValueType
-from telemetra.domain.rollups import HOUR, MINUTE, RAW, choose_resolution
+from telemetra.domain.rollups import HOUR, MINUTE, RAW, WIDTHS, choose_resolution
 from telemetra.storage.schema import (
     DeviceState,
     EventRow,
@@ -188,6 +188,8 @@ class TelemetryQueries:
         functions: Sequence[str],
     ) -> list[Bucket]:
         r = ROLLUP_TABLES[tier].__table__.c
+        if interval_ms == WIDTHS[tier]:
+            return await self._read_rollup(r, device_id, keys, start, end, functions)
         if interval_ms:
             iv = literal_column(str(int(interval_ms)), BigInteger)
             bucket: Any = r.bucket - r.bucket % iv
@@ -232,6 +234,30 @@ class TelemetryQueries:
                 "last": last_values.get((row.key, int(row.bucket))),
             }
             buckets.append(Bucket(row.key, int(row.bucket), {f: all_values[f] for f in functions}))
+        return buckets
+
+    async def _read_rollup(
+        self, r: Any, device_id: str, keys: Sequence[str], start: int, end: int, functions: Sequence[str]
+    ) -> list[Bucket]:
+        """Answer buckets that are the tier's own: its rows as they are."""
+        stmt = (
+            select(r.key, r.bucket, r.min, r.max, r.sum, r.count, r.last_value)
+            .where(r.device_id == device_id, r.key.in_(list(keys)), r.bucket >= start, r.bucket < end)
+            .order_by(r.key, r.bucket)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        buckets = []
+        for key, bucket, lo, hi, total, count, last in rows:
+            all_values: dict[str, Any] = {
+                "min": lo,
+                "max": hi,
+                "avg": total / count if count and total is not None else None,
+                "sum": total,
+                "count": int(count),
+                "last": last,
+            }
+            buckets.append(Bucket(key, int(bucket), {f: all_values[f] for f in functions}))
         return buckets
 
     async def _aggregate_raw(
