@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 
 from telemetra import __version__
+from telemetra.alerts.engine import RulesEngine
 from telemetra.api import (
     alerts,
     commands,
@@ -30,6 +31,7 @@ from telemetra.api import (
     health,
     ingest,
     ota,
+    rules,
     telemetry,
 )
 from telemetra.api.deps import warn_open_access
@@ -59,6 +61,7 @@ from telemetra.storage.directory import DeviceDirectory
 from telemetra.storage.event_bridge import LocalChanges, PgEventBridge, SqliteRegistryFollower
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
+from telemetra.storage.rules import RuleRepository
 from telemetra.supervise import Failures
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,25 @@ def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, 
     )
 
 
+def rules_from(services: Services) -> RulesEngine:
+    """The rules engine (issue 10), from plain values; entered as a capability, it owns its tasks."""
+    settings = services.settings
+    engine = RulesEngine(
+        RuleRepository(services.engine),
+        services.engine,
+        hub=services.hub,
+        emit=services.emit,
+        metrics=services.metrics,
+        failures=services.failures,
+        offline_after_s=settings.offline_after_s,
+        sweep_s=settings.presence_sweep_s,
+        offline_alerts=settings.offline_alerts,
+        rules_file=settings.rules_file,
+    )
+    services.rules = engine
+    return engine
+
+
 def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
     if path is not None:
         return Signer.from_text(path.read_text())
@@ -187,7 +209,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
             await migrate(services.engine)
-            capabilities: list[Any] = [Core(services), MqttCapability(services)]
+            capabilities: list[Any] = [Core(services), MqttCapability(services), rules_from(services)]
             if services.ota is not None:  # after MQTT, so the first notifications can go out
                 capabilities.append(services.ota)
             capabilities.extend(start(services) for start in app.state.capabilities)
@@ -212,7 +234,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota)
+    own = (ingest, devices, telemetry, commands, alerts, rules, health, firmware, ota)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # Data lifecycle (issue 10). Rollups off: nothing is merged at ingest and every aggregate reads raw
     # points (turning them on again later leaves a hole: the tiers are filled only by the migration).
     rollups: bool = Field(True, validation_alias=_alias("ROLLUPS"))
+    rules_file: Path | None = Field(None, validation_alias=_alias("RULES_FILE"))  # JSON or TOML, loaded at start
+    presence_sweep_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("PRESENCE_SWEEP_S"))
+    # An offline alert for any device silent past its interval, even without an offline rule naming it.
+    offline_alerts: bool = Field(True, validation_alias=_alias("OFFLINE_ALERTS"))
     # Refused MQTT messages kept per device (or per topic root) and minute; the rest are only counted.
     rejected_per_minute: int = Field(10, ge=0, validation_alias=_alias("REJECTED_PER_MINUTE"))
 

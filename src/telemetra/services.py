@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.alerts.engine import RulesEngine
 from telemetra.config import Settings
 from telemetra.domain.principal import AccessPolicy, Role, parse_networks
 from telemetra.events.hub import EventHub
@@ -77,6 +78,7 @@ class Services:
     alerts: AlertRepository
     failures: Failures
     ota: Ota | None = None
+    rules: RulesEngine | None = None  # set by the rules capability while it runs
     # Set by the MQTT capability while it runs (the one in use; the other stays None).
     mqtt_broker: EmbeddedBroker | None = None
     mqtt_collector: Collector | None = None

@@ -146,10 +146,21 @@ class AlertRepository:
         self._engine = engine
 
     async def list(
-        self, *, status: str | None, device_id: str | None, limit: int, since: int | None = None
+        self,
+        *,
+        status: str | None,
+        device_id: str | None,
+        limit: int,
+        since: int | None = None,
+        type_: str | None = None,
+        rule_id: int | None = None,
     ) -> list[AlertRow]:
         """Newest first; ``since``: only alerts raised or repeated from then on."""
         stmt = select(AlertRow.__table__)
+        if type_ is not None:
+            stmt = stmt.where(AlertRow.type == type_)
+        if rule_id is not None:
+            stmt = stmt.where(AlertRow.rule_id == rule_id)
         if since is not None:
             stmt = stmt.where(AlertRow.updated_at >= since)
         if status:
