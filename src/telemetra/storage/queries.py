@@ -197,7 +197,7 @@ class TelemetryQueries:
             bucket = literal_column(str(int(start)), BigInteger)
         where = and_(r.device_id == device_id, r.key.in_(list(keys)), r.bucket >= start, r.bucket < end)
         group = [r.key, bucket] if interval_ms else [r.key]
-        stmt = (
+        grouped = (
             select(
                 r.key,
                 bucket.label("bucket"),
@@ -205,22 +205,29 @@ class TelemetryQueries:
                 func.max(r.max).label("max"),
                 func.sum(r.sum).label("sum"),
                 func.sum(r.count).label("count"),
+                # A tier bucket's points are all newer than an earlier bucket's, so the answer bucket's
+                # newest point is the newest tier bucket's ``last``: one primary-key lookup per answer bucket.
+                func.max(r.bucket).label("newest"),
             )
             .where(where)
             .group_by(*group)
-            .order_by(r.key, "bucket")
+            .subquery()
+        )
+        newest = ROLLUP_TABLES[tier].__table__.alias("newest_bucket")
+        stmt = (
+            select(grouped, newest.c.last_value)
+            .join(
+                newest,
+                and_(
+                    newest.c.device_id == device_id,
+                    newest.c.key == grouped.c.key,
+                    newest.c.bucket == grouped.c.newest,
+                ),
+            )
+            .order_by(grouped.c.key, grouped.c.bucket)
         )
         async with self._engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
-            last_values: dict[tuple[str, int], float | None] = {}
-            if "last" in functions and rows:
-                # The newest point's value per answer bucket: the last_value of its newest tier bucket.
-                newest = func.row_number().over(partition_by=group, order_by=r.last_ts.desc()).label("rank")
-                ranked = select(r.key, bucket.label("bucket"), r.last_value, newest).where(where).subquery()
-                found = await conn.execute(
-                    select(ranked.c.key, ranked.c.bucket, ranked.c.last_value).where(ranked.c.rank == 1)
-                )
-                last_values = {(f.key, int(f.bucket)): f.last_value for f in found}
         buckets = []
         for row in rows:
             count = int(row.count)
@@ -231,7 +238,7 @@ class TelemetryQueries:
                 "avg": (total / count) if count and total is not None else None,
                 "sum": total,
                 "count": count,
-                "last": last_values.get((row.key, int(row.bucket))),
+                "last": row.last_value,
             }
             buckets.append(Bucket(row.key, int(row.bucket), {f: all_values[f] for f in functions}))
         return buckets
