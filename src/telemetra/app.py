@@ -32,6 +32,7 @@ from telemetra.api import (
     ingest,
     ota,
     rules,
+    storage,
     telemetry,
 )
 from telemetra.api.deps import warn_open_access
@@ -53,6 +54,7 @@ from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.mqtt_runtime import MqttCapability, route_table
 from telemetra.ota.capability import Ota
 from telemetra.ota.signing import Signer
+from telemetra.retention import Retention
 from telemetra.services import Services
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
@@ -61,6 +63,7 @@ from telemetra.storage.directory import DeviceDirectory
 from telemetra.storage.event_bridge import LocalChanges, PgEventBridge, SqliteRegistryFollower
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
+from telemetra.storage.retention import Days
 from telemetra.storage.rules import RuleRepository
 from telemetra.supervise import Failures
 
@@ -184,6 +187,24 @@ def rules_from(services: Services) -> RulesEngine:
     return engine
 
 
+def retention_from(services: Services) -> Retention:
+    """Retention (issue 10); ``/aggregate`` asks it how far back each tier still holds a device's data."""
+    settings = services.settings
+    retention = Retention(
+        services.engine,
+        defaults=Days(settings.retention_raw_days, settings.retention_1m_days, settings.retention_1h_days),
+        metrics=services.metrics,
+        failures=services.failures,
+        interval_s=settings.retention_interval_s,
+        chunk=settings.retention_chunk_rows,
+        budget_bytes=settings.storage_budget_bytes,
+        warn_days=settings.storage_warn_days,
+    )
+    services.retention = retention
+    services.queries.kept_since = retention.kept_since
+    return retention
+
+
 def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
     if path is not None:
         return Signer.from_text(path.read_text())
@@ -209,7 +230,12 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
             await migrate(services.engine)
-            capabilities: list[Any] = [Core(services), MqttCapability(services), rules_from(services)]
+            capabilities: list[Any] = [
+                Core(services),
+                MqttCapability(services),
+                rules_from(services),
+                retention_from(services),
+            ]
             if services.ota is not None:  # after MQTT, so the first notifications can go out
                 capabilities.append(services.ota)
             capabilities.extend(start(services) for start in app.state.capabilities)
@@ -234,7 +260,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, rules, health, firmware, ota)
+    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

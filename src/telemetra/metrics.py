@@ -91,6 +91,11 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.storage_bytes = Gauge("telemetra_storage_bytes", "Bytes per storage tier", ["tier"], registry=r)
+        self.storage_rows = Gauge("telemetra_storage_rows", "Rows per storage tier", ["tier"], registry=r)
+        self.storage_days_left = Gauge(
+            "telemetra_storage_days_left", "Days until the disk budget is reached at the last week's growth", registry=r
+        )
         self.mqtt_connected = Gauge("telemetra_mqtt_connected", "1 while the collector is connected", registry=r)
         # Mosquitto dynamic security against the device registry (mqtt/broker_accounts.py).
         self.mqtt_account_drift = Counter(

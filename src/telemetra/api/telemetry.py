@@ -110,6 +110,8 @@ async def _aggregate(
         "device_id": device_id,
         "interval": interval,
         "resolution": result.resolution,
+        # Only when retention took part of the range from every tier: the answer covers data from then on.
+        **({"data_since": ms_to_iso(result.data_since)} if result.data_since is not None else {}),
         "start": ms_to_iso(span.start),
         "end": ms_to_iso(span.end),
         "series": out,

@@ -63,6 +63,8 @@ _value = stored_value
 class Aggregate:
     resolution: str  # which tier answered: "raw", "1m" or "1h" (domain.rollups)
     buckets: list[Bucket]
+    # Set when no tier still holds the whole range: the answering tier holds data from then on only.
+    data_since: int | None = None
 
 
 # Per tier, the oldest time retention still keeps for a device (None: everything); see storage.retention.
@@ -175,7 +177,8 @@ class TelemetryQueries:
             buckets = await self._aggregate_raw(device_id, keys, start, end, interval_ms, functions)
         else:
             buckets = await self._aggregate_rollup(resolution, device_id, keys, start, end, interval_ms, functions)
-        return Aggregate(resolution, buckets)
+        since = kept.get(resolution) if kept else None
+        return Aggregate(resolution, buckets, since if since is not None and since > start else None)
 
     async def _aggregate_rollup(
         self,
