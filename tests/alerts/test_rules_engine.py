@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from telemetra.domain.timeutil import now_ms
 from telemetra.events import model
-from telemetra.storage.schema import Device
+from telemetra.storage.schema import Device, LatestRow
 from tests.conftest import ADMIN, AppFactory, Running, make_settings, running_app
 
 T = TypeVar("T")
@@ -264,3 +264,40 @@ async def test_rules_crud(api: Running) -> None:
     assert (await api.client.delete(f"/api/v1/rules/{rule['id']}", headers=ADMIN)).status_code == 204
     assert (await api.client.get(f"/api/v1/rules/{rule['id']}", headers=ADMIN)).status_code == 404
     assert (await api.client.delete(f"/api/v1/rules/{rule['id']}", headers=ADMIN)).status_code == 404
+
+
+async def test_a_rate_of_change_rule(app_factory: AppFactory) -> None:
+    async with app_factory(**QUIET) as t:
+        secret = await t.create_device("tank")
+        rule = await make_rule(t, name="draining", kind="rate", key="level", op="<", value=-1.0, severity="critical")
+        base = now_ms() - 100_000
+        # -0.5/s: fine; then -2/s: raised; then +1/s: cleared.
+        await post(t, secret, {"ts": base, "level": 100}, {"ts": base + 10_000, "level": 95})
+        await eventually(lambda: asyncio.sleep(0, evaluations(t) >= 2), what="evaluated")
+        assert await alerts(t, rule=rule["id"]) == []
+        await post(t, secret, {"ts": base + 20_000, "level": 75})
+        [alert] = await eventually(lambda: alerts(t, rule=rule["id"]), what="raised")
+        assert (alert["type"], alert["value"]) == ("rate", -2.0)
+        await post(t, secret, {"ts": base + 30_000, "level": 85})
+        await eventually(lambda: _with_status(t, rule["id"], "cleared"), what="cleared")
+
+
+async def test_a_nodata_rule_fires_at_the_sweep_and_clears_with_the_next_reading(app_factory: AppFactory) -> None:
+    async with app_factory(**QUIET) as t:
+        secret = await t.create_device("meter")
+        rule = await make_rule(t, name="no flow", kind="nodata", key="flow", for_s=60)
+        await post(t, secret, {"ts": now_ms() - 30_000, "flow": 1.0})
+        await t.services.rules.sweep()
+        assert await alerts(t, rule=rule["id"]) == []  # 30 s of 60
+        async with t.services.engine.begin() as conn:  # a minute of silence, without waiting for it
+            await conn.execute(
+                update(LatestRow)
+                .where(LatestRow.device_id == "meter", LatestRow.key == "flow")
+                .values(ts=now_ms() - 61_000)
+            )
+        await t.services.rules.sweep()
+        await t.services.rules.sweep()
+        [alert] = await alerts(t, rule=rule["id"])
+        assert (alert["type"], alert["status"], alert["count"]) == ("nodata", "active", 1)
+        await post(t, secret, {"ts": now_ms(), "flow": 2.0})
+        await eventually(lambda: _with_status(t, rule["id"], "cleared"), what="cleared by the reading")

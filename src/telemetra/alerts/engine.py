@@ -77,7 +77,7 @@ class RulesEngine:
         self._by_key: dict[str, list[R.Rule]] = {}
         self._offline_rules: list[R.Rule] = []
         self._standings: dict[tuple[int, str], R.Standing] = {}
-        self._last_ts: dict[tuple[int, str], int] = {}
+        self._previous: dict[tuple[int, str], tuple[int, float]] = {}  # last reading (ts, value) per rule and device
         self._models: dict[str, str | None] = {}
         self._has_thresholds = asyncio.Event()
         self.sweeps = 0
@@ -115,7 +115,7 @@ class RulesEngine:
         self._rules = {r.id: r for r in rules}
         by_key: dict[str, list[R.Rule]] = {}
         for rule in rules:
-            if rule.enabled and rule.kind == R.THRESHOLD and rule.key is not None:
+            if rule.enabled and rule.kind in (*R.VALUED, R.NODATA) and rule.key is not None:
                 by_key.setdefault(rule.key, []).append(rule)
         self._by_key = by_key
         self._offline_rules = [r for r in rules if r.kind == R.OFFLINE and r.enabled]
@@ -160,10 +160,21 @@ class RulesEngine:
 
     async def evaluate(self, rule: R.Rule, device_id: str, value: float, ts: int) -> None:
         slot = (rule.id, device_id)
-        if ts < self._last_ts.get(slot, ts):
+        previous = self._previous.get(slot)
+        if previous is not None and ts < previous[0]:
             return  # a late reading: history, not the condition now
-        self._last_ts[slot] = ts
+        self._previous[slot] = (ts, value)
         standing = self._standings.get(slot)
+        if rule.kind == R.NODATA:
+            if standing is not None and standing.status == R.FIRING:
+                self._standings.pop(slot, None)
+                await self.announce(await self.repo.clear(rule.id, device_id, now_ms=now_ms()), "cleared")
+            return
+        if rule.kind == R.RATE:
+            rate = R.rate_per_s(previous, ts, value)
+            if rate is None:
+                return
+            value = rate
         new, action = R.step(rule, standing, value, ts)
         now = now_ms()
         if action == "raise":
@@ -260,6 +271,9 @@ class RulesEngine:
                     await self._emit([ChangeEvent(model.STATE, device_id, now, {"online": False})])
                     await self.announce([alert], "raised")
         await self.announce(await self.repo.clear_returned(now_ms=now), "cleared")
+        for rule in self._rules.values():
+            if rule.kind == R.NODATA and rule.enabled and rule.key is not None:
+                await self._sweep_nodata(rule, now)
         for rule_id, device_id, standing in await self.repo.pending():
             rule = self._rules.get(rule_id)
             if rule is not None and R.held_long_enough(rule, standing, now):
@@ -270,6 +284,19 @@ class RulesEngine:
                     await self.announce([alert], "raised")
         self.sweeps += 1
         self._metrics.presence_sweeps.inc()
+
+    async def _sweep_nodata(self, rule: R.Rule, now: int) -> None:
+        assert rule.key is not None
+        cutoff = now - rule.for_s * 1000
+        for device_id, device_model, last_ts in await self.repo.last_readings(rule.key):
+            if not rule.applies_to(device_id, device_model) or last_ts > cutoff:
+                continue
+            standing = R.Standing(R.FIRING, last_ts, None)
+            message = f"{rule.name}: no {rule.key} for {rule.for_s} s"
+            alert = await self.repo.fire(rule, device_id, standing, now_ms=now, message=message)
+            if alert is not None:
+                self._standings[(rule.id, device_id)] = standing
+                await self.announce([alert], "raised")
 
     async def announce(self, alerts: list[dict[str, Any]], change: str) -> None:
         if not alerts:
@@ -283,4 +310,6 @@ class RulesEngine:
 
 def _message(rule: R.Rule, value: float | None) -> str:
     shown = "?" if value is None else f"{value:g}"
+    if rule.kind == R.RATE:
+        return f"{rule.name}: {rule.key} changing {shown}/s ({rule.op} {rule.value:g}/s)"
     return f"{rule.name}: {rule.key} = {shown} ({rule.op} {rule.value:g})"

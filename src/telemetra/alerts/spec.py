@@ -16,7 +16,7 @@ MAX_THRESHOLD = 1e300
 
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 Severity = Literal["info", "warning", "critical"]
-Kind = Literal["threshold", "offline"]
+Kind = Literal["threshold", "rate", "nodata", "offline"]
 RuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
 Threshold = Annotated[float, Field(ge=-MAX_THRESHOLD, le=MAX_THRESHOLD, allow_inf_nan=False)]
 DeviceList = Annotated[list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]], Field(max_length=10_000)]
@@ -27,7 +27,7 @@ ForS = Annotated[int, Field(ge=0, le=MAX_FOR_S)]
 
 
 class RuleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: RuleName
     kind: Kind = "threshold"
@@ -50,7 +50,7 @@ class RuleSpec(BaseModel):
 class RulePatch(BaseModel):
     """Any of a rule's fields; the result is checked as a whole."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: RuleName | None = None
     kind: Kind | None = None

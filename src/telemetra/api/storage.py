@@ -22,7 +22,7 @@ DaysField = Annotated[int | None, Field(ge=0, le=36500, description="days kept; 
 
 
 class RetentionOverride(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     raw_days: DaysField = None
     rollup_1m_days: DaysField = None

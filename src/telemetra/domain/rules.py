@@ -1,6 +1,8 @@
 """Server-side rules, decided once. Pure.
 
-A **threshold** rule watches one key: it *breaches* when ``value op threshold`` holds. It fires once it
+A **threshold** rule watches one key (a **rate** rule the key's change per second between consecutive
+readings, compared the same way; a **nodata** rule fires when the key has had no reading for ``for_s``
+and clears at the next one): it *breaches* when ``value op threshold`` holds. It fires once it
 has breached for ``for_s`` seconds without a reading in between that did not (``pending`` until then),
 and clears when a reading *clears* it: ``value op clear_value`` no longer holds (hysteresis: a rule
 ``> 30`` with ``clear_value`` 25 fires above 30 and clears only at 25 or below). Without a clear value
@@ -21,8 +23,11 @@ from typing import Final
 from telemetra.domain.errors import InvalidInput
 
 THRESHOLD: Final = "threshold"
+RATE: Final = "rate"  # a threshold on the key's change per second between consecutive readings
+NODATA: Final = "nodata"  # no reading of the key for for_s seconds
 OFFLINE: Final = "offline"
-KINDS: Final = (THRESHOLD, OFFLINE)
+KINDS: Final = (THRESHOLD, RATE, NODATA, OFFLINE)
+VALUED: Final = (THRESHOLD, RATE)  # the kinds that compare a value with op and value
 SEVERITIES: Final = ("info", "warning", "critical")
 OPS: Final[dict[str, Callable[[float, float], bool]]] = {
     ">": operator.gt,
@@ -95,6 +100,13 @@ def step(rule: Rule, standing: Standing | None, value: float, ts: int) -> Step:
     return Standing(PENDING, since, value), None
 
 
+def rate_per_s(previous: tuple[int, float] | None, ts: int, value: float) -> float | None:
+    """The change per second since the previous reading (None: no previous one, or the same instant)."""
+    if previous is None or ts <= previous[0]:
+        return None
+    return (value - previous[1]) * 1000 / (ts - previous[0])
+
+
 def held_long_enough(rule: Rule, standing: Standing, now: int) -> bool:
     """A pending breach whose hold has passed with no reading since: the last reading still stands."""
     return standing.status == PENDING and now - standing.since >= rule.for_s * 1000
@@ -126,10 +138,16 @@ def check_rule(values: dict[str, object]) -> None:
     kind = values.get("kind") or THRESHOLD
     if values.get("devices") is not None and values.get("models") is not None:
         raise InvalidInput("give devices or models, not both", field="models")
-    if kind == THRESHOLD:
+    if kind in VALUED:
         for name in ("key", "op", "value"):
             if values.get(name) is None:
-                raise InvalidInput(f"a threshold rule needs {name}", field=name)
+                raise InvalidInput(f"a {kind} rule needs {name}", field=name)
+    elif kind == NODATA:
+        if values.get("key") is None:
+            raise InvalidInput("a nodata rule needs key", field="key")
+        for_s = values.get("for_s")
+        if not isinstance(for_s, int) or for_s < 1:
+            raise InvalidInput("a nodata rule needs for_s: the seconds without a reading", field="for_s")
     elif kind == OFFLINE:
         for_s = values.get("for_s")
         if not isinstance(for_s, int) or for_s < 1:

@@ -23,6 +23,7 @@ from telemetra.storage.schema import (
     LatestRow,
     Rollup1h,
     Rollup1m,
+    RuleStateRow,
     StateHistory,
     TelemetryRow,
 )
@@ -169,6 +170,7 @@ class DeviceRepository:
                 ClaimCode,
                 CommandRow,
                 AlertRow,
+                RuleStateRow,
             ):
                 await conn.execute(delete(model).where(model.device_id == device_id))
 

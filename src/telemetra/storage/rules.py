@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from telemetra.domain.errors import Conflict, NotFound
 from telemetra.domain.rules import FIRING, OFFLINE, PENDING, Rule, Standing
-from telemetra.storage.schema import AlertRow, Device, RuleRow, RuleStateRow
+from telemetra.storage.schema import AlertRow, Device, LatestRow, RuleRow, RuleStateRow
 
 OPEN = ("active", "acknowledged")
 _FIELDS = ("name", "kind", "key", "op", "value", "for_s", "clear_value", "severity", "devices", "models", "enabled")
@@ -215,6 +215,16 @@ class RuleRepository:
         async with self._engine.connect() as conn:
             rows = (await conn.execute(select(RuleStateRow.__table__).where(RuleStateRow.status == PENDING))).all()
         return [(r.rule_id, r.device_id, Standing(r.status, r.since, r.value)) for r in rows]
+
+    async def last_readings(self, key: str) -> list[tuple[str, str | None, int]]:
+        """Every device's newest reading time of ``key``: (device, model, ts)."""
+        stmt = (
+            select(LatestRow.device_id, Device.model, LatestRow.ts)
+            .join(Device, Device.id == LatestRow.device_id)
+            .where(LatestRow.key == key)
+        )
+        async with self._engine.connect() as conn:
+            return [(r[0], r[1], int(r[2])) for r in (await conn.execute(stmt)).all()]
 
     # --- presence -------------------------------------------------------------------------------------
 
