@@ -109,6 +109,12 @@ async def test_an_alert_raised_again_is_one_alert_with_its_lifecycle(app_factory
         await post(t, secret, {"ts": now_ms() - 4_000, "bar": 1.5})  # clears the acknowledged alert
         [done] = await eventually(lambda: _with_status(t, rule["id"], "cleared"), what="cleared after acknowledgement")
         assert done["acknowledged_at"] is not None and done["cleared_at"] is not None
+        r = await t.client.get("/api/v1/alerts/counts", headers=ADMIN)
+        assert r.json() == {
+            "status": {"active": 0, "acknowledged": 0, "cleared": 1},
+            "open_by_type": {},
+            "open_by_severity": {},
+        }
 
 
 async def _with_status(t: Running, rule_id: int, status: str) -> list[dict[str, Any]]:

@@ -54,6 +54,12 @@ async def list_alerts(
     return {"alerts": [alert_out(a) for a in rows]}
 
 
+@router.get("/api/v1/alerts/counts")
+async def alert_counts(services: ServicesDep, _: Viewer) -> dict[str, Any]:
+    """Alerts per status; the open ones (active or acknowledged) per type and per severity."""
+    return await services.alerts.counts()
+
+
 @router.post("/api/v1/alerts/{alert_id}/acknowledge")
 async def acknowledge(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     return alert_out(await services.alerts.transition(alert_id, "acknowledged", now_ms=now_ms()))
