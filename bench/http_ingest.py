@@ -411,23 +411,29 @@ def base_env() -> dict[str, str]:
 
 
 @contextmanager
-def telemetra_server(backend: str, workdir: Path, admin_key: str) -> Iterator[Server]:
+def telemetra_server(
+    backend: str, workdir: Path, admin_key: str, extra_env: dict[str, str] | None = None, tag: str = ""
+) -> Iterator[Server]:
     port = free_port()
-    data_dir = workdir / f"telemetra-{backend}"
-    env = base_env() | {
-        "TELEMETRA_MQTT_PORT": "0",
-        "TELEMETRA_LOG_LEVEL": "WARNING",
-        "TELEMETRA_ADMIN_KEYS": admin_key,
-        # Console logs render tracebacks with rich, which takes seconds per exception on the event loop;
-        # the disconnects wrk leaves at the end of each run would then stall the next one.
-        "TELEMETRA_LOG_FORMAT": os.environ.get("TELEMETRA_LOG_FORMAT", "json"),
-    }
+    data_dir = workdir / f"telemetra-{backend}{tag}"
+    env = (
+        base_env()
+        | {
+            "TELEMETRA_MQTT_PORT": "0",
+            "TELEMETRA_LOG_LEVEL": "WARNING",
+            "TELEMETRA_ADMIN_KEYS": admin_key,
+            # Console logs render tracebacks with rich, which takes seconds per exception on the event loop;
+            # the disconnects wrk leaves at the end of each run would then stall the next one.
+            "TELEMETRA_LOG_FORMAT": os.environ.get("TELEMETRA_LOG_FORMAT", "json"),
+        }
+        | (extra_env or {})
+    )
     cmd = [str(VENV_BIN / "telemetra"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--data-dir", str(data_dir)]
     with database_for(backend, "telemetra_bench", data_dir / "telemetra.db", "telemetry") as (url, counter):
         if url:
             env["TELEMETRA_DATABASE_URL"] = url
-        log = workdir / f"telemetra-{backend}.log"
+        log = workdir / f"telemetra-{backend}{tag}.log"
         process = start_process(cmd, env, log)
         server = Server("telemetra", process, f"http://127.0.0.1:{port}", log, counter)
         try:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 
 from telemetra import __version__
+from telemetra.alerts.engine import RulesEngine
 from telemetra.api import (
     alerts,
     commands,
@@ -31,6 +32,8 @@ from telemetra.api import (
     ingest,
     ota,
     realtime,
+    rules,
+    storage,
     telemetry,
 )
 from telemetra.api.deps import warn_open_access
@@ -52,6 +55,7 @@ from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.mqtt_runtime import MqttCapability, route_table
 from telemetra.ota.capability import Ota
 from telemetra.ota.signing import Signer
+from telemetra.retention import Retention
 from telemetra.services import Services
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
@@ -60,6 +64,8 @@ from telemetra.storage.directory import DeviceDirectory
 from telemetra.storage.event_bridge import LocalChanges, PgEventBridge, SqliteRegistryFollower
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
+from telemetra.storage.retention import Days
+from telemetra.storage.rules import RuleRepository
 from telemetra.supervise import Failures
 
 log = logging.getLogger(__name__)
@@ -103,6 +109,7 @@ def build_services(
         commits_in_flight=1 if engine.dialect.name == "sqlite" else settings.ingest_commits_in_flight,
         hub=hub,
         announcer=bridge if isinstance(bridge, PgEventBridge) else None,
+        rollups=settings.rollups,
     )
     devices = DeviceRepository(engine)
     mqtt_on = bool(settings.mqtt_url) or settings.mqtt_port != 0
@@ -135,7 +142,7 @@ def build_services(
         directory=directory,
         ingest=IngestService(directory, limits_from(settings), gateway_auto_register=settings.gateway_auto_register),
         devices=devices,
-        queries=TelemetryQueries(engine),
+        queries=TelemetryQueries(engine, rollups=settings.rollups),
         admin_keys=admin_keys,
         commands=commands,
         alerts=AlertRepository(engine),
@@ -174,6 +181,43 @@ def ota_from(
     )
 
 
+def rules_from(services: Services) -> RulesEngine:
+    """The rules engine (issue 10), from plain values; entered as a capability, it owns its tasks."""
+    settings = services.settings
+    engine = RulesEngine(
+        RuleRepository(services.engine),
+        services.engine,
+        hub=services.hub,
+        emit=services.emit,
+        metrics=services.metrics,
+        failures=services.failures,
+        offline_after_s=settings.offline_after_s,
+        sweep_s=settings.presence_sweep_s,
+        offline_alerts=settings.offline_alerts,
+        rules_file=settings.rules_file,
+    )
+    services.rules = engine
+    return engine
+
+
+def retention_from(services: Services) -> Retention:
+    """Retention (issue 10); ``/aggregate`` asks it how far back each tier still holds a device's data."""
+    settings = services.settings
+    retention = Retention(
+        services.engine,
+        defaults=Days(settings.retention_raw_days, settings.retention_1m_days, settings.retention_1h_days),
+        metrics=services.metrics,
+        failures=services.failures,
+        interval_s=settings.retention_interval_s,
+        chunk=settings.retention_chunk_rows,
+        budget_bytes=settings.storage_budget_bytes,
+        warn_days=settings.storage_warn_days,
+    )
+    services.retention = retention
+    services.queries.kept_since = retention.kept_since
+    return retention
+
+
 def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
     if path is not None:
         return Signer.from_text(path.read_text())
@@ -199,7 +243,13 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(services.engine.dispose)
             await migrate(services.engine)
-            capabilities: list[Any] = [Core(services), MqttCapability(services), services.streams]
+            capabilities: list[Any] = [
+                Core(services),
+                MqttCapability(services),
+                services.streams,
+                rules_from(services),
+                retention_from(services),
+            ]
             if services.ota is not None:  # after MQTT, so the first notifications can go out
                 capabilities.append(services.ota)
             capabilities.extend(start(services) for start in app.state.capabilities)
@@ -224,7 +274,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota, realtime)
+    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota, realtime)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

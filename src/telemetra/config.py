@@ -88,6 +88,21 @@ class Settings(BaseSettings):
     max_future_skew_s: int = Field(300, ge=0, validation_alias=_alias("MAX_FUTURE_SKEW_S"))
     max_past_age_days: int = Field(3650, ge=1, validation_alias=_alias("MAX_PAST_AGE_DAYS"))
     offline_after_s: int = Field(120, ge=5, validation_alias=_alias("OFFLINE_AFTER_S"))
+    # Data lifecycle (issue 10). Rollups off: nothing is merged at ingest and every aggregate reads raw
+    # points (turning them on again later leaves a hole: the tiers are filled only by the migration).
+    rollups: bool = Field(True, validation_alias=_alias("ROLLUPS"))
+    # Days each tier keeps (0: everything); per device model through PUT /api/v1/retention/models/{model}.
+    retention_raw_days: int = Field(0, ge=0, le=36500, validation_alias=_alias("RETENTION_RAW_DAYS"))
+    retention_1m_days: int = Field(0, ge=0, le=36500, validation_alias=_alias("RETENTION_1M_DAYS"))
+    retention_1h_days: int = Field(0, ge=0, le=36500, validation_alias=_alias("RETENTION_1H_DAYS"))
+    retention_interval_s: float = Field(3600.0, gt=0, validation_alias=_alias("RETENTION_INTERVAL_S"))
+    retention_chunk_rows: int = Field(5000, ge=100, le=1_000_000, validation_alias=_alias("RETENTION_CHUNK_ROWS"))
+    storage_budget_bytes: int = Field(0, ge=0, validation_alias=_alias("STORAGE_BUDGET_BYTES"))  # 0: none
+    storage_warn_days: float = Field(14.0, ge=0, validation_alias=_alias("STORAGE_WARN_DAYS"))
+    rules_file: Path | None = Field(None, validation_alias=_alias("RULES_FILE"))  # JSON or TOML, loaded at start
+    presence_sweep_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("PRESENCE_SWEEP_S"))
+    # An offline alert for any device silent past its interval, even without an offline rule naming it.
+    offline_alerts: bool = Field(True, validation_alias=_alias("OFFLINE_ALERTS"))
     # Refused MQTT messages kept per device (or per topic root) and minute; the rest are only counted.
     rejected_per_minute: int = Field(10, ge=0, validation_alias=_alias("REJECTED_PER_MINUTE"))
 

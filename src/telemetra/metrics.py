@@ -67,6 +67,35 @@ class Metrics:
         self.ota_reports = Counter(
             "telemetra_ota_reports", "Device OTA reports taken from ingest, by outcome", ["outcome"], registry=r
         )
+        # Rules and presence (issue 10).
+        self.rule_evaluations = Counter(
+            "telemetra_rule_evaluations", "Readings evaluated against threshold rules", registry=r
+        )
+        self.rule_events_missed = Counter(
+            "telemetra_rule_events_missed", "Committed events the rules engine fell too far behind to see", registry=r
+        )
+        self.alerts_changed = Counter(
+            "telemetra_alerts", "Alerts raised and cleared server-side", ["type", "change"], registry=r
+        )
+        self.presence_sweeps = Counter("telemetra_presence_sweeps", "Presence sweeps run", registry=r)
+        self.retention_deleted = Counter(
+            "telemetra_retention_deleted_rows", "Rows retention deleted, by tier", ["tier"], registry=r
+        )
+        self.retention_runs = Counter("telemetra_retention_runs", "Retention passes finished", registry=r)
+        self.retention_seconds = Gauge(
+            "telemetra_retention_last_seconds", "How long the last retention pass took", registry=r
+        )
+        self.retention_pending = Gauge(
+            "telemetra_retention_pending_rows",
+            "Rows past retention the current pass has still to delete",
+            ["tier"],
+            registry=r,
+        )
+        self.storage_bytes = Gauge("telemetra_storage_bytes", "Bytes per storage tier", ["tier"], registry=r)
+        self.storage_rows = Gauge("telemetra_storage_rows", "Rows per storage tier", ["tier"], registry=r)
+        self.storage_days_left = Gauge(
+            "telemetra_storage_days_left", "Days until the disk budget is reached at the last week's growth", registry=r
+        )
         self.mqtt_connected = Gauge("telemetra_mqtt_connected", "1 while the collector is connected", registry=r)
         # Mosquitto dynamic security against the device registry (mqtt/broker_accounts.py).
         self.mqtt_account_drift = Counter(

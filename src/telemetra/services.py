@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.alerts.engine import RulesEngine
 from telemetra.config import Settings
 from telemetra.domain.principal import AccessPolicy, Role, parse_networks
 from telemetra.events.hub import EventHub
@@ -26,6 +27,7 @@ from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.downlink import CommandService
 from telemetra.mqtt.embedded import EmbeddedBroker
 from telemetra.ota.capability import Ota
+from telemetra.retention import Retention
 from telemetra.storage.commands import AlertRepository
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
@@ -77,6 +79,8 @@ class Services:
     alerts: AlertRepository
     failures: Failures
     ota: Ota | None = None
+    rules: RulesEngine | None = None  # set by the rules capability while it runs
+    retention: Retention | None = None  # set by the retention capability while it runs
     # Set by the MQTT capability while it runs (the one in use; the other stays None).
     mqtt_broker: EmbeddedBroker | None = None
     mqtt_collector: Collector | None = None

@@ -11,6 +11,7 @@ from telemetra.api.fields import AlertIdPath, DeviceIdQuery
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.events import model
 from telemetra.events.model import ChangeEvent
+from telemetra.ingest.documents import INT64_MAX
 from telemetra.services import Services
 from telemetra.storage.schema import AlertRow
 
@@ -25,6 +26,7 @@ def alert_out(a: AlertRow) -> dict[str, Any]:
         "id": a.id,
         "device_id": a.device_id,
         "type": a.type,
+        "rule": a.rule_id,
         "severity": a.severity,
         "level": a.severity,
         "message": a.message,
@@ -45,10 +47,20 @@ async def list_alerts(
     _: Viewer,
     status: Annotated[str | None, Query(pattern="^(active|acknowledged|cleared)$")] = None,
     device_id: DeviceIdQuery = None,
+    type_: Annotated[str | None, Query(alias="type", pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")] = None,
+    rule: Annotated[int | None, Query(ge=1, le=INT64_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    rows = await services.alerts.list(status=status, device_id=device_id, limit=limit)
+    """Newest first; ``rule`` is the id of the rule that raised an alert, ``type`` what kind it is
+    (``threshold``, ``offline``, or what a device reported)."""
+    rows = await services.alerts.list(status=status, device_id=device_id, limit=limit, type_=type_, rule_id=rule)
     return {"alerts": [alert_out(a) for a in rows]}
+
+
+@router.get("/api/v1/alerts/counts")
+async def alert_counts(services: ServicesDep, _: Viewer) -> dict[str, Any]:
+    """Alerts per status; the open ones (active or acknowledged) per type and per severity."""
+    return await services.alerts.counts()
 
 
 @router.post("/api/v1/alerts/{alert_id}/acknowledge")

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from telemetra import __version__
 from telemetra.api.deps import ServicesDep, Viewer
+from telemetra.domain import presence
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.services import Services
 from telemetra.storage.schema import Device, LatestRow
@@ -80,12 +81,12 @@ async def stats(services: ServicesDep, _: Viewer) -> dict[str, Any]:
 
 async def fleet_stats(services: Services) -> dict[str, Any]:
     now = now_ms()
-    fresh = now - services.settings.offline_after_s * 1000
+    fresh = presence.offline_cutoff(now, services.settings.offline_after_s)
     async with services.engine.connect() as conn:
         total = (await conn.execute(select(func.count()).select_from(Device))).scalar_one()
         online = (
             await conn.execute(
-                select(func.count()).select_from(Device).where(Device.online.is_(True), Device.last_seen_at >= fresh)
+                select(func.count()).select_from(Device).where(Device.online.is_(True), Device.last_seen_at > fresh)
             )
         ).scalar_one()
         series = (await conn.execute(select(func.count()).select_from(LatestRow))).scalar_one()

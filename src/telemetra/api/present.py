@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from telemetra.api.schemas import Credentials, DevicePublic, DeviceWithCredentials, MqttCredentials
+from telemetra.domain import presence
 from telemetra.domain.timeutil import ms_to_iso
 from telemetra.storage.queries import PointOut
 from telemetra.storage.schema import Device
@@ -13,9 +14,7 @@ from telemetra.storage.schema import Device
 def is_online(device: Device, *, now: int, offline_after_s: int) -> bool:
     """Online while the device says so and was heard from recently (seed 000 marks nodes offline after
     ~120 s of silence)."""
-    return (
-        bool(device.online) and device.last_seen_at is not None and now - device.last_seen_at < offline_after_s * 1000
-    )
+    return presence.is_online(device.online, device.last_seen_at, now=now, offline_after_s=offline_after_s)
 
 
 def device_public(device: Device, *, now: int, offline_after_s: int) -> DevicePublic:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
 from telemetra.api.fields import DeviceIdPath, DeviceIdQuery, KeysQuery, TextQuery
@@ -99,19 +100,18 @@ async def _aggregate(
             f"unknown function {unknown[0] if unknown else ''!r}; use {', '.join(AGGREGATES)}", field="fn"
         )
     wanted = key_list(keys) or [p.key for p in await services.queries.latest(device_id) if not isinstance(p.value, str)]
-    buckets = (
-        await services.queries.aggregate(
-            device_id, keys=wanted, start=span.start, end=span.end, interval_ms=step, functions=functions
-        )
-        if wanted
-        else []
+    result = await services.queries.aggregate_at(
+        device_id, keys=wanted or [], start=span.start, end=span.end, interval_ms=step, functions=functions
     )
     out: dict[str, list[dict[str, Any]]] = {k: [] for k in wanted}
-    for b in buckets:
+    for b in result.buckets:
         out.setdefault(b.key, []).append({"start": ms_to_iso(b.start), **b.values})
     return {
         "device_id": device_id,
         "interval": interval,
+        "resolution": result.resolution,
+        # Only when retention took part of the range from every tier: the answer covers data from then on.
+        **({"data_since": ms_to_iso(result.data_since)} if result.data_since is not None else {}),
         "start": ms_to_iso(span.start),
         "end": ms_to_iso(span.end),
         "series": out,
@@ -133,7 +133,9 @@ async def aggregate(
     fn: Annotated[str | None, Query(max_length=64, description="comma list of min,max,avg,sum,count,last")] = None,
 ) -> dict[str, Any]:
     check_reads(principal, device_id)
-    return await _aggregate(services, device_id, keys, start, end, range_, interval, fn)
+    body = await _aggregate(services, device_id, keys, start, end, range_, interval, fn)
+    # A year of hourly buckets is thousands of objects: orjson writes them ~10x faster than FastAPI's encoder.
+    return Response(orjson.dumps(body, default=float), media_type="application/json")  # type: ignore[return-value]
 
 
 @router.get("/devices/{device_id}/stats")

@@ -113,8 +113,10 @@ class IngestQueue:
         commits_in_flight: int = 1,
         hub: EventHub | None = None,
         announcer: Announcer | None = None,
+        rollups: bool = True,
     ) -> None:
         self._engine = engine
+        self._rollups = rollups
         self._hub = hub
         self._announcer = announcer
         # Events are handed to the hub in the order batches were taken (see _publish_in_order).
@@ -333,7 +335,7 @@ class IngestQueue:
         announcer = self._announcer if self._announcer is not None and self._announcer.active else None
         async with self._engine.begin() as conn:
             now = now_ms()
-            result = await write_batch(conn, merged, now_ms=now)
+            result = await write_batch(conn, merged, now_ms=now, rollups=self._rollups)
             wanted = announcer is not None or (self._hub is not None and self._hub.wants(model.TELEMETRY))
             committed = events_of(parts, result.changes, now=now, telemetry=wanted)
             if announcer is not None and committed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.errors import Conflict, NotFound
@@ -146,10 +146,21 @@ class AlertRepository:
         self._engine = engine
 
     async def list(
-        self, *, status: str | None, device_id: str | None, limit: int, since: int | None = None
+        self,
+        *,
+        status: str | None,
+        device_id: str | None,
+        limit: int,
+        since: int | None = None,
+        type_: str | None = None,
+        rule_id: int | None = None,
     ) -> list[AlertRow]:
         """Newest first; ``since``: only alerts raised or repeated from then on."""
         stmt = select(AlertRow.__table__)
+        if type_ is not None:
+            stmt = stmt.where(AlertRow.type == type_)
+        if rule_id is not None:
+            stmt = stmt.where(AlertRow.rule_id == rule_id)
         if since is not None:
             stmt = stmt.where(AlertRow.updated_at >= since)
         if status:
@@ -159,6 +170,23 @@ class AlertRepository:
         async with self._engine.connect() as conn:
             rows = (await conn.execute(stmt.order_by(AlertRow.id.desc()).limit(limit))).all()
         return [AlertRow(**r._mapping) for r in rows]
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """How many alerts per status, and the open ones (active or acknowledged) per type and severity."""
+        open_ = AlertRow.status.in_(("active", "acknowledged"))
+        async with self._engine.connect() as conn:
+            by_status = (await conn.execute(select(AlertRow.status, func.count()).group_by(AlertRow.status))).all()
+            by_type = (
+                await conn.execute(select(AlertRow.type, func.count()).where(open_).group_by(AlertRow.type))
+            ).all()
+            by_severity = (
+                await conn.execute(select(AlertRow.severity, func.count()).where(open_).group_by(AlertRow.severity))
+            ).all()
+        return {
+            "status": {"active": 0, "acknowledged": 0, "cleared": 0} | {s: int(n) for s, n in by_status},
+            "open_by_type": {t: int(n) for t, n in by_type},
+            "open_by_severity": {s: int(n) for s, n in by_severity},
+        }
 
     async def transition(self, alert_id: int, to: str, *, now_ms: int) -> AlertRow:
         """active → acknowledged → cleared (an active alert may also be cleared directly)."""

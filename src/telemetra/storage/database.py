@@ -47,6 +47,9 @@ def database_location(database_url: str) -> DatabaseLocation:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # Takes effect only when the file is new (before the first table): retention then gives freed pages
+    # back with ``PRAGMA incremental_vacuum`` instead of keeping them (storage.retention).
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     # WAL lets readers run beside the single writer; NORMAL sync is durable across an application crash
     # (only a power loss can take the last commits) and is what makes group commit fast on SQLite.
     cursor.execute("PRAGMA journal_mode=WAL")

@@ -10,6 +10,7 @@ from sqlalchemy import and_, delete, func, not_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.domain import presence
 from telemetra.domain.credentials import hash_claim_code, hash_secret, new_claim_code, new_device_secret
 from telemetra.domain.errors import Conflict, Gone, NotFound
 from telemetra.storage.schema import (
@@ -20,6 +21,9 @@ from telemetra.storage.schema import (
     DeviceState,
     EventRow,
     LatestRow,
+    Rollup1h,
+    Rollup1m,
+    RuleStateRow,
     StateHistory,
     TelemetryRow,
 )
@@ -96,10 +100,9 @@ class DeviceRepository:
         if model is not None:
             conditions.append(Device.model == model)
         if online is not None:
-            # Same rule as the answer's ``online``: flagged online and heard from recently.
-            fresh = and_(
-                Device.online.is_(True), func.coalesce(Device.last_seen_at, 0) >= now_ms - offline_after_s * 1000
-            )
+            # domain.presence's rule, in SQL: flagged online and heard from since the cutoff.
+            cutoff = presence.offline_cutoff(now_ms, offline_after_s)
+            fresh = and_(Device.online.is_(True), func.coalesce(Device.last_seen_at, 0) > cutoff)
             conditions.append(fresh if online else not_(fresh))
         if kind is not None:
             conditions.append(Device.kind == kind)
@@ -158,6 +161,8 @@ class DeviceRepository:
                 raise NotFound(f"device {device_id!r} not found", field="device_id")
             for model in (
                 TelemetryRow,
+                Rollup1m,
+                Rollup1h,
                 LatestRow,
                 DeviceState,
                 StateHistory,
@@ -165,6 +170,7 @@ class DeviceRepository:
                 ClaimCode,
                 CommandRow,
                 AlertRow,
+                RuleStateRow,
             ):
                 await conn.execute(delete(model).where(model.device_id == device_id))
 

@@ -3,7 +3,7 @@ and a time range, and served by a primary key or index (``telemetry`` is keyed (
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +11,20 @@ from sqlalchemy import BigInteger, and_, func, literal_column, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.records import ValueType
-from telemetra.storage.schema import DeviceState, EventRow, LatestRow, RejectedMessage, StateHistory, TelemetryRow
+from telemetra.domain.rollups import HOUR, MINUTE, RAW, WIDTHS, choose_resolution
+from telemetra.storage.schema import (
+    DeviceState,
+    EventRow,
+    LatestRow,
+    RejectedMessage,
+    Rollup1h,
+    Rollup1m,
+    StateHistory,
+    TelemetryRow,
+)
 
 AGGREGATES = ("min", "max", "avg", "sum", "count", "last")
+ROLLUP_TABLES: dict[str, type[Rollup1m] | type[Rollup1h]] = {MINUTE: Rollup1m, HOUR: Rollup1h}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +59,23 @@ def stored_value(num: float | None, text: str | None, vtype: int) -> float | boo
 _value = stored_value
 
 
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    resolution: str  # which tier answered: "raw", "1m" or "1h" (domain.rollups)
+    buckets: list[Bucket]
+    # Set when no tier still holds the whole range: the answering tier holds data from then on only.
+    data_since: int | None = None
+
+
+# Per tier, the oldest time retention still keeps for a device (None: everything); see storage.retention.
+KeptSince = Callable[[str], Awaitable[dict[str, int]]]
+
+
 class TelemetryQueries:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, rollups: bool = True, kept_since: KeptSince | None = None) -> None:
         self._engine = engine
+        self._rollups = rollups
+        self.kept_since = kept_since
 
     async def keys(self, device_id: str) -> list[str]:
         async with self._engine.connect() as conn:
@@ -124,8 +149,136 @@ class TelemetryQueries:
         interval_ms: int | None,
         functions: Sequence[str],
     ) -> list[Bucket]:
+        result = await self.aggregate_at(
+            device_id, keys=keys, start=start, end=end, interval_ms=interval_ms, functions=functions
+        )
+        return result.buckets
+
+    async def aggregate_at(
+        self,
+        device_id: str,
+        *,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        interval_ms: int | None,
+        functions: Sequence[str],
+    ) -> Aggregate:
         """Buckets aligned to multiples of ``interval_ms`` since the epoch; one bucket from ``start`` when
-        there is no interval. Text series are left out (no arithmetic on text)."""
+        there is no interval. Text series are left out (no arithmetic on text). Served by the coarsest
+        rollup tier that answers exactly (``domain.rollups.choose_resolution``), else by the raw points."""
+        kept = await self.kept_since(device_id) if self.kept_since is not None else None
+        resolution = choose_resolution(
+            start=start, end=end, interval_ms=interval_ms, enabled=self._rollups, kept_since=kept
+        )
+        if not keys:
+            buckets: list[Bucket] = []
+        elif resolution == RAW:
+            buckets = await self._aggregate_raw(device_id, keys, start, end, interval_ms, functions)
+        else:
+            buckets = await self._aggregate_rollup(resolution, device_id, keys, start, end, interval_ms, functions)
+        since = kept.get(resolution) if kept else None
+        return Aggregate(resolution, buckets, since if since is not None and since > start else None)
+
+    async def _aggregate_rollup(
+        self,
+        tier: str,
+        device_id: str,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        interval_ms: int | None,
+        functions: Sequence[str],
+    ) -> list[Bucket]:
+        r = ROLLUP_TABLES[tier].__table__.c
+        if interval_ms == WIDTHS[tier]:
+            return await self._read_rollup(r, device_id, keys, start, end, functions)
+        if interval_ms:
+            iv = literal_column(str(int(interval_ms)), BigInteger)
+            bucket: Any = r.bucket - r.bucket % iv
+        else:
+            bucket = literal_column(str(int(start)), BigInteger)
+        where = and_(r.device_id == device_id, r.key.in_(list(keys)), r.bucket >= start, r.bucket < end)
+        group = [r.key, bucket] if interval_ms else [r.key]
+        grouped = (
+            select(
+                r.key,
+                bucket.label("bucket"),
+                func.min(r.min).label("min"),
+                func.max(r.max).label("max"),
+                func.sum(r.sum).label("sum"),
+                func.sum(r.count).label("count"),
+                # A tier bucket's points are all newer than an earlier bucket's, so the answer bucket's
+                # newest point is the newest tier bucket's ``last``: one primary-key lookup per answer bucket.
+                func.max(r.bucket).label("newest"),
+            )
+            .where(where)
+            .group_by(*group)
+            .subquery()
+        )
+        newest = ROLLUP_TABLES[tier].__table__.alias("newest_bucket")
+        stmt = (
+            select(grouped, newest.c.last_value)
+            .join(
+                newest,
+                and_(
+                    newest.c.device_id == device_id,
+                    newest.c.key == grouped.c.key,
+                    newest.c.bucket == grouped.c.newest,
+                ),
+            )
+            .order_by(grouped.c.key, grouped.c.bucket)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        buckets = []
+        for row in rows:
+            count = int(row.count)
+            total = row.sum
+            all_values: dict[str, Any] = {
+                "min": row.min,
+                "max": row.max,
+                "avg": (total / count) if count and total is not None else None,
+                "sum": total,
+                "count": count,
+                "last": row.last_value,
+            }
+            buckets.append(Bucket(row.key, int(row.bucket), {f: all_values[f] for f in functions}))
+        return buckets
+
+    async def _read_rollup(
+        self, r: Any, device_id: str, keys: Sequence[str], start: int, end: int, functions: Sequence[str]
+    ) -> list[Bucket]:
+        """Answer buckets that are the tier's own: its rows as they are."""
+        stmt = (
+            select(r.key, r.bucket, r.min, r.max, r.sum, r.count, r.last_value)
+            .where(r.device_id == device_id, r.key.in_(list(keys)), r.bucket >= start, r.bucket < end)
+            .order_by(r.key, r.bucket)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        buckets = []
+        for key, bucket, lo, hi, total, count, last in rows:
+            all_values: dict[str, Any] = {
+                "min": lo,
+                "max": hi,
+                "avg": total / count if count and total is not None else None,
+                "sum": total,
+                "count": int(count),
+                "last": last,
+            }
+            buckets.append(Bucket(key, int(bucket), {f: all_values[f] for f in functions}))
+        return buckets
+
+    async def _aggregate_raw(
+        self,
+        device_id: str,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        interval_ms: int | None,
+        functions: Sequence[str],
+    ) -> list[Bucket]:
         t = TelemetryRow
         if interval_ms:
             # Inlined (a validated int), so PostgreSQL sees the same expression in SELECT and GROUP BY.

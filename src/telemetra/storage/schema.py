@@ -154,6 +154,7 @@ class AlertRow(Base):
     __table_args__ = (
         Index("ix_alerts_status_created", "status", "created_at"),
         Index("ix_alerts_device_type", "device_id", "type"),
+        Index("ix_alerts_rule_device", "rule_id", "device_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -169,6 +170,7 @@ class AlertRow(Base):
     updated_at: Mapped[int] = mapped_column(BigInteger)
     acknowledged_at: Mapped[int | None] = mapped_column(BigInteger)
     cleared_at: Mapped[int | None] = mapped_column(BigInteger)
+    rule_id: Mapped[int | None] = mapped_column(Integer)  # the rule that raised it (server-side alerts)
 
 
 # --- OTA (issue 8) ------------------------------------------------------------------------------------
@@ -258,3 +260,81 @@ class OtaNodeRow(Base):
     notified_at: Mapped[int | None] = mapped_column(BigInteger)
     deadline_at: Mapped[int | None] = mapped_column(BigInteger)
     completed_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+# --- Data lifecycle (issue 10) ------------------------------------------------------------------------
+
+
+class _Rollup:
+    """One time bucket of one numeric series: what min/max/sum/count/avg/last need, kept up to date by the
+    writer in the transaction that inserts the raw points (``storage.rollups``)."""
+
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    key: Mapped[str] = mapped_column(KEY, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # start, epoch ms
+    min: Mapped[float | None] = mapped_column(Double)
+    max: Mapped[float | None] = mapped_column(Double)
+    sum: Mapped[float | None] = mapped_column(Double)
+    count: Mapped[int] = mapped_column(BigInteger)
+    last_ts: Mapped[int] = mapped_column(BigInteger)
+    last_value: Mapped[float | None] = mapped_column(Double)
+
+
+class Rollup1m(_Rollup, Base):
+    __tablename__ = "rollup_1m"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class Rollup1h(_Rollup, Base):
+    __tablename__ = "rollup_1h"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class RuleRow(Base):
+    """A server-side rule (``domain.rules``): a threshold on a key, or "offline" (not heard from for
+    ``for_s``). ``devices`` / ``models``: lists of ids / model names; neither = every device."""
+
+    __tablename__ = "rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str | None] = mapped_column(KEY)
+    op: Mapped[str | None] = mapped_column(String(2))
+    value: Mapped[float | None] = mapped_column(Double)
+    for_s: Mapped[int] = mapped_column(Integer, default=0)
+    clear_value: Mapped[float | None] = mapped_column(Double)
+    severity: Mapped[str] = mapped_column(String(16))
+    devices: Mapped[Any] = mapped_column(JSON, nullable=True)
+    models: Mapped[Any] = mapped_column(JSON, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    source: Mapped[str] = mapped_column(String(16), default="api")  # "api" or "file" (TELEMETRA_RULES_FILE)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RuleStateRow(Base):
+    """Where one rule stands for one device: ``pending`` (condition true since ``since``, held for
+    ``for_s``) or ``firing`` (its alert is open). Kept in the database, so every process and a restart
+    see the same thing; a transition is a conditional update, so two processes never both make it."""
+
+    __tablename__ = "rule_state"
+
+    rule_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    since: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RetentionPolicyRow(Base):
+    """Per device model, how many days each tier keeps (None: the setting's default)."""
+
+    __tablename__ = "retention_policies"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    raw_days: Mapped[int | None] = mapped_column(Integer)
+    rollup_1m_days: Mapped[int | None] = mapped_column(Integer)
+    rollup_1h_days: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[int] = mapped_column(BigInteger)

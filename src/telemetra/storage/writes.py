@@ -10,7 +10,9 @@ savepoint is rolled back and the batch goes through a per-connection temporary s
 
 SQLite: ``executemany`` inside a savepoint; when it inserts fewer rows than it was given (a redelivery),
 the savepoint is rolled back and the rows go through a temporary table and ``INSERT … SELECT …
-RETURNING``, as on PostgreSQL. The rest (state, events, reports, rejected messages) is rare and uses Core.
+RETURNING``, as on PostgreSQL. The points that were new (``RETURNING`` gives them, as stored) are merged
+into the rollup tiers in the same transaction (``storage.rollups``). The rest (state, events, reports,
+rejected messages) is rare and uses Core.
 
 Besides storing, ``write_batch`` says what actually changed (``Changes``) — which points were new (a
 redelivered duplicate is not a change), which devices came online, which state keys changed, the
@@ -28,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from telemetra.domain.records import AlertRaise, Batch, DeviceReport, StateUpdate
+from telemetra.storage.rollups import numeric, write_rollups
 from telemetra.storage.schema import (
     AlertRow,
     CommandRow,
@@ -50,7 +53,7 @@ _PG_POINTS = f"""
 INSERT INTO telemetry (device_id, key, ts, value_num, value_text, vtype)
 SELECT device_id, key, ts, value_num, value_text, vtype FROM {_PG_STAGE_TABLE}
 ON CONFLICT DO NOTHING
-RETURNING device_id, key, ts
+RETURNING device_id, key, ts, value_num, value_text, vtype
 """
 _PG_LATEST = """
 INSERT INTO latest (device_id, key, ts, value_num, value_text, vtype)
@@ -87,7 +90,7 @@ _SQLITE_FROM_STAGE = """
 INSERT INTO telemetry (device_id, key, ts, value_num, value_text, vtype)
 SELECT device_id, key, ts, value_num, value_text, vtype FROM telemetra_points_in WHERE true
 ON CONFLICT DO NOTHING
-RETURNING device_id, key, ts
+RETURNING device_id, key, ts, value_num, value_text, vtype
 """
 
 MAX_REJECTED_PAYLOAD = 4096
@@ -142,8 +145,8 @@ def _columns(rows: Sequence[PointRow]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(6)]
 
 
-async def _pg_points(conn: AsyncConnection, rows: list[PointRow]) -> set[PointKey] | None:
-    """Insert ``rows``; None when all were new, else the keys of those that were."""
+async def _pg_points(conn: AsyncConnection, rows: list[PointRow]) -> list[PointRow] | None:
+    """Insert ``rows``; None when all were new, else those that were (as stored: the first of a repeat)."""
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
     try:
@@ -155,10 +158,10 @@ async def _pg_points(conn: AsyncConnection, rows: list[PointRow]) -> set[PointKe
     except asyncpg.UniqueViolationError:
         await conn.exec_driver_sql(_PG_STAGE)
         await driver.copy_records_to_table(_PG_STAGE_TABLE, records=rows, columns=_POINT_COLUMNS)
-        return {(r[0], r[1], r[2]) for r in (await conn.exec_driver_sql(_PG_POINTS)).all()}
+        return [tuple(r) for r in (await conn.exec_driver_sql(_PG_POINTS)).all()]  # type: ignore[misc]
 
 
-async def _sqlite_points(conn: AsyncConnection, rows: list[PointRow]) -> set[PointKey] | None:
+async def _sqlite_points(conn: AsyncConnection, rows: list[PointRow]) -> list[PointRow] | None:
     """As ``_pg_points``: the plain insert when every row is new, the staged one when some are not."""
     async with conn.begin_nested() as savepoint:
         result = await conn.exec_driver_sql(_SQLITE_POINTS, rows)  # type: ignore[arg-type]
@@ -168,7 +171,7 @@ async def _sqlite_points(conn: AsyncConnection, rows: list[PointRow]) -> set[Poi
     await conn.exec_driver_sql(_SQLITE_STAGE)
     await conn.exec_driver_sql("DELETE FROM telemetra_points_in")
     await conn.exec_driver_sql(_SQLITE_STAGED, rows)  # type: ignore[arg-type]
-    inserted = {(r[0], r[1], r[2]) for r in (await conn.exec_driver_sql(_SQLITE_FROM_STAGE)).all()}
+    inserted: list[PointRow] = [tuple(r) for r in (await conn.exec_driver_sql(_SQLITE_FROM_STAGE)).all()]  # type: ignore[misc]
     await conn.exec_driver_sql("DELETE FROM telemetra_points_in")
     return inserted
 
@@ -180,8 +183,13 @@ async def _sqlite_touch(conn: AsyncConnection, seen: list[str], now_ms: int) -> 
     return came
 
 
-async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> WriteResult:
-    """Write everything in ``batch`` on ``conn`` (the caller owns the transaction)."""
+def _inserted_keys(inserted: list[PointRow] | None) -> set[PointKey] | None:
+    return None if inserted is None else {(r[0], r[1], r[2]) for r in inserted}
+
+
+async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int, rollups: bool = True) -> WriteResult:
+    """Write everything in ``batch`` on ``conn`` (the caller owns the transaction). ``rollups``: merge the
+    new points into the rollup tiers too (``storage.rollups``)."""
     pg = conn.dialect.name == "postgresql"
     if batch.register:
         await _register(conn, batch, now_ms=now_ms, pg=pg)
@@ -196,8 +204,11 @@ async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> Wr
         # Through SQLAlchemy, not the raw asyncpg connection: SQLAlchemy opens its transaction lazily on
         # the first statement it runs, so raw calls made first would autocommit on their own.
         if rows:
-            changes.inserted = await _pg_points(conn, rows)
+            inserted = await _pg_points(conn, rows)
+            changes.inserted = _inserted_keys(inserted)
             await conn.exec_driver_sql(_PG_LATEST, tuple(_columns(_latest_rows(rows))))
+            if rollups:
+                await write_rollups(conn, numeric(rows if inserted is None else inserted), pg=True)
         if seen:
             touched = (await conn.exec_driver_sql(_PG_TOUCH, (seen, now_ms))).all()
             changes.came_online = sorted(row[0] for row in touched if not row[1])
@@ -207,8 +218,11 @@ async def write_batch(conn: AsyncConnection, batch: Batch, *, now_ms: int) -> Wr
         if seen:
             changes.came_online = await _sqlite_touch(conn, seen, now_ms)
         if rows:
-            changes.inserted = await _sqlite_points(conn, rows)
+            inserted = await _sqlite_points(conn, rows)
+            changes.inserted = _inserted_keys(inserted)
             await conn.exec_driver_sql(_SQLITE_LATEST, _latest_rows(rows))  # type: ignore[arg-type]
+            if rollups:
+                await write_rollups(conn, numeric(rows if inserted is None else inserted), pg=False)
     if batch.states:
         changes.states = await _write_states(conn, batch.states, pg=pg)
     for report in batch.reports:

@@ -1,0 +1,1 @@
+"""Server-side rules: threshold and offline alerts (issue 10)."""

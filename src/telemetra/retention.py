@@ -1,0 +1,115 @@
+"""Retention as one capability: a pass at start and every ``interval_s``, deleting per tier what its
+policy keeps no longer (``storage.retention``), with its progress in the metrics; and the storage
+figures (``storage.usage``) refreshed after each pass. It also tells ``/aggregate`` how far back each
+tier still holds a device's data, so an answer never silently mixes in a tier that lost part of the
+range (``domain.rollups.choose_resolution``). App layer: it wires storage and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from telemetra.domain.rollups import TIERS
+from telemetra.domain.timeutil import now_ms
+from telemetra.metrics import Metrics
+from telemetra.storage.retention import Days, PassResult, Policies, RetentionRepository
+from telemetra.storage.usage import Usage, UsageQueries
+from telemetra.supervise import Failures, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class Retention:
+    name = "retention"
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        defaults: Days,
+        metrics: Metrics,
+        failures: Failures,
+        interval_s: float = 3600.0,
+        chunk: int = 5000,
+        budget_bytes: int = 0,
+        warn_days: float = 14.0,
+    ) -> None:
+        self.repo = RetentionRepository(engine, defaults)
+        self.usage_queries = UsageQueries(engine)
+        self._metrics = metrics
+        self._supervisor = Supervisor("retention", failures)
+        self._interval_s = interval_s
+        self._chunk = chunk
+        self._budget = budget_bytes or None
+        self._warn_days = warn_days
+        self.policies = Policies(defaults)
+        self.last: PassResult | None = None
+        self.passes = 0
+
+    async def __aenter__(self) -> Retention:
+        self.policies = await self.repo.policies()
+        await self._supervisor.__aenter__()
+        self._supervisor.spawn("passes", self._forever)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._supervisor.__aexit__(exc_type, exc, tb)
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": "ok" if self._supervisor.alive("passes") else "down", "passes": self.passes}
+        if self.last is not None:
+            body["last"] = {"deleted": self.last.deleted, "seconds": round(self.last.seconds, 3)}
+        return body
+
+    async def kept_since(self, device_id: str) -> dict[str, int]:
+        if not any(self.policies.defaults.of(t) for t in TIERS) and not self.policies.models:
+            return {}
+        return self.policies.kept_since(await self.repo.device_model(device_id), now_ms())
+
+    async def reload(self) -> None:
+        self.policies = await self.repo.policies()
+
+    async def _forever(self) -> None:
+        while True:
+            try:
+                await self.run_pass()
+            except Exception:
+                log.exception("retention pass failed; trying again in %s s", self._interval_s)
+            await asyncio.sleep(self._interval_s)
+
+    async def run_pass(self) -> PassResult:
+        await self.reload()
+
+        def progress(tier: str, n: int) -> None:
+            self._metrics.retention_deleted.labels(tier).inc(n)
+
+        result = await self.repo.run_pass(self.policies, now_ms=now_ms(), chunk=self._chunk, on_chunk=progress)
+        self.last = result
+        self.passes += 1
+        self._metrics.retention_runs.inc()
+        self._metrics.retention_seconds.set(result.seconds)
+        if any(result.deleted.values()):
+            log.info("retention deleted %s in %.1f s", result.deleted, result.seconds)
+        await self.usage()
+        return result
+
+    async def usage(self, top: int = 10) -> Usage:
+        usage = await self.usage_queries.usage(now_ms=now_ms(), top=top, budget_bytes=self._budget)
+        for tier, figures in usage.tiers.items():
+            self._metrics.storage_bytes.labels(tier).set(figures.bytes)
+            self._metrics.storage_rows.labels(tier).set(figures.rows)
+        if usage.days_left is not None:
+            self._metrics.storage_days_left.set(usage.days_left)
+            if usage.days_left <= self._warn_days:
+                log.warning("storage: %.1f days left until the budget of %d bytes", usage.days_left, self._budget)
+        return usage
+
+    @property
+    def warn_days(self) -> float:
+        return self._warn_days
