@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -22,11 +22,23 @@ console = Console()
 
 
 def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, ``.env`` and ``*_FILE`` secrets, with the CLI's options on top; a
+    variable or ``.env`` key no setting reads is warned about (with the closest known name)."""
+    import os
+    from pathlib import Path
+
+    from telemetra.config import file_values, read_env_file, unknown_settings
+
+    for warning in unknown_settings(os.environ, read_env_file(Path(".env"))):
+        click.echo(f"Warning: {warning}", err=True)
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        values = file_values(os.environ) | {k: v for k, v in overrides.items() if v is not None}
+        return Settings(**values)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
+    except ValueError as exc:
+        raise click.ClickException(f"invalid settings: {exc}") from None
 
 
 def _with_repo(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
@@ -62,25 +74,58 @@ def main(ctx: click.Context) -> None:
 @click.option("--port", type=int, default=None, help="HTTP port (TELEMETRA_PORT, default 8000)")
 @click.option("--data-dir", default=None, help="data directory (TELEMETRA_DATA_DIR)")
 def serve(host: str | None = None, port: int | None = None, data_dir: str | None = None) -> None:
-    """Run the server (embedded defaults: SQLite in the data directory, MQTT broker, HTTP on 8000)."""
+    """Run the server (embedded defaults: SQLite in the data directory, MQTT broker, HTTP on 8000).
+
+    A start that cannot succeed ends with one message saying what to change and an exit code per cause
+    (README, "Start-up errors")."""
+    import logging
+
     import uvicorn
 
     from telemetra.app import create_app
     from telemetra.logs import configure_logging
+    from telemetra.startup import StartupError, bind_http, check_mqtt_port, check_tls_files
 
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        if settings.mqtt_url:
+            check_tls_files("TELEMETRA_MQTT_TLS", settings.mqtt_tls_cert, settings.mqtt_tls_key, settings.mqtt_tls_ca)
+        elif settings.mqtt_port:
+            check_mqtt_port(settings.mqtt_host, settings.mqtt_port)
+        sock = bind_http(settings.host, settings.port)
+    except StartupError as exc:
+        _fail(exc)
     app = create_app(settings)
     _tune_gc()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
+    server = uvicorn.Server(config)
+
+    def quiet_after_failure(_record: logging.LogRecord) -> bool:
+        # uvicorn logs a failed start as the whole traceback; the StartupError's message says it all.
+        return getattr(app.state, "startup_error", None) is None
+
+    logging.getLogger("uvicorn.error").addFilter(quiet_after_failure)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:
+        error = getattr(app.state, "startup_error", None)
+        if error is not None:
+            _fail(error)
+        raise  # uvicorn's code (3) for a start that failed otherwise; its log says why
+    finally:
+        sock.close()
+
+
+def _fail(error: Any) -> NoReturn:
+    click.echo(f"Error: {error.message}", err=True)
+    raise SystemExit(error.code)
 
 
 def _tune_gc() -> None:
