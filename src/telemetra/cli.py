@@ -272,23 +272,29 @@ main.add_command(devices_claim_codes, "claim-codes")
 @click.option("--protocol", type=click.Choice(["mqtt", "http"]), default="mqtt", show_default=True)
 @click.option("--profile", type=click.Choice(["env", "heatpump", "mesh"]), default="env", show_default=True)
 @click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="seconds (default: until Ctrl-C)")
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Telemetra's HTTP base URL")
+@click.option("--url", default=None, help="Telemetra's HTTP base URL (default: from TELEMETRA_HOST/TELEMETRA_PORT)")
 @click.option(
     "--admin-key",
     default=None,
     help="for provisioning (default: TELEMETRA_ADMIN_KEYS, else <TELEMETRA_DATA_DIR>/admin.key)",
 )
-@click.option("--mqtt-host", default="127.0.0.1", show_default=True)
-@click.option("--mqtt-port", type=int, default=1883, show_default=True)
-@click.option("--prefix", default="telemetra", show_default=True, help="MQTT topic prefix")
+@click.option(
+    "--mqtt-host", default=None, help="broker host (default: TELEMETRA_MQTT_URL's, else the embedded broker's)"
+)
+@click.option(
+    "--mqtt-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="broker port (default: TELEMETRA_MQTT_URL's, else TELEMETRA_MQTT_PORT, 1883)",
+)
+@click.option("--prefix", default=None, help="MQTT topic prefix (default: TELEMETRA_MQTT_PREFIX, telemetra)")
 @click.option("--id-prefix", default="sim", show_default=True, help="device ids are <id-prefix>-001…")
 @click.option("--qos", type=click.IntRange(0, 2), default=1, show_default=True, help="MQTT QoS for telemetry")
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False),
-    default="telemetra-data",
-    show_default=True,
-    help="where simulator-devices.json keeps the devices' credentials (0600) for re-runs",
+    default=None,
+    help="where simulator-devices.json keeps the devices' credentials (0600) for re-runs (default: TELEMETRA_DATA_DIR)",
 )
 @click.option("--seed", type=int, default=None, help="random seed for reproducible values")
 @click.option(
@@ -306,14 +312,14 @@ def simulate(
     protocol: str,
     profile: str,
     duration: float | None,
-    url: str,
+    url: str | None,
     admin_key: str | None,
-    mqtt_host: str,
-    mqtt_port: int,
-    prefix: str,
+    mqtt_host: str | None,
+    mqtt_port: int | None,
+    prefix: str | None,
     id_prefix: str,
     qos: int,
-    state_dir: str,
+    state_dir: str | None,
     seed: int | None,
     ota_failure_rate: float,
     ota_failure_version: tuple[str, ...],
@@ -323,21 +329,30 @@ def simulate(
     from pathlib import Path
 
     from telemetra import simulate as sim
+    from telemetra.endpoints import http_url, mqtt_endpoint
 
+    # The server's own settings say where it is (one source of truth); options override them.
+    settings = load_settings()
+    endpoint = mqtt_endpoint(settings)
+    if protocol == "mqtt" and endpoint is None and not (mqtt_host and mqtt_port):
+        raise click.UsageError(
+            "the server's MQTT is off (TELEMETRA_MQTT_PORT=0, no TELEMETRA_MQTT_URL): use --protocol http, "
+            "or give --mqtt-host and --mqtt-port"
+        )
     options = sim.SimOptions(
         devices=device_count,
         rate=rate,
         protocol=protocol,
         profile=profile,  # type: ignore[arg-type]
-        url=url,
+        url=url or http_url(settings),
         admin_key=admin_key,
-        mqtt_host=mqtt_host,
-        mqtt_port=mqtt_port,
-        prefix=prefix,
+        mqtt_host=mqtt_host or (endpoint.host if endpoint else "127.0.0.1"),
+        mqtt_port=mqtt_port or (endpoint.port if endpoint else 1883),
+        prefix=prefix or settings.mqtt_prefix,
         duration=duration,
         id_prefix=id_prefix,
         qos=qos,
-        state_dir=Path(state_dir),
+        state_dir=Path(state_dir) if state_dir else settings.data_dir,
         seed=seed,
         ota_failure_rate=ota_failure_rate,
         ota_failure_versions=ota_failure_version,

@@ -29,12 +29,9 @@ def server_url(explicit: str | None) -> str:
     if explicit:
         return explicit.rstrip("/")
     from telemetra.cli import load_settings
+    from telemetra.endpoints import http_url
 
-    settings = load_settings()
-    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return http_url(load_settings())
 
 
 def admin_key(explicit: str | None) -> str:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     # log), so that compose's start-up order does not matter.
     startup_wait_s: float = Field(60.0, ge=0, le=3600, validation_alias=_alias("STARTUP_WAIT_S"))
 
+    # TLS (issue 11): with a certificate and key, HTTP is HTTPS (with HSTS) and the embedded broker adds an
+    # MQTT-over-TLS listener on TELEMETRA_MQTT_TLS_PORT.
+    tls_cert: Path | None = Field(None, validation_alias=_alias("TLS_CERT"))
+    tls_key: Path | None = Field(None, validation_alias=_alias("TLS_KEY"))
+    mqtt_tls_port: int = Field(8883, ge=0, le=65535, validation_alias=_alias("MQTT_TLS_PORT"))
+
     admin_keys: CommaList = Field(default_factory=list, validation_alias=_alias("ADMIN_KEYS"))
     api_secret_key: str | None = Field(None, validation_alias=AliasChoices("API_SECRET_KEY"))
     device_api_keys: CommaList = Field(
