@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -158,6 +159,54 @@ def migrate() -> None:
 
     asyncio.run(run())
     click.echo(f"schema up to date ({settings.effective_database_url.split('://')[0]})")
+
+
+@main.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def backup_command(file: Path) -> None:
+    """Write the database, firmware images and generated admin key to FILE (a .tar.gz, mode 0600); works
+    while the server runs."""
+    from telemetra import backup as backups
+
+    settings = load_settings()
+    try:
+        summary = backups.backup(settings, file)
+    except backups.BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"backed up {summary.dialect} database, {summary.firmware_files} firmware image(s)"
+        f"{', admin key' if summary.admin_key else ''} to {summary.path} ({summary.size_bytes} bytes)"
+    )
+
+
+@main.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="replace the database, firmware and admin key that are there")
+def restore_command(file: Path, force: bool) -> None:
+    """Restore FILE (from `telemetra backup`) into the configured database and data directory. Stop the
+    server first; refuses to overwrite existing data without --force."""
+    import httpx
+
+    from telemetra import backup as backups
+    from telemetra.endpoints import http_url
+
+    settings = load_settings()
+    url = http_url(settings)
+    try:
+        httpx.get(f"{url}/health", timeout=2, verify=False)
+    except httpx.TransportError:
+        pass
+    else:
+        raise click.ClickException(f"a server answers at {url}: stop it before restoring")
+    try:
+        manifest = backups.restore(settings, file, force=force)
+    except backups.BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"restored the {manifest['dialect']} database of {manifest['created_at']}, "
+        f"{len(manifest['firmware'])} firmware image(s){', admin key' if manifest['admin_key'] else ''}; "
+        "the schema is brought up to date at the next start"
+    )
 
 
 @main.group()
