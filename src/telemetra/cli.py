@@ -4,18 +4,14 @@ environment (and ``.env``); options override them."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
-from telemetra import cli_ota
+from telemetra import __version__, cli_devices, cli_ota
 from telemetra.config import Settings
 
 T = TypeVar("T")
@@ -42,27 +38,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise click.ClickException(f"invalid settings: {exc}") from None
 
 
-def _with_repo(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work`` against the registry; a refused request (unknown id, duplicate) is a one-line error."""
-    from telemetra.domain.errors import TelemetraError
-    from telemetra.storage.database import create_engine, migrate
-    from telemetra.storage.devices import DeviceRepository
-
-    async def run() -> T:
-        engine = create_engine(settings)
-        try:
-            await migrate(engine)
-            return await work(DeviceRepository(engine))
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(run())
-    except TelemetraError as exc:
-        raise click.ClickException(exc.reason) from None
-
-
 @click.group(invoke_without_command=True)
+@click.version_option(__version__, "--version", prog_name="telemetra", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Telemetra: a self-hosted IoT telemetry backend. Without a command, runs `serve`."""
@@ -209,101 +186,8 @@ def restore_command(file: Path, force: bool) -> None:
     )
 
 
-@main.group()
-def devices() -> None:
-    """Create, list and re-key devices."""
-
-
-@devices.command("create")
-@click.argument("device_id")
-@click.option("--model", default=None)
-@click.option("--name", default=None)
-@click.option("--kind", type=click.Choice(["device", "gateway"]), default="device")
-def devices_create(device_id: str, model: str | None, name: str | None, kind: str) -> None:
-    """Register DEVICE_ID and print its credentials (shown once)."""
-    from telemetra.domain.ids import reserved_reason
-    from telemetra.domain.timeutil import now_ms
-    from telemetra.ingest.normalize import valid_device_id
-
-    if not valid_device_id(device_id):
-        raise click.BadParameter("letters, digits, '-', '_', '.', ':' (1-128)", param_hint="DEVICE_ID")
-    reserved = reserved_reason(device_id)
-    if reserved:
-        raise click.BadParameter(reserved, param_hint="DEVICE_ID")
-    settings = load_settings()
-    device, secret = _with_repo(
-        settings, lambda repo: repo.create(device_id, now_ms=now_ms(), model=model, name=name, kind=kind)
-    )
-    _print_credentials(device.id, secret)
-
-
-@devices.command("rotate")
-@click.argument("device_id")
-def devices_rotate(device_id: str) -> None:
-    """New credentials for DEVICE_ID; the old secret stops working."""
-    from telemetra.domain.timeutil import now_ms
-
-    settings = load_settings()
-    device, secret = _with_repo(settings, lambda repo: repo.rotate(device_id, now_ms=now_ms()))
-    _print_credentials(device.id, secret)
-
-
-@devices.command("list")
-@click.option("--model", default=None)
-@click.option("--search", default=None)
-@click.option("--limit", type=int, default=100)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def devices_list(model: str | None, search: str | None, limit: int, as_json: bool) -> None:
-    """List devices."""
-    from telemetra.domain.timeutil import ms_to_iso
-
-    settings = load_settings()
-    page = _with_repo(settings, lambda repo: repo.list(model=model, search=search, limit=limit))
-    rows = [
-        {
-            "id": d.id,
-            "kind": d.kind,
-            "model": d.model,
-            "fw_version": d.fw_version,
-            "last_seen_at": ms_to_iso(d.last_seen_at) if d.last_seen_at else None,
-        }
-        for d in page.devices
-    ]
-    if as_json:
-        click.echo(json.dumps({"devices": rows, "total": page.total}))
-        return
-    table = Table("id", "kind", "model", "firmware", "last seen", title=f"{page.total} devices")
-    for r in rows:
-        table.add_row(r["id"], r["kind"], r["model"] or "", r["fw_version"] or "", r["last_seen_at"] or "never")
-    console.print(table)
-
-
-@devices.command("claim-codes")
-@click.option("--count", type=int, default=1, show_default=True)
-@click.option("--prefix", default="dev", show_default=True)
-@click.option("--model", default=None)
-@click.option("--ttl", "ttl_s", type=int, default=None, help="seconds until the codes expire")
-def devices_claim_codes(count: int, prefix: str, model: str | None, ttl_s: int | None) -> None:
-    """Create COUNT devices without credentials, each with a one-time claim code."""
-    import secrets
-
-    from telemetra.domain.timeutil import now_ms
-
-    if not 1 <= count <= 1000:
-        raise click.BadParameter("between 1 and 1000", param_hint="--count")
-    settings = load_settings()
-    ids = [f"{prefix}-{secrets.token_hex(5)}" for _ in range(count)]
-    codes = _with_repo(
-        settings,
-        lambda repo: repo.create_claim_codes(
-            ids, now_ms=now_ms(), ttl_s=ttl_s or settings.claim_code_ttl_s, model=model
-        ),
-    )
-    for device_id, code in codes:
-        click.echo(f"{device_id}\t{code}")
-
-
-main.add_command(devices_claim_codes, "claim-codes")
+main.add_command(cli_devices.devices)
+main.add_command(cli_devices.devices_claim_codes, "claim-codes")
 
 
 @main.command()
@@ -318,8 +202,16 @@ main.add_command(devices_claim_codes, "claim-codes")
 @click.option(
     "--rate", type=click.FloatRange(min=0.001), default=1.0, show_default=True, help="messages per second per device"
 )
-@click.option("--protocol", type=click.Choice(["mqtt", "http"]), default="mqtt", show_default=True)
-@click.option("--profile", type=click.Choice(["env", "heatpump", "mesh"]), default="env", show_default=True)
+@click.option(
+    "--protocol", type=click.Choice(["mqtt", "http"]), default="mqtt", show_default=True, help="how devices send"
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["env", "heatpump", "mesh"]),
+    default="env",
+    show_default=True,
+    help="env sensors, seed 003's heat pump, or seed 000's mesh gateway",
+)
 @click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="seconds (default: until Ctrl-C)")
 @click.option("--url", default=None, help="Telemetra's HTTP base URL (default: from TELEMETRA_HOST/TELEMETRA_PORT)")
 @click.option(
@@ -415,17 +307,7 @@ def simulate(
         raise SystemExit(1)
 
 
-def _print_credentials(device_id: str, secret: str) -> None:
-    click.echo(
-        json.dumps(
-            {"device_id": device_id, "api_key": secret, "mqtt": {"username": device_id, "password": secret}}, indent=2
-        )
-    )
-    if sys.stderr.isatty():
-        click.echo("The secret is shown once; only its hash is stored.", err=True)
-
-
-# Issue 8: these talk to the running server over HTTP (as the whole CLI will, in another issue).
+# These talk to the running server over HTTP; only migrate, backup and restore use the database directly.
 main.add_command(cli_ota.firmware)
 main.add_command(cli_ota.ota)
 
