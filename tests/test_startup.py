@@ -87,7 +87,7 @@ def test_database_unreachable_names_host_port_database_after_waiting(tmp_path: P
     port = free_port()
     result = serve(
         tmp_path,
-        TELEMETRA_DATABASE_URL=f"postgresql://telemetra:pw@127.0.0.1:{port}/fleet",
+        TELEMETRA_DATABASE_URL=f"postgresql://telemetra:pw@127.0.0.1:{port}/fleet",  # pragma: allowlist secret
         TELEMETRA_STARTUP_WAIT_S="2",
     )
     assert result.returncode == startup.EXIT_DATABASE_UNREACHABLE

@@ -37,6 +37,7 @@ from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
 from telemetra.api.openapi import document_errors
+from telemetra.api.security_headers import SecureHeaders
 from telemetra.bootstrap import admin_keys as find_admin_keys
 from telemetra.config import Settings
 from telemetra.core import Core
@@ -247,6 +248,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Added first, so it sits inside the metrics middleware.
     app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.tls_cert:
+        app.add_middleware(SecureHeaders)
     if settings.cors_origins:
         # Outermost: a browser's preflight is answered before anything else looks at the request. Keys
         # travel in headers, never cookies, so credentials stay off.

@@ -67,10 +67,13 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level, settings.log_format)
     try:
+        check_tls_files("TELEMETRA_TLS", settings.tls_cert, settings.tls_key)
         if settings.mqtt_url:
             check_tls_files("TELEMETRA_MQTT_TLS", settings.mqtt_tls_cert, settings.mqtt_tls_key, settings.mqtt_tls_ca)
         elif settings.mqtt_port:
             check_mqtt_port(settings.mqtt_host, settings.mqtt_port)
+            if settings.tls_cert and settings.mqtt_tls_port:
+                check_mqtt_port(settings.mqtt_host, settings.mqtt_tls_port, setting="TELEMETRA_MQTT_TLS_PORT")
         sock = bind_http(settings.host, settings.port)
     except StartupError as exc:
         _fail(exc)
@@ -82,6 +85,8 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
     )
     server = uvicorn.Server(config)
 

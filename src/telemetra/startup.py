@@ -134,7 +134,7 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_mqtt_port(host: str, port: int) -> None:
+def check_mqtt_port(host: str, port: int, *, setting: str = "TELEMETRA_MQTT_PORT") -> None:
     """The embedded broker's port is free (checked before anything starts, so the message comes first)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -145,14 +145,14 @@ def check_mqtt_port(host: str, port: int) -> None:
             if exc.errno != errno.EADDRINUSE:
                 raise StartupError(
                     f"cannot start the embedded MQTT broker on {host}:{port}: {exc.strerror}; check "
-                    "TELEMETRA_MQTT_HOST and TELEMETRA_MQTT_PORT.",
+                    f"TELEMETRA_MQTT_HOST and {setting}.",
                     EXIT_MQTT_PORT,
                 ) from None
-            raise StartupError(mqtt_port_in_use_message(host, port), EXIT_MQTT_PORT) from None
+            raise StartupError(mqtt_port_in_use_message(host, port, setting), EXIT_MQTT_PORT) from None
 
 
-def mqtt_port_in_use_message(host: str, port: int) -> str:
-    message = port_in_use_message("cannot start the embedded MQTT broker", "TELEMETRA_MQTT_PORT", host, port)
+def mqtt_port_in_use_message(host: str, port: int, setting: str = "TELEMETRA_MQTT_PORT") -> str:
+    message = port_in_use_message("cannot start the embedded MQTT broker", setting, host, port)
     return (
         f"{message} To use the broker that runs there instead, set "
         f"TELEMETRA_MQTT_URL=mqtt://<user>:<password>@127.0.0.1:{port}; TELEMETRA_MQTT_PORT=0 turns MQTT off."
