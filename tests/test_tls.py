@@ -207,3 +207,34 @@ def test_a_key_that_does_not_match_its_certificate_is_one_message(tmp_path: Path
         timeout=60,
     )
     assert only_cert.returncode == startup.EXIT_TLS and "set TELEMETRA_TLS_KEY as well" in only_cert.stderr
+
+
+def test_deploy_mosquitto_config_serves_mqtts(tmp_path: Path) -> None:
+    """deploy/mosquitto/mosquitto.conf with conf.d/tls.conf, as compose.prod.yaml mounts them: a device
+    connects over TLS on the 8883 listener (a free port here), verified against the test's CA."""
+    from tests.mqtt.test_dynsec import make_provisioner
+    from tests.support.mosquitto import deploy_mosquitto
+
+    pki = make_pki(tmp_path)
+    with deploy_mosquitto(tls=(pki.ca, pki.cert, pki.key)) as broker:
+        assert broker.tls_port is not None
+
+        async def provision() -> None:
+            async with make_provisioner(broker.instance) as provisioner:
+                await provisioner.upsert_device("dev-tls", "pw-tls-0123456789")
+
+        import asyncio
+
+        asyncio.run(provision())
+        connected = threading.Event()
+        device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-tls", protocol=mqtt.MQTTv311)
+        device.username_pw_set("dev-tls", "pw-tls-0123456789")  # pragma: allowlist secret
+        device.tls_set_context(ssl.create_default_context(cafile=str(pki.ca)))
+        device.on_connect = lambda _c, _u, _f, reason, _p: reason.is_failure or connected.set()
+        device.connect("127.0.0.1", broker.tls_port)
+        device.loop_start()
+        try:
+            assert connected.wait(10), broker.instance.log()
+        finally:
+            device.loop_stop()
+            device.disconnect()
