@@ -141,7 +141,7 @@ def test_bad_tls_files(tmp_path: Path) -> None:
 
 
 def test_placeholder_secret_refused_outside_development(tmp_path: Path) -> None:
-    placeholder = "change-me-to-a-long-random-string-0123456789"  # what deploy/.env.example holds
+    placeholder = "change-me-to-a-long-random-string-0123456789"  # what deploy/.env.example used to hold
     result = serve(tmp_path, TELEMETRA_ENV="production", TELEMETRA_ADMIN_KEYS=placeholder)
     assert result.returncode == startup.EXIT_SETTINGS
     assert "TELEMETRA_ADMIN_KEYS: placeholder or example secret outside development" in result.stderr
