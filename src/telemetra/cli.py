@@ -51,7 +51,14 @@ def main(ctx: click.Context) -> None:
 @click.option("--host", default=None, help="HTTP bind address (TELEMETRA_HOST)")
 @click.option("--port", type=int, default=None, help="HTTP port (TELEMETRA_PORT, default 8000)")
 @click.option("--data-dir", default=None, help="data directory (TELEMETRA_DATA_DIR)")
-def serve(host: str | None = None, port: int | None = None, data_dir: str | None = None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="server processes sharing the HTTP port and the MQTT stream (needs PostgreSQL and an external broker)",
+)
+def serve(host: str | None = None, port: int | None = None, data_dir: str | None = None, workers: int = 1) -> None:
     """Run the server (embedded defaults: SQLite in the data directory, MQTT broker, HTTP on 8000).
 
     A start that cannot succeed ends with one message saying what to change and an exit code per cause
@@ -66,6 +73,8 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
 
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level, settings.log_format)
+    if workers > 1:
+        _refuse_embedded_for_workers(settings, workers)
     try:
         check_tls_files("TELEMETRA_TLS", settings.tls_cert, settings.tls_key)
         if settings.mqtt_url:
@@ -77,6 +86,9 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
         sock = bind_http(settings.host, settings.port)
     except StartupError as exc:
         _fail(exc)
+    if workers > 1:
+        _serve_workers(settings, workers, sock)
+        return
     app = create_app(settings)
     _tune_gc()
     config = uvicorn.Config(
@@ -104,6 +116,82 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
         raise  # uvicorn's code (3) for a start that failed otherwise; its log says why
     finally:
         sock.close()
+
+
+def _refuse_embedded_for_workers(settings: Settings, workers: int) -> None:
+    needs = []
+    if settings.is_sqlite:
+        needs.append("PostgreSQL (TELEMETRA_DATABASE_URL): SQLite has one writer")
+    if not settings.mqtt_url and settings.mqtt_port:
+        needs.append(
+            "an external MQTT broker (TELEMETRA_MQTT_URL): the embedded one lives in one process "
+            "(or TELEMETRA_MQTT_PORT=0 for no MQTT)"
+        )
+    if settings.mqtt_url and settings.mqtt_client_id:
+        needs.append("TELEMETRA_MQTT_CLIENT_ID unset: each worker takes its own collector id")
+    if needs:
+        raise click.UsageError(f"--workers {workers} needs " + "; and ".join(needs))
+
+
+def _serve_workers(settings: Settings, workers: int, sock: Any) -> None:
+    """Several processes on one listening socket (uvicorn's supervisor restarts a worker that dies), each
+    built from the same settings; the parent waits for the database and broker and keeps the admin key
+    first, so the workers agree on it."""
+    import os
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from telemetra.bootstrap import admin_keys
+    from telemetra.mqtt.connection import parse_broker_url
+    from telemetra.startup import StartupError, wait_for_broker, wait_for_database
+
+    async def dependencies() -> None:
+        await wait_for_database(settings.effective_database_url, settings.startup_wait_s)
+        if settings.mqtt_url:
+            broker = parse_broker_url(settings.mqtt_url)
+            await wait_for_broker(broker.host, broker.port, settings.startup_wait_s)
+
+    try:
+        asyncio.run(dependencies())
+    except StartupError as exc:
+        _fail(exc)
+    if admin_keys(settings).keep():
+        click.echo(f"\n  Generated an admin key (mode 0600, never printed): cat {settings.data_dir / 'admin.key'}\n")
+    # The workers read their settings from the environment: what the options overrode goes there.
+    os.environ |= {
+        "TELEMETRA_HOST": settings.host,
+        "TELEMETRA_PORT": str(settings.port),
+        "TELEMETRA_DATA_DIR": str(settings.data_dir),
+    }
+    if settings.mqtt_url and not settings.mqtt_share_group:
+        os.environ["TELEMETRA_MQTT_SHARE_GROUP"] = "telemetra"  # the broker splits the stream between them
+    config = uvicorn.Config(
+        "telemetra.cli:worker_app",
+        factory=True,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+    )
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
+
+
+def worker_app() -> Any:
+    """One ``--workers`` process's app (uvicorn imports this in each worker)."""
+    from telemetra.app import create_app
+    from telemetra.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    _tune_gc()
+    return create_app(settings)
 
 
 def _fail(error: Any) -> NoReturn:
