@@ -4,7 +4,6 @@ first start. Credentials the CLI prints are checked against the app started on t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -81,66 +80,6 @@ async def ingest_statuses(workdir: Path, keys: list[str]) -> list[int]:
             r = await t.client.post("/api/v1/ingest", json={"t": 1}, headers={"X-API-Key": key})
             statuses.append(r.status_code)
         return statuses
-
-
-def test_migrate_create_list_rotate(workdir: Path) -> None:
-    assert "schema up to date (sqlite+aiosqlite)" in ok(cli(workdir, "migrate"))
-    assert (workdir / "data" / "telemetra.db").exists()
-
-    created = json.loads(ok(cli(workdir, "devices", "create", "X", "--model", "m", "--name", "Boiler")))
-    assert created["device_id"] == "X"
-    assert created["mqtt"] == {"username": "X", "password": created["api_key"]}
-    first_key = created["api_key"]
-
-    listed = json.loads(ok(cli(workdir, "devices", "list", "--json")))
-    assert listed["total"] == 1
-    assert listed["devices"][0] | {"last_seen_at": None} == {
-        "id": "X",
-        "kind": "device",
-        "model": "m",
-        "fw_version": None,
-        "last_seen_at": None,
-    }
-    assert first_key not in json.dumps(listed)
-
-    # The key printed by the CLI works against the server on the same database.
-    assert asyncio.run(ingest_statuses(workdir, [first_key])) == [201]
-
-    rotated = json.loads(ok(cli(workdir, "devices", "rotate", "X")))
-    assert rotated["device_id"] == "X" and rotated["api_key"] != first_key
-    assert asyncio.run(ingest_statuses(workdir, [first_key, rotated["api_key"]])) == [401, 201]
-
-    missing = cli(workdir, "devices", "rotate", "nope")
-    assert missing.returncode == 1 and "'nope' not found" in missing.stderr
-    bad_id = cli(workdir, "devices", "create", "has space")
-    assert bad_id.returncode == 2 and "DEVICE_ID" in bad_id.stderr
-    reserved = cli(workdir, "devices", "create", "Admin")
-    assert reserved.returncode == 2 and "reserved" in reserved.stderr
-
-
-def test_creating_an_existing_device_is_a_clear_error(workdir: Path) -> None:
-    ok(cli(workdir, "devices", "create", "X"))
-    again = cli(workdir, "devices", "create", "X")
-    assert again.returncode == 1
-    assert "already exists" in again.stderr and "Traceback" not in again.stderr
-
-
-def test_claim_codes(workdir: Path) -> None:
-    out = ok(cli(workdir, "claim-codes", "--count", "2", "--prefix", "kit", "--model", "env-v2"))
-    lines = [line.split("\t") for line in out.strip().splitlines()]
-    assert len(lines) == 2 and all(len(parts) == 2 for parts in lines)
-    for device_id, code in lines:
-        assert device_id.startswith("kit-")
-        assert len(code) == 19 and code.count("-") == 3
-    assert lines[0][1] != lines[1][1]
-    # The same command under `devices`.
-    out = ok(cli(workdir, "devices", "claim-codes", "--prefix", "kit", "--model", "env-v2"))
-    lines += [line.split("\t") for line in out.strip().splitlines()]
-    assert len(lines) == 3
-    listed = json.loads(ok(cli(workdir, "devices", "list", "--json", "--model", "env-v2")))
-    assert sorted(d["id"] for d in listed["devices"]) == sorted(d for d, _ in lines)
-    bad = cli(workdir, "claim-codes", "--count", "0")
-    assert bad.returncode == 2 and "--count" in bad.stderr
 
 
 @pytest.mark.parametrize(
@@ -286,3 +225,117 @@ def test_trusted_network_behind_a_proxy_on_the_same_host(workdir: Path, serve: l
     assert httpx.get(f"{server.url}/api/v1/nodes").status_code == 401  # 127.0.0.1 is not in the network
     assert server.stop()
     assert "TELEMETRA_TRUSTED_NETWORKS is set" in server.output() and "viewer" in server.output()
+
+
+# ------------------------------------------------------------------------- the CLI on a running server
+
+
+@pytest.fixture
+def running(workdir: Path, serve: list[Server]) -> Server:
+    server = Server(workdir, workdir / "serve.log")
+    serve.append(server)
+    server.wait_healthy()
+    return server
+
+
+def on(server: Server, workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with the server's own settings (its port; the admin key it generated in the data dir)."""
+    return cli(workdir, *args, TELEMETRA_HOST="0.0.0.0", TELEMETRA_PORT=str(server.port), **env)
+
+
+def ingest(server: Server, key: str) -> int:
+    return httpx.post(f"{server.url}/api/v1/ingest", json={"t": 1}, headers={"X-API-Key": key}).status_code
+
+
+def test_devices_commands_act_on_the_running_server_at_once(workdir: Path, running: Server) -> None:
+    created = json.loads(ok(on(running, workdir, "devices", "create", "X", "--model", "m", "--name", "Boiler")))
+    assert created["device_id"] == "X" and created["mqtt"] == {"username": "X", "password": created["api_key"]}
+    first_key = created["api_key"]
+    assert ingest(running, first_key) == 201  # the server knows it at once
+
+    listed = json.loads(ok(on(running, workdir, "devices", "list", "--json")))
+    assert listed["total"] == 1
+    (row,) = listed["devices"]
+    assert (row["id"], row["kind"], row["model"], row["name"], row["online"]) == ("X", "device", "m", "Boiler", True)
+    assert first_key not in json.dumps(listed)
+    table = ok(on(running, workdir, "devices", "list"))
+    assert "online" in table and "yes" in table and "X" in table
+
+    rotated = json.loads(ok(on(running, workdir, "devices", "rotate", "X")))
+    assert rotated["api_key"] != first_key
+    assert (ingest(running, first_key), ingest(running, rotated["api_key"])) == (401, 201)
+
+    assert ok(on(running, workdir, "devices", "disable", "X")).strip() == "X disabled"
+    assert ingest(running, rotated["api_key"]) == 403
+    assert json.loads(ok(on(running, workdir, "devices", "show", "X", "--json")))["disabled"] is True
+    assert "disabled" in ok(on(running, workdir, "devices", "list"))
+    assert ok(on(running, workdir, "devices", "enable", "X")).strip() == "X enabled"
+    assert ingest(running, rotated["api_key"]) == 201
+    assert "Boiler" in ok(on(running, workdir, "devices", "show", "X"))
+
+    assert json.loads(ok(on(running, workdir, "devices", "delete", "X", "--yes", "--json"))) == {"deleted": "X"}
+    assert ingest(running, rotated["api_key"]) == 401
+    missing = on(running, workdir, "devices", "rotate", "nope")
+    assert missing.returncode == 1 and "HTTP 404" in missing.stderr and "Traceback" not in missing.stderr
+    bad_id = on(running, workdir, "devices", "create", "has space")
+    assert bad_id.returncode == 2 and "DEVICE_ID" in bad_id.stderr
+    reserved = on(running, workdir, "devices", "create", "Admin")
+    assert reserved.returncode == 2 and "reserved" in reserved.stderr
+
+
+def test_creating_an_existing_device_is_a_clear_error(workdir: Path, running: Server) -> None:
+    ok(on(running, workdir, "devices", "create", "X"))
+    again = on(running, workdir, "devices", "create", "X")
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_claim_codes(workdir: Path, running: Server) -> None:
+    out = ok(on(running, workdir, "claim-codes", "--count", "2", "--prefix", "kit", "--model", "env-v2"))
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    assert len(lines) == 2 and all(len(parts) == 2 for parts in lines)
+    for device_id, code in lines:
+        assert device_id.startswith("kit-")
+        assert len(code) == 19 and code.count("-") == 3
+    assert lines[0][1] != lines[1][1]
+    out = ok(on(running, workdir, "devices", "claim-codes", "--prefix", "kit", "--model", "env-v2"))
+    lines += [line.split("\t") for line in out.strip().splitlines()]
+    listed = json.loads(ok(on(running, workdir, "devices", "list", "--json", "--model", "env-v2")))
+    assert sorted(d["id"] for d in listed["devices"]) == sorted(d for d, _ in lines)
+    bad = on(running, workdir, "claim-codes", "--count", "0")
+    assert bad.returncode == 2 and "--count" in bad.stderr
+
+
+def test_url_and_key_options_and_a_server_that_is_not_running(workdir: Path, running: Server) -> None:
+    key = (workdir / "data" / "admin.key").read_text().strip()
+    # Another data dir and port in the environment: --url and --key win.
+    other = cli(workdir, "devices", "list", "--json", "--url", running.url, "--key", key, TELEMETRA_PORT="1")
+    assert json.loads(ok(other))["total"] == 0
+    down = cli(workdir, "devices", "list", TELEMETRA_PORT=str(free_port()))
+    assert down.returncode == 1 and "cannot reach Telemetra at http://127.0.0.1:" in down.stderr
+    assert "is `telemetra serve` running?" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_version_and_help_on_every_option(workdir: Path) -> None:
+    import click
+
+    from telemetra import __version__
+    from telemetra.cli import main
+
+    assert ok(cli(workdir, "--version")).strip() == f"telemetra {__version__}"
+
+    def commands(group: click.Group, path: str) -> list[tuple[str, click.Command]]:
+        found = []
+        for name, command in group.commands.items():
+            found.append((f"{path} {name}", command))
+            if isinstance(command, click.Group):
+                found += commands(command, f"{path} {name}")
+        return found
+
+    missing = [
+        f"{path} {param.opts[0]}"
+        for path, command in commands(main, "telemetra")
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert missing == []

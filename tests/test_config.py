@@ -3,6 +3,7 @@ async drivers, and refusals that stop a bad deployment at start rather than at t
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from pydantic import AliasChoices, ValidationError
 
 from telemetra.config import MIN_ADMIN_KEY_LENGTH, Settings
 
-STRONG = "k" * MIN_ADMIN_KEY_LENGTH
+STRONG = secrets.token_urlsafe(MIN_ADMIN_KEY_LENGTH)  # made at run time: no key in the repository
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +191,52 @@ def test_env_file_is_read_when_asked(tmp_path: Path) -> None:
     env_file.write_text("DATABASE_URL=postgres://u@db/t\nDEVICE_API_KEYS=a,b\nTELEMETRA_PORT=8123\n")
     s = Settings(_env_file=env_file)  # type: ignore[call-arg]
     assert (s.database_url, s.device_api_keys, s.port) == ("postgresql+asyncpg://u@db/t", ["a", "b"], 8123)
+
+
+@pytest.mark.parametrize(
+    "placeholder",
+    [
+        "change-me-to-a-long-random-string-0123456789",
+        "your-admin-key-goes-here-0123456789abc",  # pragma: allowlist secret
+        "x" * 40,
+    ],
+)
+def test_placeholder_keys_refused_outside_development(monkeypatch: pytest.MonkeyPatch, placeholder: str) -> None:
+    monkeypatch.setenv("TELEMETRA_ENV", "production")
+    monkeypatch.setenv("TELEMETRA_ADMIN_KEYS", placeholder)
+    with pytest.raises(ValidationError, match="TELEMETRA_ADMIN_KEYS: placeholder or example secret") as exc:
+        load()
+    assert all(placeholder not in e["msg"] for e in exc.value.errors())
+    monkeypatch.setenv("TELEMETRA_ADMIN_KEYS", STRONG)
+    monkeypatch.setenv("TELEMETRA_MQTT_URL", "mqtt://svc:changeme@broker:1883")  # pragma: allowlist secret
+    with pytest.raises(ValidationError, match="TELEMETRA_MQTT_URL: placeholder"):
+        load()
+    monkeypatch.setenv("TELEMETRA_ENV", "development")
+    assert load().mqtt_url == "mqtt://svc:changeme@broker:1883"  # pragma: allowlist secret
+
+
+def test_unknown_names_get_the_closest_setting() -> None:
+    from telemetra.config import unknown_settings
+
+    warnings = unknown_settings(
+        {"TELEMETRA_ADMIN_KEY": "x", "TELEMETRA_PORT": "1", "TELEMETRA_TEST_PG_URL": "x", "PATH": "/bin"},
+        ["PORT", "TELEMETRA_MQTT_PROT", "ZZZ"],
+    )
+    assert warnings == [
+        "unknown environment variable TELEMETRA_ADMIN_KEY is ignored; did you mean TELEMETRA_ADMIN_KEYS?",
+        "unknown .env key TELEMETRA_MQTT_PROT is ignored; did you mean TELEMETRA_MQTT_PORT?",
+        "unknown .env key ZZZ is ignored (see the configuration table in the README)",
+    ]
+
+
+def test_file_secrets(tmp_path: Path) -> None:
+    from telemetra.config import file_values
+
+    key = secrets.token_urlsafe(32)
+    (tmp_path / "admin").write_text(key + "\n")
+    values = file_values(
+        {"TELEMETRA_ADMIN_KEYS_FILE": str(tmp_path / "admin"), "TELEMETRA_OTA_SIGNING_KEY_FILE": "/a/path"}
+    )
+    assert values == {"admin_keys": key}  # OTA_SIGNING_KEY_FILE is a setting of its own
+    with pytest.raises(ValueError, match="TELEMETRA_DATABASE_URL_FILE=/nope: cannot read"):
+        file_values({"TELEMETRA_DATABASE_URL_FILE": "/nope"})

@@ -156,3 +156,27 @@ def test_simulate_mqtt_then_http_stores_exactly_what_it_reports(server: Server, 
     secrets = [entry["secret"] for entry in json.loads(kept.read_text())["servers"][server.url].values()]
     assert len(secrets) == 3
     assert not any(s in json.dumps(first) + json.dumps(second) for s in secrets)
+
+
+def test_simulate_finds_the_server_from_its_own_settings(server: Server, tmp_path: Path) -> None:
+    """No --url, --mqtt-port or --state-dir: the same TELEMETRA_* variables the server was started with
+    say where it is (its broker is not on 1883 here, and another broker may be)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_")}
+    env |= {
+        "TELEMETRA_ADMIN_KEYS": ADMIN_KEY,
+        "TELEMETRA_HOST": "0.0.0.0",
+        "TELEMETRA_PORT": server.url.rsplit(":", 1)[1],
+        "TELEMETRA_MQTT_PORT": str(server.mqtt_port),
+        "TELEMETRA_DATA_DIR": str(tmp_path / "sim-data"),
+    }
+    cmd = [str(BIN / "telemetra"), "simulate", "--devices", "2", "--rate", "5", "--duration", "2", "--id-prefix"]
+    cmd += ["same", "--json"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["errors"] == 0 and summary["messages"] >= 2 * 8
+    assert wait_stored(server, summary["devices"], summary["points"]) == summary["points"]
+    assert (tmp_path / "sim-data" / "simulator-devices.json").exists()  # TELEMETRA_DATA_DIR by default
+
+    off = subprocess.run([*cmd[:2]], env=env | {"TELEMETRA_MQTT_PORT": "0"}, capture_output=True, text=True, timeout=30)
+    assert off.returncode == 2 and "TELEMETRA_MQTT_PORT=0" in off.stderr

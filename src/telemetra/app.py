@@ -41,7 +41,8 @@ from telemetra.api.errors import install_error_handlers
 from telemetra.api.fastpath import FastPath
 from telemetra.api.middleware import RequestMetrics
 from telemetra.api.openapi import document_errors
-from telemetra.bootstrap import ensure_admin_keys
+from telemetra.api.security_headers import SecureHeaders
+from telemetra.bootstrap import admin_keys as find_admin_keys
 from telemetra.config import Settings
 from telemetra.core import Core
 from telemetra.events.hub import EventHub
@@ -50,13 +51,23 @@ from telemetra.ingest.normalize import Limits
 from telemetra.ingest.queue import IngestQueue
 from telemetra.ingest.service import IngestService
 from telemetra.metrics import Metrics
+from telemetra.mqtt.connection import parse_broker_url
 from telemetra.mqtt.downlink import CommandService
+from telemetra.mqtt.embedded import BrokerPortInUse
 from telemetra.mqtt.shapes import DownlinkPlan
 from telemetra.mqtt_runtime import MqttCapability, route_table
 from telemetra.ota.capability import Ota
 from telemetra.ota.signing import Signer
 from telemetra.retention import Retention
 from telemetra.services import Services
+from telemetra.startup import (
+    EXIT_MQTT_PORT,
+    StartupError,
+    find_startup_error,
+    mqtt_port_in_use_message,
+    wait_for_broker,
+    wait_for_database,
+)
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
@@ -224,40 +235,60 @@ def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
     return Signer.from_text(key.get_secret_value()) if key is not None else None
 
 
+@asynccontextmanager
+async def _started(app: FastAPI, settings: Settings, metrics: Metrics, database: DatabaseState) -> AsyncIterator[None]:
+    keys = find_admin_keys(settings)
+    await wait_for_database(settings.effective_database_url, settings.startup_wait_s)
+    if settings.mqtt_url:
+        broker = parse_broker_url(settings.mqtt_url)
+        await wait_for_broker(broker.host, broker.port, settings.startup_wait_s)
+    services = build_services(settings, metrics, database, keys.keys, Failures())
+    app.state.services = services
+    warn_open_access(settings)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(services.engine.dispose)
+        await migrate(services.engine)
+        capabilities: list[Any] = [
+            Core(services),
+            MqttCapability(services),
+            services.streams,
+            rules_from(services),
+            retention_from(services),
+        ]
+        if services.ota is not None:  # after MQTT, so the first notifications can go out
+            capabilities.append(services.ota)
+        capabilities.extend(start(services) for start in app.state.capabilities)
+        for capability in capabilities:
+            try:
+                await stack.enter_async_context(capability)
+            except BrokerPortInUse as exc:
+                raise StartupError(mqtt_port_in_use_message(exc.host, exc.port), EXIT_MQTT_PORT) from None
+            services.components.append(capability)  # what /health asks
+        if keys.keep():
+            print(
+                # Not the key itself: this output is the server's log (issue 6).
+                f"\n  Generated an admin key (mode 0600, never printed): cat {keys.path}\n",
+                flush=True,
+            )
+        log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
+        yield
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     database = DatabaseState(database_location(settings.effective_database_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        admin_keys, generated = ensure_admin_keys(settings)
-        if generated:
-            print(
-                # Not the key itself: this output is the server's log (issue 6).
-                f"\n  Generated an admin key (mode 0600, never printed): cat {settings.data_dir / 'admin.key'}\n",
-                flush=True,
-            )
-        services = build_services(settings, metrics, database, admin_keys, Failures())
-        app.state.services = services
-        warn_open_access(settings)
-        async with AsyncExitStack() as stack:
-            stack.push_async_callback(services.engine.dispose)
-            await migrate(services.engine)
-            capabilities: list[Any] = [
-                Core(services),
-                MqttCapability(services),
-                services.streams,
-                rules_from(services),
-                retention_from(services),
-            ]
-            if services.ota is not None:  # after MQTT, so the first notifications can go out
-                capabilities.append(services.ota)
-            capabilities.extend(start(services) for start in app.state.capabilities)
-            for capability in capabilities:
-                await stack.enter_async_context(capability)
-                services.components.append(capability)  # what /health asks
-            log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
-            yield
+        try:
+            async with _started(app, settings, metrics, database):
+                yield
+        except BaseException as exc:
+            error = find_startup_error(exc)
+            if error is None:
+                raise
+            app.state.startup_error = error  # what `telemetra serve` prints, alone, before exiting with its code
+            raise error from None
 
     otel = settings.opentelemetry
     app = FastAPI(
@@ -280,6 +311,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Added first, so it sits inside the metrics middleware.
     app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.tls_cert:
+        app.add_middleware(SecureHeaders)
     if settings.cors_origins:
         # Outermost: a browser's preflight is answered before anything else looks at the request. Keys
         # travel in headers, never cookies, so credentials stay off.

@@ -29,12 +29,9 @@ def server_url(explicit: str | None) -> str:
     if explicit:
         return explicit.rstrip("/")
     from telemetra.cli import load_settings
+    from telemetra.endpoints import http_url
 
-    settings = load_settings()
-    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return http_url(load_settings())
 
 
 def admin_key(explicit: str | None) -> str:
@@ -156,7 +153,7 @@ def firmware_upload(
 
 
 @firmware.command("list")
-@click.option("--model", default=None)
+@click.option("--model", default=None, help="only this model")
 @url_option
 @key_option
 @json_option
@@ -197,9 +194,16 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 @click.option("--waves", default=None, help="cumulative percentages, e.g. 5,25,100")
 @click.option("--rate", type=click.IntRange(min=1), default=None, help="devices notified per minute")
 @click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=None, help="seconds per device")
-@click.option("--retries", type=click.IntRange(0, 10), default=None)
-@click.option("--pause-failure-percent", type=click.FloatRange(0, 100, min_open=True), default=None)
-@click.option("--pause-min-finished", type=click.IntRange(min=1), default=None)
+@click.option("--retries", type=click.IntRange(0, 10), default=None, help="retries per failed device")
+@click.option(
+    "--pause-failure-percent",
+    type=click.FloatRange(0, 100, min_open=True),
+    default=None,
+    help="pause the rollout when this share of finished devices failed",
+)
+@click.option(
+    "--pause-min-finished", type=click.IntRange(min=1), default=None, help="…once at least this many finished"
+)
 @click.option("--force", is_flag=True, help="also devices that already run this version")
 @url_option
 @key_option

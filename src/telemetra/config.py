@@ -8,8 +8,11 @@ move over unchanged.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +47,15 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./telemetra-data"), validation_alias=_alias("DATA_DIR"))
     database_url: str | None = Field(None, validation_alias=_alias("DATABASE_URL", "DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_alias("DB_POOL_SIZE", "DB_POOL_SIZE"))
+    # How long `serve` waits at start for PostgreSQL and an external broker (bounded backoff, progress in the
+    # log), so that compose's start-up order does not matter.
+    startup_wait_s: float = Field(60.0, ge=0, le=3600, validation_alias=_alias("STARTUP_WAIT_S"))
+
+    # TLS (issue 11): with a certificate and key, HTTP is HTTPS (with HSTS) and the embedded broker adds an
+    # MQTT-over-TLS listener on TELEMETRA_MQTT_TLS_PORT.
+    tls_cert: Path | None = Field(None, validation_alias=_alias("TLS_CERT"))
+    tls_key: Path | None = Field(None, validation_alias=_alias("TLS_KEY"))
+    mqtt_tls_port: int = Field(8883, ge=0, le=65535, validation_alias=_alias("MQTT_TLS_PORT"))
 
     admin_keys: CommaList = Field(default_factory=list, validation_alias=_alias("ADMIN_KEYS"))
     api_secret_key: str | None = Field(None, validation_alias=AliasChoices("API_SECRET_KEY"))
@@ -251,7 +263,27 @@ class Settings(BaseSettings):
                     f"({len(weak)} too short); generate one with: python -c 'import secrets; "
                     "print(secrets.token_urlsafe(32))'"
                 )
+            self._refuse_placeholders()
         return self
+
+    def _refuse_placeholders(self) -> None:
+        """The example values of .env.example and the compose files must not reach production."""
+        secrets: list[tuple[str, str]] = [("TELEMETRA_ADMIN_KEYS", k) for k in self.all_admin_keys]
+        secrets += [("TELEMETRA_OPERATOR_KEYS", k) for k in self.operator_keys]
+        secrets += [("TELEMETRA_VIEWER_KEYS", k) for k in self.viewer_keys]
+        secrets += [("TELEMETRA_DEVICE_API_KEYS", k) for k in self.device_api_keys]
+        if self.mqtt_dynsec_password:
+            secrets.append(("TELEMETRA_MQTT_DYNSEC_PASSWORD", self.mqtt_dynsec_password))
+        for name, url in (("TELEMETRA_DATABASE_URL", self.database_url), ("TELEMETRA_MQTT_URL", self.mqtt_url)):
+            password = _url_password(url)
+            if password:
+                secrets.append((name, password))
+        bad = sorted({name for name, value in secrets if is_placeholder(value)})
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)}: placeholder or example secret outside development (TELEMETRA_ENV={self.env}); "
+                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
 
     @property
     def all_admin_keys(self) -> list[str]:
@@ -273,3 +305,102 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
+
+
+# Words that mark a value as an example, not a secret (what .env.example files and tutorials put there).
+_PLACEHOLDER_WORDS = (
+    "changeme", "change-me", "change_me", "replace", "example", "placeholder", "your-", "your_", "yourkey",
+    "xxxx", "todo", "dummy", "sample", "fill-in", "insert", "<", ">", "secret-key", "password123",
+)  # fmt: skip
+
+
+def is_placeholder(value: str) -> bool:
+    lowered = value.lower()
+    return any(word in lowered for word in _PLACEHOLDER_WORDS) or len(set(value)) < 6
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url or "://" not in url:
+        return None
+    from urllib.parse import unquote, urlsplit
+
+    password = urlsplit(url).password
+    return unquote(password) if password else None
+
+
+# TELEMETRA_* names that are not settings but are read by the test suite and bench/.
+_NOT_SETTINGS_PREFIXES = ("TELEMETRA_TEST_", "TELEMETRA_BENCH_", "TELEMETRA_FUZZ_")
+
+
+def known_names() -> dict[str, str]:
+    """Every name a setting answers to (``TELEMETRA_…`` and the seeds' aliases) → its field."""
+    names: dict[str, str] = {}
+    for field_name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias or field_name]
+        for choice in choices:
+            if isinstance(choice, str):
+                names[choice.upper()] = field_name
+    for name in list(names):
+        if name.startswith("TELEMETRA_") and not name.endswith("_FILE"):
+            names.setdefault(name + "_FILE", names[name])  # secrets from files (file_values)
+    return names
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of a .env file (comments, blank lines and `export ` ignored)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return values
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def unknown_settings(environ: Mapping[str, str], env_file_keys: Iterable[str] = ()) -> list[str]:
+    """One warning per ``TELEMETRA_*`` variable (and ``.env`` key) that no setting reads, naming the closest
+    known setting: a typo must not be silently ignored."""
+    known = known_names()
+    telemetra_names = sorted(n for n in known if n.startswith("TELEMETRA_"))
+    warnings = []
+    candidates = [("environment variable", n) for n in environ if n.upper().startswith("TELEMETRA_")]
+    candidates += [(".env key", n) for n in env_file_keys]
+    for where, name in candidates:
+        upper = name.upper()
+        if upper in known or upper.startswith(_NOT_SETTINGS_PREFIXES):
+            continue
+        # Compared without the common prefix, which would make every name look alike.
+        short = {n.removeprefix("TELEMETRA_"): n for n in telemetra_names}
+        close = difflib.get_close_matches(upper.removeprefix("TELEMETRA_"), list(short), n=1, cutoff=0.7)
+        hint = f"; did you mean {short[close[0]]}?" if close else " (see the configuration table in the README)"
+        warnings.append(f"unknown {where} {name} is ignored{hint}")
+    return warnings
+
+
+def file_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``TELEMETRA_<NAME>_FILE=/run/secrets/x``: the setting's value read from that file (compose and
+    Kubernetes secrets), trailing newline dropped. A setting that is itself a path (…_KEY_FILE) is not one."""
+    real = {n: f for n, f in known_names().items() if not n.endswith("_FILE") or f.endswith("_file")}
+    values: dict[str, Any] = {}
+    for name, path in environ.items():
+        upper = name.upper()
+        if not upper.startswith("TELEMETRA_") or not upper.endswith("_FILE") or upper in real:
+            continue
+        field = real.get(upper.removesuffix("_FILE"))
+        if field is None:
+            continue
+        try:
+            values[field] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{name}={path}: cannot read the file ({exc.strerror})") from None
+    return values
+
+
+def process_environ() -> Mapping[str, str]:
+    return os.environ

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_* (memory, CPU, start time): per process, so `serve --workers N` shows each worker.
+        ProcessCollector(registry=self.registry)
         r = self.registry
         self.points = Counter("telemetra_ingested_points", "Points committed to storage", ["transport"], registry=r)
         self.messages = Counter(

@@ -19,7 +19,7 @@ from telemetra.mqtt.broker_accounts import MosquittoAccounts
 from telemetra.mqtt.client_id import CollectorClientId
 from telemetra.mqtt.collector import Collector
 from telemetra.mqtt.connection import BrokerAddress, parse_broker_url, tls_context
-from telemetra.mqtt.embedded import DeviceIngest, EmbeddedBroker
+from telemetra.mqtt.embedded import DeviceIngest, EmbeddedBroker, TlsListener
 from telemetra.mqtt.inbound import Inbound
 from telemetra.mqtt.presets import build_table
 from telemetra.mqtt.rejections import RejectionGate, RejectionLimiter
@@ -92,8 +92,16 @@ class MqttCapability:
         services, stack = self._services, self._stack
         settings = services.settings
         sink = DeviceIngest(inbound, services.queue, services.metrics, on_refused=_keep_refused(services, inbound))
+        tls = None
+        if settings.tls_cert and settings.tls_key and settings.mqtt_tls_port:
+            tls = TlsListener(port=settings.mqtt_tls_port, cert=settings.tls_cert, key=settings.tls_key)
         broker = EmbeddedBroker(
-            host=settings.mqtt_host, port=settings.mqtt_port, authenticate=_registry_auth(services), acl=acl, sink=sink
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            authenticate=_registry_auth(services),
+            acl=acl,
+            sink=sink,
+            tls=tls,
         )
         self._supervisor.spawn("embedded-ingest", sink.run)
         await stack.enter_async_context(broker)
@@ -106,12 +114,15 @@ class MqttCapability:
 
         def probe() -> dict[str, Any]:
             running = supervisor.alive("embedded-ingest") and supervisor.alive("sessions")
-            return {
+            health = {
                 "status": "ok" if running else "down",
                 "mode": "embedded",
                 "broker": f"{settings.mqtt_host}:{broker.port}",
                 "waiting": sink.pipeline.waiting,
             }
+            if broker.tls_port is not None:
+                health["tls_broker"] = f"{settings.mqtt_host}:{broker.tls_port}"
+            return health
 
         self._probe = probe
 

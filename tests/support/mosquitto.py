@@ -438,10 +438,13 @@ class DeployBroker:
     instance: MosquittoInstance
     ws_port: int
     data: Path
+    tls_port: int | None = None
 
 
 @contextlib.contextmanager
-def deploy_mosquitto(admin_password: str = "deploy-admin") -> Iterator[DeployBroker]:
+def deploy_mosquitto(
+    admin_password: str = "deploy-admin", tls: tuple[Path, Path, Path] | None = None
+) -> Iterator[DeployBroker]:
     """deploy/mosquitto/mosquitto.conf as shipped, with its paths pointed into a temp dir and free ports.
 
     Started as root the broker drops to the `mosquitto` user exactly as in production, so the data dir is
@@ -464,6 +467,23 @@ def deploy_mosquitto(admin_password: str = "deploy-admin") -> Iterator[DeployBro
         conf = conf.replace("\nlistener 1883\n", f"\nlistener {mqtt_port} 127.0.0.1\n")
         conf = conf.replace("\nlistener 9001\n", f"\nlistener {ws_port} 127.0.0.1\n")
         assert f"listener {mqtt_port} " in conf and f"listener {ws_port} " in conf, "deploy listeners changed"
+        # conf.d/: empty (plain MQTT), or deploy/mosquitto/conf.d/tls.conf with `tls` = (ca, cert, key).
+        included = workdir / "conf.d"
+        included.mkdir()
+        conf = conf.replace("/mosquitto/config/conf.d", str(included))
+        tls_port = None
+        if tls is not None:
+            tls_port = free_port()
+            certs = workdir / "certs"
+            certs.mkdir()
+            for source, name in zip(tls, ("ca.crt", "server.crt", "server.key"), strict=True):
+                shutil.copyfile(source, certs / name)
+                (certs / name).chmod(0o644)  # the broker's dropped-privilege user reads them (test keys only)
+            tls_conf = (DEPLOY_CONF.parent / "conf.d" / "tls.conf").read_text()
+            tls_conf = tls_conf.replace("/mosquitto/certs", str(certs))
+            tls_conf = tls_conf.replace("\nlistener 8883\n", f"\nlistener {tls_port} 127.0.0.1\n")
+            assert f"listener {tls_port} " in tls_conf, "tls.conf listener changed"
+            (included / "tls.conf").write_text(tls_conf)
         conf_path = workdir / "mosquitto.conf"
         conf_path.write_text(conf)
         init_dynsec_state(data / "dynamic-security.json", "admin", admin_password)
@@ -474,7 +494,7 @@ def deploy_mosquitto(admin_password: str = "deploy-admin") -> Iterator[DeployBro
         instance = spawn_mosquitto(
             binary, conf_path, port=mqtt_port, workdir=workdir, admin_username="admin", admin_password=admin_password
         )
-        broker = DeployBroker(instance, ws_port, data)
+        broker = DeployBroker(instance, ws_port, data, tls_port)
         try:
             yield broker
         finally:

@@ -14,6 +14,8 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
@@ -39,6 +41,15 @@ class BrokerPortInUse(RuntimeError):
         self.port = port
 
 
+@dataclass(frozen=True, slots=True)
+class TlsListener:
+    """MQTT over TLS beside the plain listener (port 0 picks a free one)."""
+
+    port: int
+    cert: Path
+    key: Path
+
+
 class EmbeddedBroker:
     """Async context manager running an MQTT listener on `host:port` (port 0 picks a free one)."""
 
@@ -53,8 +64,11 @@ class EmbeddedBroker:
         session_expiry_s: int | None = 7 * 86_400,
         connect_timeout: float = 10.0,
         amqtt_log_level: int | None = logging.WARNING,
+        tls: TlsListener | None = None,
     ) -> None:
         self._host = host
+        self._tls = tls
+        self._tls_port: int | None = None
         self._sink = sink
         self._session_expiry_s = session_expiry_s
         self._requested_port = port
@@ -73,6 +87,11 @@ class EmbeddedBroker:
         if self._port is None:
             raise RuntimeError("the embedded MQTT broker is not running")
         return self._port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The MQTT-over-TLS listener's port, when there is one."""
+        return self._tls_port
 
     @property
     def connected(self) -> bool:
@@ -101,8 +120,17 @@ class EmbeddedBroker:
     def _config(self) -> BrokerConfig:
         # amqtt splits `bind` on the last ':' so IPv6 hosts need no brackets (brackets break it).
         listener = ListenerConfig(type=ListenerType.TCP, bind=f"{self._host}:{self._requested_port}")
+        listeners = {"default": listener}
+        if self._tls is not None:
+            listeners["tls"] = ListenerConfig(
+                type=ListenerType.TCP,
+                bind=f"{self._host}:{self._tls.port}",
+                ssl=True,
+                certfile=self._tls.cert,
+                keyfile=self._tls.key,
+            )
         return BrokerConfig(
-            listeners={"default": listener},
+            listeners=listeners,
             # No plugins: replaces amqtt's defaults (anonymous auth, $SYS publisher, packet logger);
             # GuardedBroker authenticates and authorizes itself, see _amqtt_broker for why.
             plugins={},
@@ -124,6 +152,9 @@ class EmbeddedBroker:
         self._broker = broker
         self._port = broker.bound_port()
         logger.info("embedded MQTT broker listening on %s:%d", self._host or "*", self._port)
+        if self._tls is not None:
+            self._tls_port = broker.bound_port("tls")
+            logger.info("embedded MQTT broker listening for TLS on %s:%d", self._host or "*", self._tls_port)
         return self
 
     async def __aexit__(
@@ -132,7 +163,7 @@ class EmbeddedBroker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        broker, self._broker, self._port = self._broker, None, None
+        broker, self._broker, self._port, self._tls_port = self._broker, None, None, None
         if broker is not None:
             # Stops every session handler, awaits amqtt's broadcast and session-monitor tasks,
             # closes the listener, then closes and awaits connections that never sent CONNECT.

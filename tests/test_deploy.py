@@ -1,0 +1,144 @@
+"""deploy/: the compose files as ``docker-compose config`` reads them (the Debian package), and what a
+production deployment relies on — no host port per replica, secrets only from files, healthchecks with
+start periods, Mosquitto with TLS and dynamic security, PostgreSQL with a volume and backups, Grafana
+provisioned with a PostgreSQL data source and a dashboard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import missing_service
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+# Made by deploy/make-secrets.sh on the host, not shipped.
+GENERATED = ("secrets", "certs", "backups", "mosquitto/data")
+
+
+def compose_config(name: str) -> dict[str, Any]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        missing_service("docker-compose not installed (apt-get install docker-compose)")
+        raise AssertionError("unreachable")
+    done = subprocess.run(
+        [binary, "-f", str(DEPLOY / name), "config"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+def target_ports(service: dict[str, Any]) -> set[int]:
+    """Container ports, whichever form docker-compose gives them in (a mapping, or "ip:host:container")."""
+    return {
+        int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[-1].split("/")[0])
+        for p in service.get("ports", [])
+    }
+
+
+def bind_sources(service: dict[str, Any]) -> list[str]:
+    sources = []
+    for volume in service.get("volumes", []):
+        source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+        if source.startswith("/"):
+            sources.append(source)
+    return sources
+
+
+@pytest.fixture(scope="module")
+def prod() -> dict[str, Any]:
+    return compose_config("compose.prod.yaml")
+
+
+def test_prod_services_and_healthchecks(prod: dict[str, Any]) -> None:
+    services = prod["services"]
+    assert set(services) == {"proxy", "telemetra", "postgres", "backup", "mosquitto", "grafana"}
+    for name, service in services.items():
+        check = service.get("healthcheck")
+        assert check and check.get("test") and check.get("start_period"), f"{name}: healthcheck with start_period"
+    assert services["grafana"]["profiles"] == ["grafana"]
+
+
+def test_replicas_behind_the_tls_proxy(prod: dict[str, Any]) -> None:
+    telemetra, proxy = prod["services"]["telemetra"], prod["services"]["proxy"]
+    assert "ports" not in telemetra  # no fixed host port per replica: only the proxy reaches them
+    assert int(telemetra["deploy"]["replicas"]) >= 2
+    assert telemetra["environment"]["TELEMETRA_MQTT_SHARE_GROUP"] == "telemetra"
+    assert target_ports(proxy) == {80, 443}
+    nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert "listen 443 ssl" in nginx and "ssl_certificate " in nginx and "Strict-Transport-Security" in nginx
+    assert "resolver 127.0.0.11" in nginx and "http://telemetra:8000" in nginx  # every replica, re-resolved
+
+
+def test_secrets_come_from_files(prod: dict[str, Any]) -> None:
+    assert all("file" in secret for secret in prod["secrets"].values())
+    for name, service in prod["services"].items():
+        env = service.get("environment", {})
+        for key, value in env.items():
+            assert not any(word in key for word in ("PASSWORD", "KEYS", "SECRET")) or key.endswith("_FILE"), (
+                f"{name}: {key} must be read from a file"
+            )
+            assert "://" not in str(value) or "@" not in str(value), f"{name}: {key} holds credentials"
+        for key in (k for k in env if k.endswith("_FILE")):
+            secret = env[key].removeprefix("/run/secrets/")
+            assert secret in [s if isinstance(s, str) else s["source"] for s in service["secrets"]], (name, key)
+    env = prod["services"]["telemetra"]["environment"]
+    assert env["TELEMETRA_ENV"] == "production"  # so placeholder and weak keys are refused
+    script = (DEPLOY / "make-secrets.sh").read_text()
+    for secret in prod["secrets"]:
+        assert f"keep {secret} " in script, f"make-secrets.sh does not make {secret}"
+
+
+def test_mosquitto_with_tls_and_dynamic_security(prod: dict[str, Any]) -> None:
+    mosquitto = prod["services"]["mosquitto"]
+    assert 8883 in target_ports(mosquitto)
+    targets = {v["target"] if isinstance(v, dict) else v.split(":")[1] for v in mosquitto["volumes"]}
+    assert {"/mosquitto/config/conf.d", "/mosquitto/certs", "/mosquitto/data"} <= targets
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    assert "include_dir /mosquitto/config/conf.d" in conf and "mosquitto_dynamic_security.so" in conf
+    tls = (DEPLOY / "mosquitto" / "conf.d" / "tls.conf").read_text()
+    assert "listener 8883" in tls and "certfile /mosquitto/certs/server.crt" in tls
+
+
+def test_postgres_volume_and_backups(prod: dict[str, Any]) -> None:
+    postgres, backup = prod["services"]["postgres"], prod["services"]["backup"]
+    assert any(
+        (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/var/lib/postgresql/data"
+        for v in postgres["volumes"]
+    )
+    assert "pg-data" in prod["volumes"]
+    assert "telemetra-backup /backups" in " ".join(backup["entrypoint"])
+    assert "telemetra-backup" in (DEPLOY.parent / "Dockerfile").read_text()
+
+
+def test_grafana_provisioned_with_postgres_and_a_dashboard(prod: dict[str, Any]) -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "telemetra.yaml").read_text())["datasources"]
+    assert source["type"] == "grafana-postgresql-datasource" and source["url"] == "postgres:5432"
+    assert source["secureJsonData"]["password"].startswith("$__file{/run/secrets/")
+    dashboards = list((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+    assert len(dashboards) == 1
+    dashboard = json.loads(dashboards[0].read_text())
+    assert dashboard["panels"] and all(p["datasource"]["uid"] == source["uid"] for p in dashboard["panels"])
+
+
+def test_every_mounted_file_is_in_the_repository(prod: dict[str, Any]) -> None:
+    for name, service in prod["services"].items():
+        for source in bind_sources(service):
+            relative = Path(source).relative_to(DEPLOY) if Path(source).is_relative_to(DEPLOY) else None
+            if relative is None or str(relative).startswith(GENERATED):
+                continue
+            assert (DEPLOY / relative).exists(), f"{name} mounts {relative}, which is not in deploy/"
+
+
+def test_dev_compose() -> None:
+    dev = compose_config("compose.dev.yaml")
+    (telemetra,) = dev["services"].values()
+    assert telemetra["healthcheck"]["start_period"]
+    assert target_ports(telemetra) == {8000, 1883}

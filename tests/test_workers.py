@@ -1,0 +1,117 @@
+"""``telemetra serve --workers N``: refused in the embedded configuration, and with PostgreSQL and a test
+Mosquitto two worker processes share one HTTP port and the MQTT stream ($share): every message is stored
+exactly once, and both workers start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN, ADMIN_KEY, postgres_database
+from tests.mqtt.conftest import SeqPublisher, metric_sum, stored_seq, telemetra_binary, wait_until_stable
+from tests.support.mosquitto import MosquittoInstance, free_port, start_mosquitto
+
+MESSAGES = 300
+DEVICE = "worker-dev"
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_") and k != "DATABASE_URL"}
+    env |= {"TELEMETRA_DATA_DIR": str(tmp_path / "data"), "TELEMETRA_HOST": "127.0.0.1"}
+    return env | {"TELEMETRA_ADMIN_KEYS": ADMIN_KEY, "TELEMETRA_PORT": str(free_port()), **extra}
+
+
+@pytest.mark.parametrize(
+    ("env", "needs"),
+    [
+        ({}, "PostgreSQL (TELEMETRA_DATABASE_URL)"),
+        ({"TELEMETRA_MQTT_PORT": "0"}, "PostgreSQL (TELEMETRA_DATABASE_URL)"),
+        ({"TELEMETRA_DATABASE_URL": "postgresql://u@127.0.0.1/x"}, "an external MQTT broker (TELEMETRA_MQTT_URL)"),
+    ],
+)
+def test_workers_refused_in_the_embedded_configuration(tmp_path: Path, env: dict[str, str], needs: str) -> None:
+    done = subprocess.run(
+        [*telemetra_binary(), "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=base_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--workers 2 needs" in done.stderr and needs in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.mosquitto
+@pytest.mark.postgres
+async def test_two_workers_store_every_message_once(tmp_path: Path) -> None:
+    async with postgres_database() as url:
+        broker = start_mosquitto(tmp_path / "mosquitto", dynsec=True)
+        try:
+            await asyncio.to_thread(scenario, broker, url, tmp_path)
+        finally:
+            broker.stop()
+
+
+def scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path) -> None:
+    env = base_env(
+        tmp_path,
+        TELEMETRA_DATABASE_URL=database_url,
+        TELEMETRA_MQTT_URL=f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
+        TELEMETRA_MQTT_DYNSEC_USERNAME=broker.admin_username,
+        TELEMETRA_MQTT_DYNSEC_PASSWORD=broker.admin_password,
+        TELEMETRA_LOG_LEVEL="INFO",
+    )
+    url = f"http://127.0.0.1:{env['TELEMETRA_PORT']}"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*telemetra_binary(), "serve", "--workers", "2"], cwd=tmp_path, env=env, stdout=out, stderr=out
+        )
+    publisher: SeqPublisher | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count(" ready on postgresql") < 2:  # both workers started
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/api/v1/devices", json={"id": DEVICE}, headers=ADMIN, timeout=10)
+        assert r.status_code == 201, r.text
+        publisher = SeqPublisher(broker.host, broker.port, DEVICE, r.json()["credentials"]["api_key"])
+        for seq in range(MESSAGES):
+            publisher.publish(seq)
+        assert publisher.refused == [] and publisher.accepted == list(range(MESSAGES))
+        final = wait_until_stable(lambda: stored_seq(database_url, DEVICE), expected=MESSAGES)
+        assert final.rows == final.distinct_ts == MESSAGES and final.values == list(range(MESSAGES))
+        # Both workers took part in MQTT and answer HTTP on the one port: each counts what it ingested, and
+        # new connections reach either (the kernel spreads them over the processes accepting on the socket).
+        seen: dict[float, float] = {}  # worker (its process start time) → messages it ingested
+
+        def sample(_: int) -> tuple[float, float]:
+            with httpx.Client(base_url=url, timeout=10) as client:  # a new connection each time
+                text = client.get("/metrics").text
+            start = metric_sum(text, "process_start_time_seconds")
+            return start, metric_sum(text, "telemetra_ingested_messages_total", transport="mqtt")
+
+        # Concurrent connections: an idle worker accepts while the other is busy (one at a time, the
+        # kernel may hand every connection to the same process).
+        with ThreadPoolExecutor(8) as pool:
+            while len(seen) < 2 and time.monotonic() < deadline + 30:
+                seen.update(pool.map(sample, range(32)))
+        assert len(seen) == 2 and sum(seen.values()) == MESSAGES and min(seen.values()) > 0, seen
+    finally:
+        if publisher is not None:
+            publisher.close()
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
