@@ -79,7 +79,7 @@ export async function api(path, { method = "GET", body, query, key, signal, size
   return sized ? { data, bytes: new TextEncoder().encode(text).length } : data;
 }
 
-function answer(status, text, own) {
+async function answer(status, text, own) {
   let data = null;
   try {
     data = text ? JSON.parse(text) : null;
@@ -90,7 +90,7 @@ function answer(status, text, own) {
   const detail = data?.detail ?? (text || `HTTP ${status}`);
   const error = new ApiError(status, detail, data?.field);
   if (status === 401 && own) trouble(error);
-  return Promise.reject(error);
+  throw error;
 }
 
 // A multipart upload with progress (fetch cannot report upload progress).

@@ -15,15 +15,16 @@ const banner = document.getElementById("banner");
 const THEME = "telemetra.theme";
 
 const PAGES = [
-  { path: /^\/$/, render: renderFleet, nav: "/", label: "Fleet" },
-  { path: /^\/devices\/(.+)$/, render: renderDevice, nav: "/" },
-  { path: /^\/provision$/, render: renderProvision, nav: "/provision", label: "Provision", admin: true },
-  { path: /^\/alerts$/, render: renderAlerts, nav: "/alerts", label: "Alerts" },
-  { path: /^\/ota$/, render: renderOta, nav: "/ota", label: "OTA", admin: true },
-  { path: /^\/test$/, render: renderTest, nav: "/test", label: "Test telemetry" },
+  { name: "fleet", path: /^\/$/, render: renderFleet, nav: "/", label: "Fleet" },
+  { name: "device", path: /^\/devices\/(.+)$/, render: renderDevice, nav: "/" },
+  { name: "provision", path: /^\/provision$/, render: renderProvision, nav: "/provision", label: "Provision", admin: true },
+  { name: "alerts", path: /^\/alerts$/, render: renderAlerts, nav: "/alerts", label: "Alerts" },
+  { name: "ota", path: /^\/ota$/, render: renderOta, nav: "/ota", label: "OTA", admin: true },
+  { name: "test", path: /^\/test$/, render: renderTest, nav: "/test", label: "Test telemetry" },
 ];
 
 let leave = null; // the current page's cleanup (sockets, timers)
+let shown = 0; // which render is current: a slow page that answers after the user moved on is stopped
 
 function applyTheme(theme) {
   if (theme) document.documentElement.dataset.theme = theme;
@@ -104,16 +105,27 @@ async function render() {
   leave = null;
   const params = path.match(page.path).slice(1).map(decodeURIComponent);
   const root = h("div", { class: "page" });
+  delete main.dataset.ready;
+  main.dataset.page = page.name;
   clear(main, root);
   if (page.admin && !session.admin) {
     root.append(h("h1", {}, page.label), h("p", { class: "message" }, "This page needs an admin key."));
+    main.dataset.ready = "true";
     return;
   }
+  const mine = ++shown;
   try {
-    leave = (await page.render(root, { params, query })) ?? null;
+    const cleanup = (await page.render(root, { params, query })) ?? null;
+    if (mine !== shown) {
+      cleanup?.();
+      return;
+    }
+    leave = cleanup;
   } catch (error) {
     root.append(h("div", { class: "message error", role: "alert" }, describe(error)));
   }
+  // First screen drawn: what tests and bench/dashboard.py wait for.
+  if (main.dataset.page === page.name) main.dataset.ready = "true";
   document.title = `${root.querySelector("h1")?.textContent ?? "Telemetra"} · Telemetra`;
 }
 

@@ -158,7 +158,7 @@ export class TimeChart {
 // The aggregate answer ({key: [{start, min, max, avg}]}) as uPlot columns: x, then avg/min/max per key.
 function columns(keys, series, interval) {
   const xs = new Set();
-  for (const key of keys) for (const b of series[key] ?? []) xs.add(Date.parse(b.start) / 1000 + interval / 2);
+  for (const key of keys) for (const b of series[key] ?? []) xs.add(Date.parse(b.start) / 1000);
   const x = [...xs].sort((a, b) => a - b);
   const at = new Map(x.map((v, i) => [v, i]));
   const out = [x];
@@ -167,7 +167,7 @@ function columns(keys, series, interval) {
     const min = new Array(x.length).fill(null);
     const max = new Array(x.length).fill(null);
     for (const b of series[key] ?? []) {
-      const i = at.get(Date.parse(b.start) / 1000 + interval / 2);
+      const i = at.get(Date.parse(b.start) / 1000);
       avg[i] = b.avg;
       min[i] = b.min;
       max[i] = b.max;

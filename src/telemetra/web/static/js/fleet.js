@@ -1,9 +1,9 @@
 // Fleet: one server-side page of devices at a time (search, filters, sort, paging), so 10,000 devices cost
 // the same first screen as ten.
 
-import { api } from "./api.js";
+import { api, Unreachable } from "./api.js";
 import { replaceQuery } from "./nav.js";
-import { clear, every, h, onlineBadge, table, when } from "./ui.js";
+import { clear, errorMessage, every, h, onlineBadge, table, when } from "./ui.js";
 
 const PAGE_SIZE = 50;
 const COLUMNS = [
@@ -40,10 +40,17 @@ export async function renderFleet(root, { query }) {
   async function load() {
     const mine = ++seq;
     replaceQuery({ ...state, page: state.page || "", sort: state.sort === "id" ? "" : state.sort });
-    const page = await api("/api/v1/devices", {
-      query: { search: state.search.trim(), model: state.model.trim(), online: state.online, kind: state.kind,
-        sort: state.sort, limit: PAGE_SIZE, offset: state.page * PAGE_SIZE },
-    });
+    let page;
+    try {
+      page = await api("/api/v1/devices", {
+        query: { search: state.search.trim(), model: state.model.trim(), online: state.online, kind: state.kind,
+          sort: state.sort, limit: PAGE_SIZE, offset: state.page * PAGE_SIZE },
+      });
+    } catch (error) {
+      // An outage is said by the banner; what was shown stays. Anything else is said here.
+      if (mine === seq && !(error instanceof Unreachable)) clear(body, errorMessage(error));
+      return;
+    }
     if (mine !== seq) return; // a newer search answered first
     total.textContent = `${page.total.toLocaleString()} device${page.total === 1 ? "" : "s"}`;
     for (const m of new Set(page.devices.map((d) => d.model).filter(Boolean))) {

@@ -136,7 +136,7 @@ export async function renderOta(root) {
     h("div", { class: "grid" },
       h("section", { class: "panel", "aria-labelledby": "up-h" }, h("h2", { id: "up-h" }, "Upload firmware"), uploadForm),
       h("section", { class: "panel", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "New rollout"), rolloutForm),
-      h("section", { class: "panel wide", "aria-labelledby": "fw-h" }, h("h2", { id: "fw-h" }, "Firmware"), firmwareList),
+      h("section", { class: "panel wide", "aria-labelledby": "fw-h" }, h("h2", { id: "fw-h" }, "Firmware images"), firmwareList),
       h("section", { class: "panel wide", "aria-labelledby": "rl-h" }, h("h2", { id: "rl-h" }, "Rollouts"), rollouts)),
   );
   await Promise.all([loadFirmware(), loadRollouts()]);

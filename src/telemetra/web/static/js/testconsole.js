@@ -28,14 +28,21 @@ export async function renderTest(root, { query }) {
   }
 
   const canPost = session.operates;
-  if (!canPost) deviceKey.required = true;
-  const form = h("form", { onsubmit: async (e) => {
+  const viewerForm = h("form", { onsubmit: (e) => {
+    e.preventDefault();
+    watch(device.value.trim());
+    clear(out, h("p", { class: "message", role: "status" }, `Watching ${device.value.trim()}: readings appear as they arrive.`));
+  } },
+    h("p", { class: "message" }, "A viewer key cannot post telemetry; it can watch what a device sends."),
+    h("label", { for: "test-device" }, "Device id", device, devices),
+    h("p", {}, h("button", { type: "submit" }, "Watch")), out);
+  const form = canPost ? null : viewerForm;
+  const postForm = h("form", { dataset: { write: "" }, onsubmit: async (e) => {
     e.preventDefault();
     const id = device.value.trim();
     try {
       const message = parseJson(body.value, "Message");
       const own = deviceKey.value.trim();
-      if (!own && !canPost) throw new Error("A viewer key cannot post telemetry: give the device's own key.");
       const doc = own ? message : { device_id: id, ...message };
       watch(id);
       const answer = await api("/api/v1/ingest", { method: "POST", body: doc, key: own || undefined });
@@ -54,7 +61,7 @@ export async function renderTest(root, { query }) {
   root.append(
     h("h1", {}, "Test telemetry"),
     h("div", { class: "grid" },
-      h("section", { class: "panel", "aria-labelledby": "t-h" }, h("h2", { id: "t-h" }, "Send"), form),
+      h("section", { class: "panel", "aria-labelledby": "t-h" }, h("h2", { id: "t-h" }, canPost ? "Send" : "Watch"), form ?? postForm),
       h("section", { class: "panel", "aria-labelledby": "a-h" }, h("h2", { id: "a-h" }, "Arrived"), arrived)),
   );
   return () => stream?.stop();

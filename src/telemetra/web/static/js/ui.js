@@ -112,9 +112,10 @@ export function table(headers, rows, attrs = {}) {
 }
 
 // Run fn every ms while the page is shown; returns the stop function.
+// A failed refresh is already said (the banner for an outage, the sign-in for a refused key).
 export function every(ms, fn) {
   const id = setInterval(() => {
-    if (!document.hidden) fn();
+    if (!document.hidden) Promise.resolve().then(fn).catch((error) => console.warn("refresh failed:", error.message));
   }, ms);
   return () => clearInterval(id);
 }
