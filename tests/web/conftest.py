@@ -103,10 +103,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     thread.join(30)
 
 
+def require_chromium(path: str) -> None:
+    """A missing chromium skips on a developer's machine and fails under CI=true (``missing_service``)."""
+    if not (Path(path).is_file() or shutil.which(path)):
+        missing_service(f"chromium not found at {path} (apt-get install chromium; scripts/test-services.sh does)")
+
+
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
-    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        missing_service(f"chromium not found at {CHROMIUM} (apt-get install chromium; scripts/test-services.sh does)")
+    require_chromium(CHROMIUM)
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

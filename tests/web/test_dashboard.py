@@ -4,8 +4,10 @@ device, alerts, OTA upload and rollout, the viewer's read-only view, screenshots
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,13 @@ WRITE_LABELS = re.compile(
 def _pages(server: Server) -> list[tuple[str, str]]:
     device_id = unique("pages")
     secret = server.create_device(device_id, model="env-v1", name="Screenshot device")
+    now_ms = int(time.time() * 1000)
+    history = [
+        {"ts": now_ms - (200 - i) * 420_000, "temperature": 20 + 3 * math.sin(i / 15), "humidity": 40 + (i % 7)}
+        for i in range(200)
+    ]
+    r = server.http.post("/api/v1/ingest/batch", json=history, headers={"X-API-Key": secret})
+    assert r.status_code in (200, 201, 202), r.text
     server.ingest(secret, {"temperature": 21.5, "humidity": 41, "status": "ok"})
     server.http.post(f"/api/v1/devices/{device_id}/commands", json={"name": "reboot"}, headers=ADMIN)
     server.http.put(f"/api/v1/devices/{device_id}/config", json={"interval_s": 60}, headers=ADMIN)

@@ -265,7 +265,8 @@ export async function renderDevice(root, { params, query }) {
     },
     onStatus: (status) => {
       live = status === "live";
-      liveBadge.textContent = { live: "live", reconnecting: "reconnecting…", refused: "live updates refused" }[status] ?? status;
+      // While the stream is down the page polls, so it still follows the device, only less promptly.
+      liveBadge.textContent = { live: "live", reconnecting: "polling (stream reconnecting)", refused: "polling (stream refused)" }[status] ?? status;
       liveBadge.className = `badge ${live ? "ok" : "warn"}`;
     },
   }).start();
