@@ -109,7 +109,9 @@ def require_chromium(path: str) -> None:
         missing_service(f"chromium not found at {path} (apt-get install chromium; scripts/test-services.sh does)")
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread while it is open, which
+# the asyncio tests that run after this module could not start theirs beside.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     require_chromium(CHROMIUM)
     try:
