@@ -1,6 +1,7 @@
 // Talking to Telemetra's API with the key kept for this browser session only (sessionStorage).
 
 const KEY = "telemetra.apiKey";
+const ME = "telemetra.me"; // the key's role, kept beside it so a new tab does not ask again
 
 export class ApiError extends Error {
   constructor(status, detail, field) {
@@ -21,14 +22,26 @@ export const session = {
   get key() {
     return sessionStorage.getItem(KEY);
   },
-  save(key) {
+  save(key, me) {
     sessionStorage.setItem(KEY, key);
+    session.me = me;
   },
   clear() {
     sessionStorage.removeItem(KEY);
-    session.me = null;
+    sessionStorage.removeItem(ME);
   },
-  me: null, // GET /api/v1/me of the key in use
+  // GET /api/v1/me of the key in use. Only a hint for what to show: the server checks every request.
+  get me() {
+    try {
+      return JSON.parse(sessionStorage.getItem(ME) ?? "null");
+    } catch {
+      return null;
+    }
+  },
+  set me(value) {
+    if (value) sessionStorage.setItem(ME, JSON.stringify(value));
+    else sessionStorage.removeItem(ME);
+  },
   get operates() {
     return Boolean(session.me?.can?.operate);
   },

@@ -61,8 +61,7 @@ function showSignIn(note) {
         try {
           const me = await api("/api/v1/me", { key: input.value.trim() });
           if (!me.can.read_fleet) throw new Error(`This is a ${me.role} key: the dashboard needs an admin, operator or viewer key.`);
-          session.save(input.value.trim());
-          session.me = me;
+          session.save(input.value.trim(), me);
           start();
         } catch (error) {
           const text =

@@ -14,8 +14,8 @@ const POLL_MS = 5000; // while the live stream is down
 export async function renderDevice(root, { params, query }) {
   const [id] = params;
   const base = `/api/v1/devices/${encodeURIComponent(id)}`;
-  const device = await api(base);
   const latest = {}; // key -> {ts, value}
+  const [device, firstLatest] = await Promise.all([api(base), api(`${base}/latest`)]);
   const stops = [];
 
   const facts = h("dl", { class: "facts" });
@@ -92,8 +92,8 @@ export async function renderDevice(root, { params, query }) {
     }
   }
 
-  async function loadLatest() {
-    const answer = await api(`${base}/latest`);
+  async function loadLatest(given) {
+    const answer = given ?? (await api(`${base}/latest`));
     const fresh = [];
     for (const [k, p] of Object.entries(answer.values)) {
       if (!latest[k] || p.ts > latest[k].ts) fresh.push([k, p]);
@@ -239,7 +239,7 @@ export async function renderDevice(root, { params, query }) {
   });
   credentials();
 
-  await loadLatest();
+  await loadLatest(firstLatest);
   renderCards();
   renderKeyPicker();
   await Promise.all([drawChart(), loadState(), loadEvents(), loadAlerts(), loadCommands(), loadConfig()].map((p) => p.catch((error) => root.append(errorMessage(error)))));
