@@ -274,7 +274,9 @@ export async function renderDevice(root, { params, query }) {
   // Until the stream is up (or while it is down), look for new readings now and then.
   stops.push(every(POLL_MS, async () => {
     if (live) return;
-    for (const [k, p] of await loadLatest()) reading(p.ts, { [k]: p.value });
+    const byTime = new Map();
+    for (const [k, p] of await loadLatest()) byTime.set(p.ts, { ...byTime.get(p.ts), [k]: p.value });
+    for (const ts of [...byTime.keys()].sort()) reading(ts, byTime.get(ts));
   }));
   // Commands still on their way: watch queued → sent → acked even without the stream.
   stops.push(every(1500, () => {
