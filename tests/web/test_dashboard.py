@@ -58,6 +58,8 @@ def test_the_chart_follows_an_ingest_without_a_reload(browsing: Browsing) -> Non
     expect(chart.locator("canvas")).to_have_count(1)
     before = int(chart.get_attribute("data-points") or 0)
     assert before >= 1
+    # Over the WebSocket (the page falls back to polling only while the stream is down).
+    expect(page.locator("#live-status")).to_have_text("live")
     server.ingest(secret, {"temperature": 23.25})
     expect(card).to_have_text("23.25")  # the same page: no reload
     eventually(lambda: int(chart.get_attribute("data-points") or 0) > before, what="the chart to gain a point")
