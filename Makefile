@@ -2,6 +2,8 @@
 #   make run   - creates .venv, installs Telemetra, starts it on embedded defaults (SQLite + MQTT broker)
 #   make test  - installs test dependencies and the services the suite needs, then runs all of it
 PYTHON ?= python3
+# The browser tests drive Debian's chromium (scripts/test-services.sh installs it); Playwright never fetches one.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure what the test suite talks to is installed and running: PostgreSQL (the tests create and
-# drop their own databases) and the mosquitto binary (tests start their own brokers on free ports).
+# drop their own databases), the mosquitto binary (tests start their own brokers on free ports) and
+# Debian's chromium (the dashboard's browser tests drive it through Playwright, which never downloads one).
 # On a fresh Debian/Ubuntu machine this installs them with apt (needs root or sudo).
 set -euo pipefail
 
@@ -9,6 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
+[ -x "${TELEMETRA_TEST_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq
@@ -29,4 +31,4 @@ if ! psql "${TELEMETRA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgre
   echo "cannot connect as postgres over TCP; set TELEMETRA_TEST_PG_URL to a superuser URL" >&2
   exit 1
 fi
-echo "services ready: PostgreSQL on 127.0.0.1:5432, mosquitto $(mosquitto -h 2>/dev/null | head -n1 | awk '{print $3}')"
+echo "services ready: PostgreSQL on 127.0.0.1:5432, mosquitto $(mosquitto -h 2>/dev/null | head -n1 | awk '{print $3}'), $("${TELEMETRA_TEST_CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null | head -n1)"

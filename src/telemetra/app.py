@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 
-from telemetra import __version__
+from telemetra import __version__, web
 from telemetra.alerts.engine import RulesEngine
 from telemetra.api import (
     alerts,
@@ -30,6 +30,7 @@ from telemetra.api import (
     firmware,
     health,
     ingest,
+    me,
     ota,
     realtime,
     rules,
@@ -299,15 +300,19 @@ def create_app(settings: Settings) -> FastAPI:
         # FastAPI's native OpenTelemetry asks the global providers on every request whether it is wanted
         # (~5 % of a single-reading post); it is off unless asked for. Prometheus metrics are always on.
         telemetry={"tracing": otel, "metrics": otel, "logs": otel},
+        # Served by telemetra.web from the package: FastAPI's own pages load Swagger UI from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     # Capabilities added by the API modules that need one (realtime), built from the services at start.
     app.state.capabilities = []
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota, realtime)
+    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota, realtime, me)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
+    web.install(app)
     # Added first, so it sits inside the metrics middleware.
     app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)
     app.add_middleware(RequestMetrics, metrics=metrics)

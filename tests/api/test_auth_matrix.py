@@ -152,6 +152,8 @@ ROWS = [
     # Fleet-wide reads.
     Row("GET", "/api/v1/rejected", VIEW),
     Row("GET", "/api/v1/stats", VIEW),
+    # The dashboard asks which role a key has.
+    Row("GET", "/api/v1/me", codes("200 200 200 200 200 200 200 401 401")),
     # iotmesh (seed 000).
     Row("GET", "/api/v1/nodes", VIEW),
     Row("GET", "/api/v1/nodes/{A}", READ_A),
@@ -370,10 +372,11 @@ def test_matrix_covers_every_route() -> None:
         devices,
         health,
         ingest,
+        me,
         telemetry,
     )
 
-    modules = (ingest, devices, telemetry, health, commands, alerts, compat_iotmesh, compat_heatpump)
+    modules = (ingest, devices, telemetry, health, commands, alerts, me, compat_iotmesh, compat_heatpump)
     routes: set[tuple[str, str]] = set()
     for module in (*modules, compat_telemetry_app):
         for route in module.router.routes:

@@ -158,6 +158,32 @@ async def test_list_filters_and_pagination(shared: Running) -> None:
         assert r.status_code == 422 and r.json()["field"] == query.split("=")[0]
 
 
+async def test_list_sorts_by_any_column_with_empty_values_last(shared: Running) -> None:
+    model = unique("sortm")
+    ids = [unique("srt") for _ in range(3)]
+    await shared.create_device(ids[0], model=model, name="b")
+    await shared.create_device(ids[1], model=model, name="a")
+    await shared.create_device(ids[2], model=model)  # no name
+    keys = {}
+    for device_id in ids[:2]:
+        r = await shared.client.post(f"/api/v1/devices/{device_id}/rotate", headers=ADMIN)
+        keys[device_id] = r.json()["credentials"]["api_key"]
+    assert await ingest(shared, keys[ids[0]], {"t": 1}) == 201  # heard from: ids[0] only
+
+    async def order(sort: str) -> list[str]:
+        r = await shared.client.get(f"/api/v1/devices?model={model}&sort={sort}", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return [d["id"] for d in r.json()["devices"]]
+
+    assert await order("name") == [ids[1], ids[0], ids[2]]
+    assert await order("-name") == [ids[0], ids[1], ids[2]]  # the device without a name stays last
+    assert (await order("-last_seen_at"))[0] == ids[0]
+    assert (await order("last_seen_at"))[0] == ids[0]
+    assert await order("-id") == sorted(ids, reverse=True)
+    r = await shared.client.get("/api/v1/devices?sort=secret_hash", headers=ADMIN)
+    assert r.status_code == 422 and r.json()["field"] == "sort"
+
+
 async def test_get_and_patch(shared: Running) -> None:
     device_id = unique("patch")
     await shared.create_device(device_id, name="before", model="m1", metadata={"a": 1})

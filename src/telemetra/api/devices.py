@@ -26,8 +26,16 @@ from telemetra.domain.errors import InvalidInput
 from telemetra.domain.ids import reserved_reason
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.ingest.normalize import valid_device_id
+from telemetra.storage.devices import SORTABLE
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
+
+_SORT_FIELDS = ("id", "name", "model", "kind", "fw_version", "last_seen_at", "created_at")
+Sort = Literal[
+    "id", "name", "model", "kind", "fw_version", "last_seen_at", "created_at",
+    "-id", "-name", "-model", "-kind", "-fw_version", "-last_seen_at", "-created_at",
+]  # fmt: skip
+assert set(_SORT_FIELDS) == set(SORTABLE)
 
 
 @router.post("/devices", status_code=201, response_model=DeviceWithCredentials)
@@ -60,6 +68,7 @@ async def list_devices(
     kind: Literal["device", "gateway"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
+    sort: Annotated[Sort | None, Query(description="a field, `-` first for descending; default id")] = None,
 ) -> DeviceList:
     now = now_ms()
     page = await services.devices.list(
@@ -71,6 +80,7 @@ async def list_devices(
         offset=offset,
         now_ms=now,
         offline_after_s=services.settings.offline_after_s,
+        sort=sort,
     )
     return DeviceList(
         devices=[device_public(d, now=now, offline_after_s=services.settings.offline_after_s) for d in page.devices],

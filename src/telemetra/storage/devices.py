@@ -94,8 +94,10 @@ class DeviceRepository:
         now_ms: int = 0,
         offline_after_s: int = 120,
         recent_first: bool = False,
+        sort: str | None = None,
     ) -> DevicePage:
-        """By id; ``recent_first``: most recently heard from first (the seeds' dashboards), never heard last."""
+        """By id; ``recent_first``: most recently heard from first (the seeds' dashboards), never heard last;
+        ``sort``: one of ``SORTABLE`` (``-`` first for descending), empty values last, then by id."""
         conditions: list[Any] = []
         if model is not None:
             conditions.append(Device.model == model)
@@ -117,6 +119,8 @@ class DeviceRepository:
             )
         table = Device.__table__
         order = (Device.last_seen_at.desc().nulls_last(), Device.id) if recent_first else (Device.id,)
+        if sort:
+            order = _sort_order(sort)
         async with self._engine.connect() as conn:
             total = (await conn.execute(select(func.count()).select_from(table).where(*conditions))).scalar_one()
             rows = (
@@ -257,3 +261,26 @@ def _from_row(row: Any) -> Device:
     values = dict(row._mapping)
     values["meta"] = values.pop("metadata")
     return Device(**values)
+
+
+# What the dashboard's fleet table sorts by (API name → column).
+SORTABLE: dict[str, Any] = {
+    "id": Device.id,
+    "name": Device.name,
+    "model": Device.model,
+    "kind": Device.kind,
+    "fw_version": Device.fw_version,
+    "last_seen_at": Device.last_seen_at,
+    "created_at": Device.created_at,
+}
+
+
+def _sort_order(sort: str) -> tuple[Any, ...]:
+    descending = sort.startswith("-")
+    column = SORTABLE.get(sort.removeprefix("-"))
+    if column is None:
+        raise ValueError(f"unknown sort {sort!r}")
+    if column is Device.id:
+        return (column.desc() if descending else column.asc(),)
+    # NULLS LAST both ways: a device never heard from, or without a model, is never the first row.
+    return ((column.desc() if descending else column.asc()).nulls_last(), Device.id)

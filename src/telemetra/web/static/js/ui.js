@@ -1,0 +1,137 @@
+// Small DOM helpers. Text goes in as text nodes, never as HTML: device names and payloads are untrusted.
+
+import { describe } from "./api.js";
+
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs ?? {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on") && typeof value === "function") el.addEventListener(name.slice(2), value);
+    else if (name === "class") el.className = value;
+    else if (name === "dataset") Object.assign(el.dataset, value);
+    else if (name === "value") el.value = value;
+    else if (name === "checked") el.checked = Boolean(value);
+    else if (value === true) el.setAttribute(name, "");
+    else el.setAttribute(name, String(value));
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    if (Array.isArray(child)) append(el, child);
+    else el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+}
+
+export function clear(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+  return el;
+}
+
+// Write controls carry data-write, so a test (and a reader) can see that a viewer gets none.
+export function writeButton(label, onclick, attrs = {}) {
+  return h("button", { type: "button", dataset: { write: "" }, onclick, ...attrs }, label);
+}
+
+export function relative(iso) {
+  if (!iso) return "never";
+  const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
+  const future = seconds < 0;
+  const s = Math.abs(seconds);
+  let text;
+  if (s < 5) return "just now";
+  if (s < 60) text = `${s} s`;
+  else if (s < 3600) text = `${Math.floor(s / 60)} min`;
+  else if (s < 86400) text = `${Math.floor(s / 3600)} h`;
+  else text = `${Math.floor(s / 86400)} d`;
+  return future ? `in ${text}` : `${text} ago`;
+}
+
+export function exact(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+// Relative time with the exact local time under it; refreshed by tick().
+export function when(iso) {
+  if (!iso) return h("span", { class: "muted" }, "never");
+  return h(
+    "span",
+    {},
+    h("time", { datetime: iso, title: iso, dataset: { relative: "" } }, relative(iso)),
+    h("span", { class: "exact" }, exact(iso)),
+  );
+}
+
+export function tick(root = document) {
+  for (const t of root.querySelectorAll("time[data-relative]")) t.textContent = relative(t.dateTime);
+}
+
+export function message(kind, text) {
+  return h("div", { class: `message ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
+}
+
+export function errorMessage(error) {
+  return message("error", describe(error));
+}
+
+export function statusBadge(status) {
+  const tone = { acked: "ok", completed: "ok", cleared: "ok", active: "bad", failed: "bad", expired: "bad",
+    timed_out: "bad", cancelled: "warn", paused: "warn", acknowledged: "warn", queued: "", sent: "warn",
+    distributing: "warn", pending: "" }[status] ?? "";
+  return h("span", { class: `badge ${tone}`, dataset: { status } }, status);
+}
+
+export function onlineBadge(online) {
+  return h("span", { class: `badge ${online ? "ok" : ""}` }, h("span", { class: `dot ${online ? "on" : ""}`, "aria-hidden": "true" }), online ? "online" : "offline");
+}
+
+export function formatValue(value) {
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(6)));
+  if (typeof value === "boolean") return value ? "true" : "false";
+  if (value === null || value === undefined) return "—";
+  return typeof value === "string" ? value : JSON.stringify(value);
+}
+
+export function json(value) {
+  return JSON.stringify(value, null, 2);
+}
+
+export function table(headers, rows, attrs = {}) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h("table", attrs, h("thead", {}, h("tr", {}, headers.map((x) => (x instanceof Node ? x : h("th", { scope: "col" }, x))))), h("tbody", {}, rows)),
+  );
+}
+
+// Run fn every ms while the page is shown; returns the stop function.
+// A failed refresh is already said (the banner for an outage, the sign-in for a refused key).
+export function every(ms, fn) {
+  const id = setInterval(() => {
+    if (!document.hidden) Promise.resolve().then(fn).catch((error) => console.warn("refresh failed:", error.message));
+  }, ms);
+  return () => clearInterval(id);
+}
+
+export function copyButton(text) {
+  return h("button", { type: "button", onclick: (e) => {
+    navigator.clipboard?.writeText(text).then(() => { e.target.textContent = "Copied"; }, () => {});
+  } }, "Copy");
+}
+
+// Parse a JSON textarea; a mistake names the field instead of throwing from deep inside.
+export function parseJson(text, field) {
+  if (!text.trim()) return {};
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Error(`${field}: not valid JSON (${error.message})`);
+  }
+}
