@@ -139,15 +139,23 @@ class Stream:
         streams = self.services.streams
         streams.opened(self.name)
         reader = asyncio.create_task(self._read(on_message), name=f"ws-read-{self.name}")
+        loop = asyncio.get_running_loop()
+        beat_at = loop.time() + heartbeat_s if heartbeat_s else None  # on the clock, busy or not
         try:
             while not reader.done():
                 sub = self.sub
                 assert sub is not None
                 try:
-                    async with asyncio.timeout(heartbeat_s):
+                    if beat_at is not None and loop.time() >= beat_at:
+                        raise TimeoutError
+                    async with asyncio.timeout_at(beat_at):
                         item = await sub.next()
                 except TimeoutError:
                     await self.send({"type": "heartbeat", "ts": ms_to_iso(now_ms())})
+                    assert heartbeat_s is not None and beat_at is not None
+                    beat_at += heartbeat_s
+                    if beat_at <= loop.time():  # fell behind (a long send): one beat, then on the clock again
+                        beat_at = loop.time() + heartbeat_s
                     continue
                 except StopAsyncIteration:
                     if sub is self.sub:  # closed by the server, not replaced by a subscribe action
