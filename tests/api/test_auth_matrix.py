@@ -147,6 +147,7 @@ ROWS = [
     Row("PUT", "/api/v1/devices/{A}/config", OPERATE, {"interval_s": 60}),
     Row("GET", "/api/v1/devices/{A}/config", READ_A),
     Row("GET", "/api/v1/alerts", VIEW),
+    Row("GET", "/api/v1/alerts/counts", VIEW),
     Row("POST", "/api/v1/alerts/999999/acknowledge", codes("404 404 403 403 403 403 403 401 401")),
     Row("POST", "/api/v1/alerts/999999/clear", codes("404 404 403 403 403 403 403 401 401")),
     # Fleet-wide reads.
