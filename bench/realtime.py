@@ -161,7 +161,11 @@ async def ingest(base: str, key: str, devices: list[str], rate: float, duration:
 
         async def post(body: bytes, n: int) -> None:
             nonlocal acked, refused
-            r = await client.post("/api/v1/ingest/batch", content=body)
+            try:
+                r = await client.post("/api/v1/ingest/batch", content=body)
+            except httpx.TransportError:
+                refused += n  # not acknowledged: counted, not fatal
+                return
             if r.status_code == 201:
                 acked += n
             else:
