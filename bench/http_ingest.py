@@ -114,6 +114,8 @@ class Options:
     connections: int
     threads: int
     json_path: Path | None
+    # `telemetra serve --workers N` (PostgreSQL only; the server CPU column then counts the parent alone).
+    workers: int = 1
 
 
 @dataclass
@@ -412,7 +414,12 @@ def base_env() -> dict[str, str]:
 
 @contextmanager
 def telemetra_server(
-    backend: str, workdir: Path, admin_key: str, extra_env: dict[str, str] | None = None, tag: str = ""
+    backend: str,
+    workdir: Path,
+    admin_key: str,
+    extra_env: dict[str, str] | None = None,
+    tag: str = "",
+    workers: int = 1,
 ) -> Iterator[Server]:
     port = free_port()
     data_dir = workdir / f"telemetra-{backend}{tag}"
@@ -430,6 +437,8 @@ def telemetra_server(
     )
     cmd = [str(VENV_BIN / "telemetra"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--data-dir", str(data_dir)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     with database_for(backend, "telemetra_bench", data_dir / "telemetra.db", "telemetry") as (url, counter):
         if url:
             env["TELEMETRA_DATABASE_URL"] = url
@@ -560,7 +569,8 @@ def bench_backend(backend: str, opts: Options, tmp: Path) -> list[Result]:
     keys_file = tmp / f"keys-{backend}.txt"
     nthreads = str(opts.threads)
     print(f"[{backend}] telemetra: starting", flush=True)
-    with telemetra_server(backend, tmp, admin_key) as server:
+    workers = opts.workers if backend == "postgres" else 1
+    with telemetra_server(backend, tmp, admin_key, workers=workers) as server:
         keys_file.write_text("\n".join(provision(server, admin_key, DEVICES)) + "\n")
         for scenario, ppr, days in (("single", KEYS_PER_MESSAGE, 10), ("batch", BATCH_MESSAGES * KEYS_PER_MESSAGE, 5)):
             print(f"[{backend}] telemetra: {scenario} ({opts.warmup:g} s warm-up + {opts.duration:g} s)", flush=True)
@@ -673,12 +683,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each scenario (default 2)")
     p.add_argument("--connections", type=int, default=64, help="concurrent HTTP connections (default 64)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the server)")
+    p.add_argument("--workers", type=int, default=1, help="telemetra serve --workers N on PostgreSQL (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     if unknown := sorted(set(backends) - {"sqlite", "postgres"}):
         p.error(f"unknown backend(s) {unknown}")
-    return Options(backends, a.duration, a.warmup, a.connections, max(1, a.threads), a.json)
+    return Options(backends, a.duration, a.warmup, a.connections, max(1, a.threads), a.json, max(1, a.workers))
 
 
 def main(argv: list[str] | None = None) -> int:
