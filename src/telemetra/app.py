@@ -8,7 +8,7 @@ stops last and commits what the others handed it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from telemetra.api import (
     health,
     ingest,
     ota,
+    realtime,
     rules,
     storage,
     telemetry,
@@ -125,7 +126,7 @@ def build_services(
         await bridge.announce_committed(events)
 
     commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit)
-    ota = ota_from(settings, engine, commands, metrics, hub)
+    ota = ota_from(settings, engine, commands, metrics, hub, bridge.announce_committed)
     return Services(
         settings=settings,
         engine=engine,
@@ -147,7 +148,14 @@ def build_services(
     )
 
 
-def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, metrics: Metrics, hub: EventHub) -> Ota:
+def ota_from(
+    settings: Settings,
+    engine: AsyncEngine,
+    commands: CommandService,
+    metrics: Metrics,
+    hub: EventHub,
+    announce: Callable[[Sequence[ChangeEvent]], Awaitable[None]],
+) -> Ota:
     """OTA (issue 8) from plain values; devices are notified through their command channel."""
 
     async def notify(device_id: str, params: dict[str, Any], ttl_s: int) -> str:
@@ -161,6 +169,7 @@ def ota_from(settings: Settings, engine: AsyncEngine, commands: CommandService, 
         notify=notify,
         metrics=metrics,
         hub=hub,
+        announce=announce,
         lease_s=settings.ota_gateway_lease_s,
         step_s=settings.ota_step_s,
         require_key=settings.ota_require_key,
@@ -233,6 +242,7 @@ def create_app(settings: Settings) -> FastAPI:
             capabilities: list[Any] = [
                 Core(services),
                 MqttCapability(services),
+                services.streams,
                 rules_from(services),
                 retention_from(services),
             ]
@@ -260,7 +270,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota)
+    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota, realtime)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     ws_heartbeat_interval: float = Field(
         30.0, gt=0, validation_alias=_alias("WS_HEARTBEAT_INTERVAL", "WS_HEARTBEAT_INTERVAL")
     )
+    # Events kept per WebSocket client that reads too slowly; past it the oldest go (and it is told).
+    ws_queue_size: int = Field(1000, ge=10, le=1_000_000, validation_alias=_alias("WS_QUEUE_SIZE"))
 
     # Ingest queue and group commit.
     ingest_queue_max_points: int = Field(200_000, ge=100, validation_alias=_alias("INGEST_QUEUE_MAX_POINTS"))

@@ -21,12 +21,12 @@ class Core:
 
     def __init__(self, services: Services) -> None:
         self._services = services
-        self._supervisor = Supervisor("core", services.failures)
+        self.supervisor = Supervisor("core", services.failures)
 
     async def __aenter__(self) -> Core:
         services = self._services
-        await self._supervisor.__aenter__()
-        spawn = self._supervisor.spawn
+        await self.supervisor.__aenter__()
+        spawn = self.supervisor.spawn
         spawn("ingest-writer", services.queue.run)
         spawn("event-bridge", services.bridge.run)
         spawn("registry-cache", self._follow_registry)
@@ -38,7 +38,7 @@ class Core:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            await self._supervisor.__aexit__(exc_type, exc, tb)
+            await self.supervisor.__aexit__(exc_type, exc, tb)
         finally:
             await self._services.commands.close()
 

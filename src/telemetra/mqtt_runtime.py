@@ -192,7 +192,10 @@ class MqttCapability:
         async def mirror(event: ChangeEvent, secret: str | None) -> None:
             """Every registry change, whichever process made it, mirrored into Mosquitto (the account is
             read afresh from the registry); after a lost listener, everything is reconciled."""
-            if event.data.get("change") == "resync" or event.device_id is None:
+            change = event.data.get("change")
+            if change == "config":
+                return  # desired configuration is no part of a broker account
+            if change == "resync" or event.device_id is None:
                 await accounts.reconcile()
             else:
                 await accounts.registry_changed(event.device_id, secret, None, event.data.get("change") == "deleted")

@@ -102,11 +102,11 @@ class Services:
         """This process changed a device (``change``: created, updated, rotated, disabled, enabled,
         deleted, claimed): its cached credentials go, the ``device`` event is published at once, and the
         handlers apply it before the caller answers. Other processes learn it from the database's trigger
-        (whose echo here is not published twice)."""
+        (whose echo here is not published twice, whether it comes before this call or after)."""
         self.directory.invalidate(device_id)
         event = registry_event(change, device_id, None, local=True)
-        self.local_changes.made(device_id, change)
-        self.hub.publish([event])
+        if not self.local_changes.made(device_id, change):
+            self.hub.publish([event])
         for handler in self.registry_handlers:
             await handler(event, secret)
 

@@ -59,7 +59,9 @@ class Supervisor:
         for task in self._tasks.values():
             task.cancel()
         assert self._group is not None
-        await self._group.__aexit__(exc_type, exc, tb)
+        # Not the caller's exception: a TaskGroup would wrap it in an ExceptionGroup. The guarded tasks
+        # themselves never raise, so this only waits for them; the caller's exception goes on as it was.
+        await self._group.__aexit__(None, None, None)
 
     def spawn(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         assert self._group is not None, "spawn inside `async with supervisor`"

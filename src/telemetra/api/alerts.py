@@ -9,7 +9,10 @@ from fastapi import APIRouter, Query
 from telemetra.api.deps import Operator, ServicesDep, Viewer
 from telemetra.api.fields import AlertIdPath, DeviceIdQuery
 from telemetra.domain.timeutil import ms_to_iso, now_ms
+from telemetra.events import model
+from telemetra.events.model import ChangeEvent
 from telemetra.ingest.documents import INT64_MAX
+from telemetra.services import Services
 from telemetra.storage.schema import AlertRow
 
 router = APIRouter(tags=["alerts"])
@@ -62,9 +65,16 @@ async def alert_counts(services: ServicesDep, _: Viewer) -> dict[str, Any]:
 
 @router.post("/api/v1/alerts/{alert_id}/acknowledge")
 async def acknowledge(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
-    return alert_out(await services.alerts.transition(alert_id, "acknowledged", now_ms=now_ms()))
+    return await _transition(services, alert_id, "acknowledged")
 
 
 @router.post("/api/v1/alerts/{alert_id}/clear")
 async def clear(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
-    return alert_out(await services.alerts.transition(alert_id, "cleared", now_ms=now_ms()))
+    return await _transition(services, alert_id, "cleared")
+
+
+async def _transition(services: Services, alert_id: int, to: str) -> dict[str, Any]:
+    row = await services.alerts.transition(alert_id, to, now_ms=now_ms())
+    columns = {c.name: getattr(row, c.name) for c in AlertRow.__table__.columns}
+    await services.emit([ChangeEvent(model.ALERT, row.device_id, row.updated_at, {"alert": columns})])
+    return alert_out(row)

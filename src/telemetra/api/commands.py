@@ -152,6 +152,7 @@ async def put_config(device_id: DeviceIdPath, body: ConfigBody, services: Servic
     config = body.model_dump()
     config.pop("version", None)
     version = await services.commands.repo.set_desired_config(device_id, config, now_ms=now_ms())
+    await services.registry_changed(device_id, "config")
     published = await services.commands.publish_config(device_id, config, version)
     return {**await _config_view(services, device_id), "published": published}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 
@@ -19,6 +20,9 @@ from telemetra.events.model import ChangeEvent, Gap
 
 DEFAULT_HISTORY = 10_000
 DEFAULT_QUEUE = 1_000
+# After the last subscriber of a type leaves, its events are still built (and kept) this long, so a
+# client that reconnects can resume from the last one it saw.
+RESUME_WINDOW_S = 600.0
 UNKNOWN = -1  # Gap.missed when the count cannot be known (a resume from before this process started)
 
 
@@ -109,11 +113,16 @@ class EventHub:
         self._by_device: dict[str, list[Subscription]] = {}
         self._any_type = 0  # subscriptions of every type
         self._by_type: Counter[str] = Counter()
+        self._left_at: dict[str | None, float] = {}  # type (None: every type) → when its last subscriber left
         self.published = 0
 
     def wants(self, event_type: str) -> bool:
-        """Does any subscriber take events of ``event_type``? (Saves building those nobody reads.)"""
-        return self._any_type > 0 or self._by_type[event_type] > 0
+        """Does any subscriber take events of ``event_type``, or may one resume soon? (Saves building the
+        events nobody will read.)"""
+        if self._any_type > 0 or self._by_type[event_type] > 0:
+            return True
+        since = max(self._left_at.get(event_type, -RESUME_WINDOW_S), self._left_at.get(None, -RESUME_WINDOW_S))
+        return time.monotonic() - since < RESUME_WINDOW_S
 
     @property
     def subscribers(self) -> int:
@@ -175,10 +184,13 @@ class EventHub:
                 sub.offer(event)
 
     def _remove(self, sub: Subscription) -> None:
+        left = time.monotonic()
         if sub.types is None:
             self._any_type -= 1
+            self._left_at[None] = left
         else:
             self._by_type.subtract(sub.types)
+            self._left_at.update(dict.fromkeys(sub.types, left))
         if sub.devices is None:
             if sub in self._everything:
                 self._everything.remove(sub)

@@ -173,17 +173,9 @@ class CommandService:
         event = self._arrivals.setdefault(device_id, asyncio.Event())
         while True:
             event.clear()
-            now = now_ms()
-            resend = now - HTTP_RESEND_S * 1000
-            commands = await self.repo.queued(device_id, now_ms=now, for_poll_before=resend)
-            if commands:
-                ids = [c.id for c in commands]
-                moved = set(await self.repo.mark_sent(ids, now_ms=now, via="http", for_poll_before=resend))
-                taken = [c for c in commands if c.id in moved]
-                for command in taken:
-                    await self._status(device_id, command.id, "sent", name=command.name)
-                if taken:
-                    return taken
+            taken = await self.take(device_id, via="http", resend_after_s=HTTP_RESEND_S)
+            if taken:
+                return taken
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
@@ -191,6 +183,20 @@ class CommandService:
                 await asyncio.wait_for(event.wait(), min(remaining, WAIT_RECHECK_S))
             except TimeoutError:
                 pass
+
+    async def take(self, device_id: str, *, via: str, resend_after_s: float | None = None) -> list[CommandRow]:
+        """Claim what is queued for ``device_id`` for a channel other than MQTT (an HTTP poll, a WebSocket),
+        marking it sent; with ``resend_after_s``, also what was handed out that long ago and never answered."""
+        now = now_ms()
+        resend = now - int(resend_after_s * 1000) if resend_after_s is not None else None
+        commands = await self.repo.queued(device_id, now_ms=now, for_poll_before=resend)
+        if not commands:
+            return []
+        moved = set(await self.repo.mark_sent([c.id for c in commands], now_ms=now, via=via, for_poll_before=resend))
+        taken = [c for c in commands if c.id in moved]
+        for command in taken:
+            await self._status(device_id, command.id, "sent", name=command.name)
+        return taken
 
     async def follow(self, hub: EventHub) -> None:
         """Runs until cancelled: command events wake their waiters (and pollers, for a command queued in

@@ -4,13 +4,17 @@ firmware directory, then the scheduler's tasks), left to stop them."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.domain.ota import OtaChange
+from telemetra.events import model
 from telemetra.events.hub import EventHub
+from telemetra.events.model import ChangeEvent
 from telemetra.metrics import Metrics
 from telemetra.ota.engine import Notify, RolloutEngine
 from telemetra.ota.firmware import FirmwareService
@@ -35,13 +39,17 @@ class Ota:
         notify: Notify,
         metrics: Metrics,
         hub: EventHub,
+        announce: Callable[[Sequence[ChangeEvent]], Awaitable[None]] | None = None,
         lease_s: int = 120,
         step_s: float = 1.0,
         require_key: bool = False,
         base_url: str | None = None,
     ) -> None:
         self._hub = hub
+        self._announce = announce
+        self._announcing: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
         self.require_key = require_key
         self.base_url = base_url.rstrip("/") if base_url else None
         self.signer = signer
@@ -76,7 +84,18 @@ class Ota:
         await self.firmware.sweep()
         await self.scheduler.__aenter__()
         self._follower = asyncio.create_task(self.inbox.follow(self._hub), name="ota-reports")
+        self._unsubscribe = self.transitions.subscribe(self._publish)
         return self
+
+    def _publish(self, change: OtaChange) -> None:
+        """Every committed OTA state change, as an ``ota`` event here and in the other processes."""
+        data = {"update_id": change.job_id, "status": change.new, "old": change.old, **change.detail}
+        event = ChangeEvent(model.OTA, change.device_id, change.ts, data)
+        self._hub.publish([event])
+        if self._announce is not None:
+            task = asyncio.get_running_loop().create_task(self._announce([event]), name="ota-announce")
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -85,6 +104,9 @@ class Ota:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
         await self.scheduler.__aexit__(exc_type, exc, tb)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        await asyncio.gather(*self._announcing, return_exceptions=True)
 
     name = "ota"
 

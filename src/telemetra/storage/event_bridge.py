@@ -65,21 +65,41 @@ def registry_event(op: str, device_id: str | None, ts: int | None, *, local: boo
 
 
 class LocalChanges:
-    """Registry changes this process made and announced itself at once (``Services.registry_changed``):
-    the database's own announcement of the same change, which follows, is then not published again."""
+    """Registry changes this process made and announced itself at once (``Services.registry_changed``),
+    matched with the database's own announcement of the same change so that it is published once —
+    whichever of the two comes first (the notification may be read before the API call returns)."""
 
     def __init__(self) -> None:
         self._made: dict[tuple[str | None, str], float] = {}
+        self._heard: dict[tuple[str | None, str], float] = {}
 
-    def made(self, device_id: str | None, op: str) -> None:
-        now = time.monotonic()
-        if len(self._made) > 10_000:
-            self._made = {k: t for k, t in self._made.items() if now - t < ECHO_WINDOW_S}
-        self._made[(device_id, op)] = now
+    def made(self, device_id: str | None, op: str) -> bool:
+        """This process made the change; True when the database's announcement of it came first (and
+        was published then)."""
+        if _take(self._heard, (device_id, op)):
+            return True
+        _put(self._made, (device_id, op))
+        return False
 
     def is_echo(self, device_id: str | None, op: str) -> bool:
-        made = self._made.pop((device_id, op), None)
-        return made is not None and time.monotonic() - made < ECHO_WINDOW_S
+        """The database announced a change; True when it is one this process made and published itself."""
+        if _take(self._made, (device_id, op)):
+            return True
+        _put(self._heard, (device_id, op))
+        return False
+
+
+def _put(seen: dict[tuple[str | None, str], float], key: tuple[str | None, str]) -> None:
+    now = time.monotonic()
+    if len(seen) > 10_000:
+        for old in [k for k, t in seen.items() if now - t >= ECHO_WINDOW_S]:
+            del seen[old]
+    seen[key] = now
+
+
+def _take(seen: dict[tuple[str | None, str], float], key: tuple[str | None, str]) -> bool:
+    at = seen.pop(key, None)
+    return at is not None and time.monotonic() - at < ECHO_WINDOW_S
 
 
 def _encode(events: Sequence[ChangeEvent]) -> list[bytes]:
@@ -142,6 +162,12 @@ class PgEventBridge:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def server_pid(self) -> int | None:
+        """The database backend of the listening connection (what an operator sees in pg_stat_activity)."""
+        conn = self._connection
+        return conn.get_server_pid() if conn is not None and not conn.is_closed() else None
 
     @property
     def active(self) -> bool:

@@ -1,0 +1,398 @@
+"""Realtime WebSockets, every one fed by committed events (the hub), so what a client sees is stored.
+
+- ``/api/v1/realtime?devices=&types=&since=``: Telemetra's own stream (SPEC §6), with heartbeats, gaps
+  and resume from the last event id seen.
+- telemetry_app's streams (CLIENTS.md §2.2): ``/api/v1/realtime/subscribe/{id}``,
+  ``/api/v1/stream/devices/{id}``, ``/api/v1/stream/all`` (also under ``/compat/telemetry-app``): ``ack``
+  on connect, ``pong``, subscribe / unsubscribe, ``error``, ``reading`` messages.
+- its ESP32 document's ``/stream/{id}?token=``: the device's commands and configuration, down.
+- smart-heat-pump's ``/ws`` and ``/api/ws`` (§3.3): ``sensor_data`` and ``alert``; any text → ``pong``.
+
+Auth is the REST API's (admin / operator / viewer key, the device's own key for its own stream, a trusted
+network), from ``X-API-Key``, ``Authorization: Bearer`` or ``?token=``. A refusal accepts the upgrade and
+closes with 4401 (no or wrong key) or 4403 (not yours) and the reason; bad parameters close with 4400.
+A client that reads too slowly loses its oldest events (the hub's bounded queue) and, on Telemetra's own
+stream, is told how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
+
+from telemetra.api.deps import _presented_key, resolve_principal
+from telemetra.api.realtime_formats import encoded
+from telemetra.domain.errors import Forbidden, TelemetraError, Unauthorized
+from telemetra.domain.principal import Principal, Role
+from telemetra.domain.timeutil import ms_to_iso, now_ms
+from telemetra.events import model
+from telemetra.events.hub import Subscription
+from telemetra.events.model import ChangeEvent, Gap
+from telemetra.ingest.normalize import valid_device_id
+from telemetra.services import Services
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TRY_AGAIN = 1013
+MAX_DEVICES = 1000  # in one ``devices=`` filter
+MAX_CLIENT_MESSAGE = 4096  # bytes; the clients send pings and subscribe actions
+APP_MOUNT = "/compat/telemetry-app"
+
+# A handler of what the client sends: text in, the messages to answer with out.
+OnMessage = Callable[[str], Awaitable[None]]
+
+
+class Refused(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _services(ws: WebSocket) -> Services:
+    services: Services = ws.app.state.services
+    return services
+
+
+async def _caller(ws: WebSocket, services: Services) -> Principal:
+    key = ws.query_params.get("token") or _presented_key(ws.headers.get("x-api-key"), ws.headers.get("authorization"))
+    host = ws.client.host if ws.client is not None else None
+    try:
+        principal = await resolve_principal(services, key, host)
+    except Unauthorized as exc:
+        raise Refused(CLOSE_UNAUTHORIZED, exc.reason) from None
+    except Forbidden as exc:
+        raise Refused(CLOSE_FORBIDDEN, exc.reason) from None
+    except TelemetraError as exc:  # the database is down: credentials cannot be checked now
+        raise Refused(CLOSE_TRY_AGAIN, exc.reason) from None
+    if principal.role is Role.ANONYMOUS:
+        raise Refused(CLOSE_UNAUTHORIZED, "an API key is required (X-API-Key, Authorization: Bearer or ?token=)")
+    return principal
+
+
+def _device_ids(text: str, field: str) -> frozenset[str]:
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise Refused(CLOSE_BAD_REQUEST, f"{field}: give at least one device id")
+    if len(ids) > MAX_DEVICES:
+        raise Refused(CLOSE_BAD_REQUEST, f"{field}: at most {MAX_DEVICES} devices")
+    for device_id in ids:
+        if not valid_device_id(device_id):
+            raise Refused(
+                CLOSE_BAD_REQUEST, f"{field}: {device_id[:40]!r} is not a device id (letters, digits, - _ . :)"
+            )
+    return frozenset(ids)
+
+
+def _may_read(principal: Principal, devices: frozenset[str] | None) -> None:
+    if principal.reads_everything:
+        return
+    if devices is None or any(not principal.owns(d) for d in devices):
+        raise Refused(CLOSE_FORBIDDEN, "this key may read only its own device's stream")
+
+
+class Stream:
+    """One open WebSocket: its subscription, what it sends, and what it answers."""
+
+    def __init__(self, ws: WebSocket, services: Services, name: str) -> None:
+        self.ws = ws
+        self.services = services
+        self.name = name
+        self.sub: Subscription | None = None
+        self.last_id: int | None = None
+
+    async def refuse(self, refused: Refused) -> None:
+        self.services.streams.refused += 1
+        await self.ws.accept()
+        await self.ws.close(refused.code, refused.reason[:120])
+
+    def subscribe(self, *, types: frozenset[str] | None, devices: frozenset[str] | None, since: int | None) -> None:
+        if self.sub is not None:
+            self.sub.close()
+        self.sub = self.services.hub.subscribe(
+            types=types, devices=devices, since=since, maxsize=self.services.settings.ws_queue_size
+        )
+        self.services.streams.track(self.sub)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send_text(orjson.dumps(message).decode())
+
+    async def run(
+        self,
+        render: Callable[[ChangeEvent | Gap], Awaitable[str | None]],
+        on_message: OnMessage | None,
+        *,
+        heartbeat_s: float | None = None,
+    ) -> None:
+        """Send what the subscription yields until the client leaves (or the server stops)."""
+        streams = self.services.streams
+        streams.opened(self.name)
+        reader = asyncio.create_task(self._read(on_message), name=f"ws-read-{self.name}")
+        loop = asyncio.get_running_loop()
+        beat_at = loop.time() + heartbeat_s if heartbeat_s else None  # on the clock, busy or not
+        try:
+            while not reader.done():
+                sub = self.sub
+                assert sub is not None
+                try:
+                    if beat_at is not None and loop.time() >= beat_at:
+                        raise TimeoutError
+                    async with asyncio.timeout_at(beat_at):
+                        item = await sub.next()
+                except TimeoutError:
+                    await self.send({"type": "heartbeat", "ts": ms_to_iso(now_ms())})
+                    assert heartbeat_s is not None and beat_at is not None
+                    beat_at += heartbeat_s
+                    if beat_at <= loop.time():  # fell behind (a long send): one beat, then on the clock again
+                        beat_at = loop.time() + heartbeat_s
+                    continue
+                except StopAsyncIteration:
+                    if sub is self.sub:  # closed by the server, not replaced by a subscribe action
+                        break
+                    continue
+                if isinstance(item, ChangeEvent):
+                    self.last_id = item.id
+                else:
+                    streams.gaps += 1
+                text = await render(item)
+                if text is not None:
+                    await self.ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the client went away mid-send
+        finally:
+            streams.closed(self.name)
+            if self.sub is not None:
+                self.sub.close()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                    await self.ws.close(1001, "server shutting down")
+
+    async def _read(self, on_message: OnMessage | None) -> None:
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None and message.get("bytes") is not None:
+                    text = message["bytes"].decode("utf-8", "replace")
+                if on_message is not None and text is not None:
+                    await on_message(text[:MAX_CLIENT_MESSAGE])
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+        finally:
+            if self.sub is not None:
+                self.sub.close()  # wakes the sender, which ends the stream
+
+
+def _format(name: str) -> Callable[[ChangeEvent | Gap], Awaitable[str | None]]:
+    async def render(item: ChangeEvent | Gap) -> str | None:
+        if isinstance(item, Gap):
+            return orjson.dumps({"type": "gap", "missed": item.missed}).decode() if name == "telemetra" else None
+        return encoded(item, name)
+
+    return render
+
+
+# --- Telemetra's own stream -------------------------------------------------------------------------------
+
+
+@router.websocket("/api/v1/realtime")
+async def realtime(ws: WebSocket) -> None:
+    services = _services(ws)
+    stream = Stream(ws, services, "realtime")
+    params = ws.query_params
+    try:
+        principal = await _caller(ws, services)
+        devices = _device_ids(params["devices"], "devices") if params.get("devices") else None
+        if devices is None and not principal.reads_everything and principal.device_id is not None:
+            devices = frozenset((principal.device_id,))
+        _may_read(principal, devices)
+        types = _types(params.get("types"))
+        since = _since(params.get("since"))
+    except Refused as refused:
+        await stream.refuse(refused)
+        return
+    await ws.accept()
+    stream.subscribe(types=types, devices=devices, since=since)
+    await stream.run(_format("telemetra"), None, heartbeat_s=services.settings.ws_heartbeat_interval)
+
+
+def _types(text: str | None) -> frozenset[str] | None:
+    if not text:
+        return None
+    types = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(types - model.TYPES)
+    if unknown:
+        raise Refused(
+            CLOSE_BAD_REQUEST, f"types: unknown {', '.join(unknown)[:60]}; use {', '.join(sorted(model.TYPES))}"
+        )
+    return types or None
+
+
+def _since(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    if not text.isdigit() or len(text) > 19:
+        raise Refused(CLOSE_BAD_REQUEST, "since: the id of the last event received (a non-negative integer)")
+    return int(text)
+
+
+# --- telemetry_app ----------------------------------------------------------------------------------------
+
+
+async def _telemetry_app(ws: WebSocket, device_id: str | None) -> None:
+    services = _services(ws)
+    stream = Stream(ws, services, "telemetry_app")
+    try:
+        principal = await _caller(ws, services)
+        devices = _device_ids(device_id, "device_id") if device_id is not None else None
+        _may_read(principal, devices)
+    except Refused as refused:
+        await stream.refuse(refused)
+        return
+    await ws.accept()
+    watched: set[str] | None = set(devices) if devices is not None else None
+    stream.subscribe(types=frozenset((model.TELEMETRY,)), devices=devices, since=None)
+    await stream.send(
+        {"type": "ack", "message": "connected" + (f" to {device_id}" if device_id else " to all devices")}
+    )
+
+    async def on_message(text: str) -> None:
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            await stream.send({"type": "error", "error": "message is not JSON", "code": "INVALID_JSON"})
+            return
+        action = message.get("action") if isinstance(message, dict) else None
+        if action == "ping":
+            await stream.send({"type": "pong"})
+            return
+        if action not in ("subscribe", "unsubscribe"):
+            await stream.send(
+                {"type": "error", "error": f"unknown action {str(action)[:40]!r}", "code": "UNKNOWN_ACTION"}
+            )
+            return
+        target = message.get("device_id")
+        try:
+            (target,) = _device_ids(target if isinstance(target, str) else "", "device_id")
+            _may_read(principal, frozenset((target,)))
+        except Refused as refused:
+            await stream.send({"type": "error", "error": refused.reason, "code": "INVALID_DEVICE"})
+            return
+        if watched is not None:  # the all-devices stream already has every device
+            changed = target not in watched if action == "subscribe" else target in watched
+            (watched.add if action == "subscribe" else watched.discard)(target)
+            if changed:  # resubscribe from the last event seen, so nothing in between is lost
+                stream.subscribe(
+                    types=frozenset((model.TELEMETRY,)),
+                    devices=frozenset(watched),
+                    since=stream.last_id if stream.last_id is not None else services.hub.last_id,
+                )
+        await stream.send({"type": "ack", "message": f"{action}d {target}"})
+
+    await stream.run(_format("telemetry_app"), on_message)
+
+
+@router.websocket("/api/v1/realtime/subscribe/{device_id}")
+@router.websocket("/api/v1/stream/devices/{device_id}")
+@router.websocket(APP_MOUNT + "/api/v1/stream/devices/{device_id}")
+async def telemetry_app_device(ws: WebSocket, device_id: str) -> None:
+    await _telemetry_app(ws, device_id)
+
+
+@router.websocket("/api/v1/stream/all")
+@router.websocket(APP_MOUNT + "/api/v1/stream/all")
+async def telemetry_app_all(ws: WebSocket) -> None:
+    await _telemetry_app(ws, None)
+
+
+# --- the ESP32 document's device stream: commands and configuration down ---------------------------------
+
+
+@router.websocket("/stream/{device_id}")
+async def device_stream(ws: WebSocket, device_id: str) -> None:
+    services = _services(ws)
+    stream = Stream(ws, services, "device")
+    try:
+        principal = await _caller(ws, services)
+        devices = _device_ids(device_id, "device_id")
+        if not (principal.device_id == device_id or principal.operates):
+            raise Refused(CLOSE_FORBIDDEN, f"this key may not take device {device_id!r}'s commands")
+    except Refused as refused:
+        await stream.refuse(refused)
+        return
+    await ws.accept()
+    # Subscribed before the first take, so a command queued in between is not missed.
+    stream.subscribe(types=frozenset((model.COMMAND, model.DEVICE)), devices=devices, since=None)
+    commands = services.commands
+
+    async def deliver() -> str | None:
+        for command in await commands.take(device_id, via="ws"):
+            params = command.params if isinstance(command.params, dict) else {"value": command.params}
+            await stream.send({"type": "command", "id": command.id, "payload": {"action": command.name, **params}})
+        return None
+
+    async def config() -> str | None:
+        device = await services.devices.get(device_id)
+        if device.desired_config:
+            payload = {**device.desired_config, "version": device.desired_version}
+            await stream.send({"type": "config_update", "payload": payload})
+        return None
+
+    async def render(item: ChangeEvent | Gap) -> str | None:
+        if isinstance(item, Gap):
+            await config()
+            return await deliver()
+        if item.type == model.COMMAND and item.data.get("status") == "queued":
+            return await deliver()
+        if item.type == model.DEVICE and item.data.get("change") == "config":
+            return await config()
+        return None
+
+    try:
+        await config()
+        await deliver()
+    except TelemetraError as exc:
+        if stream.sub is not None:
+            stream.sub.close()
+        await ws.close(CLOSE_TRY_AGAIN, exc.reason[:120])
+        return
+    await stream.run(render, None)
+
+
+# --- smart-heat-pump's dashboard ---------------------------------------------------------------------------
+
+
+@router.websocket("/ws")
+@router.websocket("/api/ws")
+async def heatpump(ws: WebSocket) -> None:
+    services = _services(ws)
+    stream = Stream(ws, services, "heatpump")
+    try:
+        principal = await _caller(ws, services)
+        _may_read(principal, None)
+    except Refused as refused:
+        await stream.refuse(refused)
+        return
+    await ws.accept()
+    stream.subscribe(types=frozenset((model.TELEMETRY, model.ALERT)), devices=None, since=None)
+
+    async def on_message(_text: str) -> None:
+        await stream.send({"type": "pong", "timestamp": ms_to_iso(now_ms())})
+
+    await stream.run(_format("heatpump"), on_message)
