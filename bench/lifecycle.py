@@ -96,8 +96,21 @@ def ingest_part(
 # --- 2. aggregate ------------------------------------------------------------------------------------
 
 
+_LATEST = (
+    "INSERT INTO latest (device_id, key, ts, value_num, value_text, vtype) "
+    "SELECT device_id, key, max(ts), 0, NULL, 0 FROM telemetry GROUP BY device_id, key"
+)
+
+
 def _load_postgres(database: str, devices: int, start: int, end: int) -> None:
+    from telemetra.storage import partitions
+
     keys = ",".join(f"'{k}'" for k in KEYS)
+    # As a server that ran through the year would have them: one partition per month.
+    year, month = partitions.month_start(start)
+    while partitions.month_ms(year, month) < end:
+        hi.psql(partitions.create_sql(year, month), database)
+        year, month = partitions.next_month(year, month)
     hi.psql(
         "INSERT INTO telemetry (device_id, key, ts, value_num, value_text, vtype) "
         f"SELECT 'bench-' || lpad(d::text, 3, '0'), k, ts, 20 + 5 * sin(ts / 3.6e6) + d, NULL, 0 "
@@ -105,7 +118,7 @@ def _load_postgres(database: str, devices: int, start: int, end: int) -> None:
         f"generate_series({start}::int8, {end - 60_000}::int8, 60000::int8) AS ts",
         database,
     )
-    for sql in _backfill_sql():
+    for sql in [*_backfill_sql(), _LATEST]:
         hi.psql(sql, database)
     hi.psql("VACUUM ANALYZE", database)
 
@@ -124,7 +137,7 @@ def _load_sqlite(path: Path, devices: int, start: int, end: int) -> None:
             ORDER BY 1, 2, 3
             """
         )
-        for sql in _backfill_sql():
+        for sql in [*_backfill_sql(), _LATEST]:
             db.execute(sql)
         db.commit()
         db.execute("ANALYZE")

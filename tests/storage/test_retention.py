@@ -120,3 +120,60 @@ async def test_sqlite_gives_the_space_back(sqlite_url: str, tmp_path: Any) -> No
             free = (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar_one()
         assert result.deleted["raw"] == 10_000 and result.vacuumed_pages > 0
         assert after < before and free == 0
+
+
+async def test_postgres_migration_moves_every_row_into_month_partitions(tmp_path: Any) -> None:
+    from telemetra.config import Settings
+    from telemetra.storage import partitions
+    from telemetra.storage.database import create_engine, migrate
+    from tests.conftest import postgres_database
+
+    async with postgres_database() as url:
+        engine = create_engine(Settings(_env_file=None, database_url=url, data_dir=tmp_path))  # type: ignore[call-arg]
+        try:
+            await migrate(engine, "0005")
+            now = now_ms()
+            stamps = [now - d * DAY for d in (0, 1, 40, 75, 400)]
+            async with engine.begin() as conn:
+                for i, ts in enumerate(stamps):
+                    values = f"('m', 'k', {ts}, {float(i)}, NULL, 0), ('m', 's', {ts}, NULL, 'x', 2)"
+                    await conn.exec_driver_sql(f"INSERT INTO telemetry VALUES {values}")
+            await migrate(engine)
+            async with engine.connect() as conn:
+                assert await partitions.is_partitioned(conn)
+                names = await partitions.partitions(conn)
+                rows = (
+                    await conn.exec_driver_sql("SELECT ts, value_num FROM telemetry WHERE key = 'k' ORDER BY ts")
+                ).all()
+                in_default = (await conn.exec_driver_sql("SELECT count(*) FROM telemetry_default")).scalar_one()
+            assert [r[0] for r in rows] == sorted(stamps) and in_default == 0
+            assert partitions.partition_name(*partitions.month_start(now - 400 * DAY)) in names
+            assert partitions.partition_name(*partitions.month_start(now + 80 * DAY)) in names  # made ahead
+        finally:
+            await engine.dispose()
+
+
+async def test_postgres_retention_drops_whole_months(tmp_path: Any) -> None:
+    from tests.conftest import make_settings, postgres_database, running_app
+
+    async with postgres_database() as url:
+        settings = make_settings(url, tmp_path / "data", retention_raw_days=60, **QUIET)
+        async with running_app(settings) as t:
+            secret = await t.create_device("old")
+            now = now_ms()
+            stamps = [now - d * DAY for d in (0, 10, 59, 61, 100, 130, 200, 400)]
+            from telemetra.storage import partitions
+
+            async with t.services.engine.begin() as conn:  # as if it had run for half a year
+                for ts in stamps[:-1]:
+                    await conn.exec_driver_sql(partitions.create_sql(*partitions.month_start(ts)))
+            await post(t, secret, [{"ts": ts, "t": 1.0} for ts in stamps])  # the oldest: default partition
+            async with t.services.engine.connect() as conn:
+                before = await partitions.partitions(conn)
+            result = await t.services.retention.run_pass()
+            async with t.services.engine.connect() as conn:
+                after = await partitions.partitions(conn)
+                left = sorted(r[0] for r in (await conn.exec_driver_sql("SELECT ts FROM telemetry")).all())
+            assert left == sorted(ts for ts in stamps if ts >= now - 60 * DAY - 5_000)
+            assert result.dropped_partitions and set(result.dropped_partitions) == set(before) - set(after)
+            assert result.deleted["raw"] == len(stamps) - len(left)

@@ -5,8 +5,9 @@ older than the series' cutoff, in chunks of ``chunk`` rows, each its own short t
 the single writer waits for one chunk at most (milliseconds), then the ingest writer goes on. After a
 pass on SQLite, ``PRAGMA incremental_vacuum`` gives the freed pages back to the file system (databases
 made since this version use ``auto_vacuum = INCREMENTAL``; an older one reuses its free pages for new
-rows instead). PostgreSQL deletes the same way and its autovacuum reuses the space; time partitions that
-a pass could drop whole are not built yet (see the issue's report).
+rows instead). On PostgreSQL ``telemetry`` is partitioned by month (``storage.partitions``): a pass first
+makes the coming months and drops whole the months past every device's cutoff, then deletes the rest the
+same way as on SQLite (autovacuum reuses that space).
 
 Cutoffs (``domain``-like rules, kept here beside the SQL): a tier keeps ``days`` days back from now; 0
 or None keeps everything. A model's override replaces the default for the tiers it names.
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.errors import NotFound
 from telemetra.domain.rollups import HOUR, MINUTE, RAW, TIERS
+from telemetra.storage import partitions
 from telemetra.storage.schema import Device, LatestRow, RetentionPolicyRow, Rollup1h, Rollup1m, TelemetryRow
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,11 @@ class Policies:
             return override.of(tier)
         return self.defaults.of(tier)
 
+    def longest(self, tier: str) -> int | None:
+        """The most days any device keeps of ``tier`` (None: some device keeps everything)."""
+        kept = [self.defaults.of(tier), *(self.days(m, tier) for m in self.models)]
+        return None if any(not d for d in kept) else max(d for d in kept if d)
+
     def kept_since(self, model: str | None, now: int) -> dict[str, int]:
         """Per tier with a limit, the oldest time it still holds (absent: everything)."""
         out = {}
@@ -72,6 +79,7 @@ class PassResult:
     deleted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     seconds: float = 0.0
     vacuumed_pages: int = 0
+    dropped_partitions: list[str] = field(default_factory=list)
 
 
 class RetentionRepository:
@@ -114,6 +122,8 @@ class RetentionRepository:
         """Delete what every tier keeps no longer, in chunks; returns how many rows per tier."""
         started = time.perf_counter()
         result = PassResult()
+        if self._pg:
+            await self._partitions(policies, now_ms=now_ms, result=result)
         async with self._engine.connect() as conn:
             series = (await conn.execute(select(LatestRow.device_id, LatestRow.key))).all()
             models = dict((await conn.execute(select(Device.id, Device.model))).all())
@@ -136,6 +146,22 @@ class RetentionRepository:
             result.vacuumed_pages = await self._incremental_vacuum()
         result.seconds = time.perf_counter() - started
         return result
+
+    async def _partitions(self, policies: Policies, *, now_ms: int, result: PassResult) -> None:
+        """PostgreSQL: the coming months made, the months past every device's raw cutoff dropped whole."""
+        async with self._engine.begin() as conn:
+            if not await partitions.is_partitioned(conn):
+                return
+            made = await partitions.ensure_ahead(conn, now_ms)
+            if made:
+                log.info("made partitions %s", ", ".join(made))
+            longest = policies.longest(RAW)
+            if longest is None:
+                return  # some device keeps its raw points for ever
+            for name, rows in await partitions.drop_before(conn, now_ms - longest * DAY_MS):
+                log.info("retention dropped partition %s (%d rows)", name, rows)
+                result.deleted[RAW] += rows
+                result.dropped_partitions.append(name)
 
     async def _delete_chunk(self, tier: str, device_id: str, key: str, cutoff: int, chunk: int) -> int:
         table = TABLES[tier].__tablename__

@@ -52,10 +52,13 @@ class UsageQueries:
             if self._pg:
                 out = {}
                 for tier, table in TABLE.items():
+                    # The table itself or, partitioned, the sum of its partitions (a partitioned parent holds nothing).
                     row = (
                         await conn.exec_driver_sql(
-                            "SELECT greatest(reltuples, 0)::int8, pg_total_relation_size(oid) FROM pg_class "
-                            f"WHERE oid = '{table}'::regclass"
+                            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8, "
+                            "coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c "
+                            f"WHERE c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = '{table}'::regclass) "
+                            f"OR (c.oid = '{table}'::regclass AND c.relkind <> 'p')"
                         )
                     ).one()
                     out[tier] = TierUsage(int(row[0]), int(row[1]))

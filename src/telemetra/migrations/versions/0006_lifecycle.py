@@ -2,7 +2,8 @@
 per-model retention.
 
 The rollups are filled from the telemetry already stored, so ``/aggregate`` answers the same before and
-after the upgrade.
+after the upgrade. On PostgreSQL ``telemetry`` becomes a table partitioned by month (storage.partitions):
+the old table's rows are moved into it, every one, in this migration's transaction.
 
 Revision ID: 0006
 Revises: 0005
@@ -10,6 +11,9 @@ Create Date: 2026-12-02 03:00:00.000000
 """
 
 from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -62,7 +66,64 @@ def _rollup_table(name: str) -> None:
     )
 
 
+_PG_PARTITIONED = """
+CREATE TABLE telemetry (
+    device_id varchar(128) NOT NULL,
+    key varchar(128) NOT NULL,
+    ts bigint NOT NULL,
+    value_num double precision,
+    value_text text,
+    vtype smallint NOT NULL,
+    CONSTRAINT telemetry_pkey PRIMARY KEY (device_id, key, ts)
+) PARTITION BY RANGE (ts)
+"""
+_AHEAD_MONTHS = 3
+
+
+def _months(lo_ms: int, hi_ms: int) -> list[tuple[int, int, int, int]]:
+    """(year, month, start ms, end ms) for every UTC month from lo's to hi's."""
+    out = []
+    dt = datetime.fromtimestamp(lo_ms / 1000, tz=UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    while int(dt.timestamp() * 1000) <= hi_ms:
+        nxt = dt.replace(year=dt.year + 1, month=1) if dt.month == 12 else dt.replace(month=dt.month + 1)
+        out.append((dt.year, dt.month, int(dt.timestamp() * 1000), int(nxt.timestamp() * 1000)))
+        dt = nxt
+    return out
+
+
+def _partition_telemetry() -> None:
+    bind = op.get_bind()
+    lo, hi = bind.exec_driver_sql("SELECT min(ts), max(ts) FROM telemetry").one()
+    now = int(time.time() * 1000)
+    ahead = now + (_AHEAD_MONTHS * 31 + 1) * 86_400_000
+    op.execute("ALTER TABLE telemetry RENAME TO telemetry_unpartitioned")
+    op.execute("ALTER TABLE telemetry_unpartitioned RENAME CONSTRAINT telemetry_pkey TO telemetry_unpartitioned_pkey")
+    op.execute(_PG_PARTITIONED)
+    op.execute("CREATE TABLE telemetry_default PARTITION OF telemetry DEFAULT")
+    # Every month that holds a stored reading, up to the months ahead; readings from before the earliest go
+    # to the default partition (there are none at first).
+    first = min(lo, now) if lo is not None else now
+    for year, month, start, end in _months(first, max(ahead, hi or 0)):
+        op.execute(
+            f"CREATE TABLE telemetry_p{year:04d}{month:02d} PARTITION OF telemetry FOR VALUES FROM ({start}) TO ({end})"
+        )
+    op.execute(
+        "INSERT INTO telemetry SELECT device_id, key, ts, value_num, value_text, vtype FROM telemetry_unpartitioned"
+    )
+    op.execute("DROP TABLE telemetry_unpartitioned")
+
+
+def _unpartition_telemetry() -> None:
+    op.execute("ALTER TABLE telemetry RENAME TO telemetry_partitioned")
+    op.execute("ALTER TABLE telemetry_partitioned RENAME CONSTRAINT telemetry_pkey TO telemetry_partitioned_pkey")
+    op.execute(_PG_PARTITIONED.replace(" PARTITION BY RANGE (ts)", ""))
+    op.execute("INSERT INTO telemetry SELECT * FROM telemetry_partitioned")
+    op.execute("DROP TABLE telemetry_partitioned CASCADE")
+
+
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        _partition_telemetry()
     _rollup_table("rollup_1m")
     _rollup_table("rollup_1h")
     op.execute(_BACKFILL_1M)
@@ -116,3 +177,5 @@ def downgrade() -> None:
         batch_op.drop_column("rule_id")
     for table in ("retention_policies", "rule_state", "rules", "rollup_1h", "rollup_1m"):
         op.drop_table(table)
+    if op.get_bind().dialect.name == "postgresql":
+        _unpartition_telemetry()
