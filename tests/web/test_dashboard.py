@@ -321,3 +321,21 @@ def test_a_dropped_stream_resumes_from_the_last_event_it_saw(browsing: Browsing)
     expect(page.locator("#live-status")).to_have_text("live")
     server.ingest(secret, {"temperature": 21.0})  # and the resumed stream carries the next one
     expect(card).to_have_text("21")
+
+
+def test_the_chart_asks_for_about_one_bucket_per_pixel_never_raw_points(browsing: Browsing) -> None:
+    page = browsing.signed_in()
+    picked = page.evaluate(
+        """async () => {
+            const { RANGES, pickInterval } = await import("/ui/js/chart.js");
+            const widths = [320, 1280, 2560];
+            return RANGES.flatMap(([name, , span]) => widths.map((w) => [name, w, span, pickInterval(span, w)]));
+        }"""
+    )
+    for name, width, span, interval in picked:
+        buckets = span / interval
+        assert buckets <= max(2000, width), (name, width, interval)  # the server allows 10,000
+        assert interval >= 1
+        if span >= 86400:
+            assert buckets >= min(width, 2000) / 2.5, (name, width, interval)  # not coarser than the screen
+    assert dict(((n, w), i) for n, w, _, i in picked)[("1y", 1280)] == 43200  # 730 buckets of 12 h
