@@ -327,7 +327,8 @@ def test_the_chart_asks_for_about_one_bucket_per_pixel_never_raw_points(browsing
     page = browsing.signed_in()
     picked = page.evaluate(
         """async () => {
-            const { RANGES, pickInterval } = await import("/ui/js/chart.js");
+            const app = document.querySelector("script[type=module]").src;
+            const { RANGES, pickInterval } = await import(new URL("chart.js", app).href);
             const widths = [320, 1280, 2560];
             return RANGES.flatMap(([name, , span]) => widths.map((w) => [name, w, span, pickInterval(span, w)]));
         }"""
