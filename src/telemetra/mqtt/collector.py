@@ -223,6 +223,7 @@ class Collector:
     # -- connection (event loop; the blocking connect in a worker thread) ------------------------------
     async def _keep_connected(self) -> None:
         backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_CAP_S)
+        failed = 0  # attempts of this outage: said once when it starts, and once when it ends
         while not self._stopping:
             self._lost.clear()
             self._was_connected = False
@@ -231,8 +232,17 @@ class Collector:
             try:
                 await asyncio.shield(self._connecting)
             except Exception as exc:
-                log.warning("MQTT broker %s:%s: %s", self._address.host, self._address.port, exc)
+                where = f"{self._address.host}:{self._address.port}"
+                if failed == 0:
+                    log.warning("MQTT broker %s: %s; retrying every %.0f s at most", where, exc, RECONNECT_CAP_S)
+                else:
+                    log.debug("MQTT broker %s: %s (attempt %d)", where, exc, failed + 1)
+                failed += 1
                 self._lost.set()
+            else:
+                if failed:
+                    log.info("MQTT broker reachable again after %d failed attempts", failed)
+                failed = 0
             await self._lost.wait()
             if self._was_connected:
                 backoff.reset()
