@@ -280,3 +280,63 @@ def test_an_unreachable_server_is_said_plainly(browsing: Browsing) -> None:
     page.unroute("**/api/v1/**")
     page.get_by_label("Search").fill("")
     expect(page.locator("#banner")).to_be_hidden()
+
+
+def test_a_dropped_stream_resumes_from_the_last_event_it_saw(browsing: Browsing) -> None:
+    server = browsing.server
+    device_id = unique("resume")
+    secret = server.create_device(device_id)
+    server.ingest(secret, {"temperature": 19.0})
+    page = browsing.signed_in()
+    urls: list[str] = []
+    seen: list[int] = []
+
+    def stream(ws: Any) -> None:
+        urls.append(ws.url)
+        upstream = ws.connect_to_server()
+        first = len(urls) == 1
+
+        def forward(message: str | bytes) -> None:
+            ws.send(message)
+            data = json.loads(message)
+            if data.get("type") == "telemetry":
+                seen.append(data["id"])
+                if first:
+                    ws.close(code=1011, reason="dropped by the test")  # the network goes away
+
+        upstream.on_message(forward)
+
+    page.route_web_socket(re.compile(r".*/api/v1/realtime.*"), stream)
+    page.goto(f"/#/devices/{device_id}")
+    card = page.locator('.card[data-key="temperature"] [data-value]')
+    expect(page.locator("#live-status")).to_have_text("live")
+    server.ingest(secret, {"temperature": 20.0})  # arrives on the first stream, which is then dropped
+    expect(card).to_have_text("20")
+    # Route handlers run while Playwright is called: poll through it (a deadline, not a fixed sleep).
+    deadline = time.monotonic() + 15
+    while len(urls) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert "since=" not in urls[0]
+    assert f"since={seen[0]}" in urls[1], urls
+    expect(page.locator("#live-status")).to_have_text("live")
+    server.ingest(secret, {"temperature": 21.0})  # and the resumed stream carries the next one
+    expect(card).to_have_text("21")
+
+
+def test_the_chart_asks_for_about_one_bucket_per_pixel_never_raw_points(browsing: Browsing) -> None:
+    page = browsing.signed_in()
+    picked = page.evaluate(
+        """async () => {
+            const app = document.querySelector("script[type=module]").src;
+            const { RANGES, pickInterval } = await import(new URL("chart.js", app).href);
+            const widths = [320, 1280, 2560];
+            return RANGES.flatMap(([name, , span]) => widths.map((w) => [name, w, span, pickInterval(span, w)]));
+        }"""
+    )
+    for name, width, span, interval in picked:
+        buckets = span / interval
+        assert buckets <= max(2000, width), (name, width, interval)  # the server allows 10,000
+        assert interval >= 1
+        if span >= 86400:
+            assert buckets >= min(width, 2000) / 2.5, (name, width, interval)  # not coarser than the screen
+    assert dict(((n, w), i) for n, w, _, i in picked)[("1y", 1280)] == 43200  # 730 buckets of 12 h

@@ -17,9 +17,14 @@ EXTERNAL = re.compile(r"""(?:src|href)=["']?(?:https?:)?//""")
 async def test_the_dashboard_page_and_its_modules_are_served_from_the_package(api: Running) -> None:
     r = await api.client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "/ui/js/app.js" in r.text and not EXTERNAL.search(r.text)
+    prefix = f"/ui/{web.build_id()}"
+    assert f"{prefix}/js/app.js" in r.text and not EXTERNAL.search(r.text)
+    assert r.headers["cache-control"] == "no-cache"  # the page names the current build's assets
     for asset in re.findall(r"""(?:src|href)="(/ui/[^"]+)\"""", r.text):
-        assert (await api.client.get(asset)).status_code == 200, asset
+        assert asset.startswith(prefix), asset
+        answer = await api.client.get(asset)
+        assert answer.status_code == 200, asset
+        assert "immutable" in answer.headers["cache-control"]
     modules = sorted((web.STATIC / "js").glob("*.js"))
     assert len(modules) >= 8
     for module in modules:
@@ -28,7 +33,7 @@ async def test_the_dashboard_page_and_its_modules_are_served_from_the_package(ap
         for imported in re.findall(r'from "(\.[^"]+)"', text):
             target = (module.parent / imported).resolve()
             assert target.is_file(), f"{module.name} imports {imported}"
-        r = await api.client.get(f"/ui/js/{module.name}")
+        r = await api.client.get(f"{prefix}/js/{module.name}")
         assert r.status_code == 200 and "javascript" in r.headers["content-type"]
 
 

@@ -3,7 +3,8 @@
 
 import { session } from "./api.js";
 
-const REFUSED = new Set([4401, 4403]);
+// Refused for good: no or wrong key, not yours, bad parameters. Anything else is retried.
+const REFUSED = new Set([4400, 4401, 4403]);
 const MAX_BACKOFF_MS = 30_000;
 
 export class Live {
