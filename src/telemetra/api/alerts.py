@@ -76,5 +76,5 @@ async def clear(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> di
 async def _transition(services: Services, alert_id: int, to: str) -> dict[str, Any]:
     row = await services.alerts.transition(alert_id, to, now_ms=now_ms())
     columns = {c.name: getattr(row, c.name) for c in AlertRow.__table__.columns}
-    await services.emit([ChangeEvent(model.ALERT, row.device_id, row.updated_at, {"alert": columns})])
+    await services.emit([ChangeEvent(model.ALERT, row.device_id, row.updated_at, {"alert": columns, "change": to})])
     return alert_out(row)

@@ -35,6 +35,7 @@ def telemetra(event: ChangeEvent) -> dict[str, Any] | None:
         out["values"] = data["values"]
     elif event.type == model.ALERT:
         out["alert"] = alert_out(AlertRow(**data["alert"]))
+        out["change"] = data.get("change") or data["alert"].get("status")  # raised, acknowledged, cleared
     elif event.type == model.COMMAND:
         out["command"] = {k: data[k] for k in ("id", "name", "status") if k in data}
     else:

@@ -38,7 +38,10 @@ def events_of(parts: Sequence[Batch], changes: Changes, *, now: int, telemetry: 
             )
     out.extend(_states(parts, changes, now))
     for alert in changes.alerts:
-        out.append(ChangeEvent(model.ALERT, alert["device_id"], alert["updated_at"], {"alert": alert}))
+        change = "raised" if alert.get("count", 1) == 1 else "repeated"  # a repeat of an open one counts up
+        out.append(
+            ChangeEvent(model.ALERT, alert["device_id"], alert["updated_at"], {"alert": alert, "change": change})
+        )
     for command_id, device_id, status in changes.commands:
         out.append(ChangeEvent(model.COMMAND, device_id, now, {"id": command_id, "status": status}))
     return out
