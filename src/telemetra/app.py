@@ -205,6 +205,7 @@ def rules_from(services: Services) -> RulesEngine:
         sweep_s=settings.presence_sweep_s,
         offline_alerts=settings.offline_alerts,
         rules_file=settings.rules_file,
+        database=services.database,
     )
     services.rules = engine
     return engine
@@ -222,6 +223,7 @@ def retention_from(services: Services) -> Retention:
         chunk=settings.retention_chunk_rows,
         budget_bytes=settings.storage_budget_bytes,
         warn_days=settings.storage_warn_days,
+        database=services.database,
     )
     services.retention = retention
     services.queries.kept_since = retention.kept_since

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from telemetra.domain.rollups import TIERS
 from telemetra.domain.timeutil import now_ms
 from telemetra.metrics import Metrics
+from telemetra.storage.faults import DatabaseState, report_failure
 from telemetra.storage.retention import Days, PassResult, Policies, RetentionRepository
 from telemetra.storage.usage import Usage, UsageQueries
 from telemetra.supervise import Failures, Supervisor
@@ -37,7 +38,9 @@ class Retention:
         chunk: int = 5000,
         budget_bytes: int = 0,
         warn_days: float = 14.0,
+        database: DatabaseState | None = None,
     ) -> None:
+        self._database = database
         self.repo = RetentionRepository(engine, defaults)
         self.usage_queries = UsageQueries(engine)
         self._metrics = metrics
@@ -79,8 +82,8 @@ class Retention:
         while True:
             try:
                 await self.run_pass()
-            except Exception:
-                log.exception("retention pass failed; trying again in %s s", self._interval_s)
+            except Exception as exc:
+                report_failure(self._database, exc, "retention pass failed; trying again in %s s", self._interval_s)
             await asyncio.sleep(self._interval_s)
 
     async def run_pass(self) -> PassResult:

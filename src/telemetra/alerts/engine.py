@@ -34,6 +34,7 @@ from telemetra.events import model
 from telemetra.events.hub import EventHub
 from telemetra.events.model import ChangeEvent, Gap
 from telemetra.metrics import Metrics
+from telemetra.storage.faults import DatabaseState, report_failure
 from telemetra.storage.rules import RuleRepository, rule_of
 from telemetra.storage.schema import Device
 from telemetra.supervise import Failures, Supervisor
@@ -61,7 +62,9 @@ class RulesEngine:
         offline_alerts: bool = True,
         offline_severity: str = "warning",
         rules_file: Path | None = None,
+        database: DatabaseState | None = None,
     ) -> None:
+        self._database = database  # where an outage is noted, once, instead of a traceback per round
         self.repo = repo
         self._engine = engine
         self._hub = hub
@@ -139,9 +142,9 @@ class RulesEngine:
                         break  # the last threshold rule went: stop asking for telemetry events
                     try:
                         await self._on_telemetry(event)
-                    except Exception:
+                    except Exception as exc:
                         # One reading that fails (the database blinked) must not end the engine.
-                        log.exception("rules: evaluating a reading of %s failed", event.device_id)
+                        report_failure(self._database, exc, "rules: evaluating a reading of %s failed", event.device_id)
 
     async def _on_telemetry(self, event: ChangeEvent) -> None:
         device_id = event.device_id
@@ -222,8 +225,8 @@ class RulesEngine:
                         await self.announce(cleared, "cleared")
                     elif event.data["online"] is False and self._offline_alerts:
                         await self._said_offline(event.device_id)
-                except Exception:
-                    log.exception("rules: presence of %s failed", event.device_id)
+                except Exception as exc:
+                    report_failure(self._database, exc, "rules: presence of %s failed", event.device_id)
 
     async def _said_offline(self, device_id: str) -> None:
         rule = R.offline_rule_for(device_id, await self._model(device_id), self._offline_rules)
@@ -241,8 +244,8 @@ class RulesEngine:
         while True:
             try:
                 await self.sweep()
-            except Exception:
-                log.exception("rules: presence sweep failed; trying again in %s s", self._sweep_s)
+            except Exception as exc:
+                report_failure(self._database, exc, "rules: presence sweep failed; trying again in %s s", self._sweep_s)
             await asyncio.sleep(self._sweep_s)
 
     async def sweep(self) -> None:

@@ -132,3 +132,12 @@ class DatabaseState:
             )
             self._down_since = None
             self._failures = 0
+
+
+def report_failure(database: DatabaseState | None, exc: BaseException, message: str, *args: object) -> None:
+    """A background task's round failed: a database outage is noted once per outage by ``database`` (it
+    logs the state changes); anything else is logged with its traceback."""
+    if database is not None and is_transient(exc):
+        database.failed(exc)
+        return
+    log.error(message, *args, exc_info=exc)
