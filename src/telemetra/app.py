@@ -24,6 +24,7 @@ from telemetra.api import (
     commands,
     compat_heatpump,
     compat_iotmesh,
+    compat_paku_ota,
     compat_telemetry_app,
     devices,
     firmware,
@@ -221,7 +222,7 @@ def create_app(settings: Settings) -> FastAPI:
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
     own = (ingest, devices, telemetry, commands, alerts, health, firmware, ota, realtime)
-    for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
+    for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app, compat_paku_ota):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware.
     app.add_middleware(FastPath, owner=app, router=ingest.router, paths=ingest.FAST_PATHS)

@@ -56,6 +56,11 @@ REPORT_RETRIES = 3  # a report that loses a race with the scheduler re-reads the
 JOB_CACHE_S = 1.0
 
 
+class NoTargets(InvalidInput):
+    """A rollout's target matches no enabled device (paku's rollouts may be created before any device of
+    the model registered: its compat layer answers that there is nothing to roll out)."""
+
+
 @dataclass(frozen=True)
 class TargetFilter:
     model: str | None = None
@@ -238,7 +243,7 @@ class JobService:
         if request.target_percentage is not None:
             rows = [r for r in rows if device_bucket(r[0]) < request.target_percentage]
         if not rows:
-            raise InvalidInput(
+            raise NoTargets(
                 f"no enabled device of model {firmware.model!r} matches the target", field="target_device_ids"
             )
         if len(rows) > MAX_TARGET_DEVICES:
