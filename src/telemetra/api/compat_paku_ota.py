@@ -56,8 +56,9 @@ from telemetra.storage.schema import FirmwareRow, OtaNodeRow
 router = APIRouter(tags=["paku-iot OTA service (seed 004)"])
 
 PAKU_PREFIX = "0.0.0-paku."
-# What paku's own service takes as a version besides semver: a slug (``test-1733100000``).
-_SLUG = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.\-]*$")
+# What paku's own service takes as a version besides semver: a slug (``test-1733100000``). It starts
+# with a letter, so that a near-version (``1.2.x``, ``1.2.3.4``) is refused rather than misordered.
+_SLUG = re.compile(r"^[A-Za-z][0-9A-Za-z.\-]*$")
 MAX_PAKU_VERSION = 64 - len(PAKU_PREFIX)
 # Telemetra's device states in paku's words (CLIENTS.md §4.9, §6.10).
 PAKU_STATUS = {
@@ -82,8 +83,9 @@ def stored_version(text_: str, field: str = "version") -> str:
     if _SLUG.match(value) and len(value) <= MAX_PAKU_VERSION and parse_version(PAKU_PREFIX + value) is not None:
         return PAKU_PREFIX + value
     raise InvalidInput(
-        f"{text_!r} is neither a semantic version (1.4.2, 1.4.2-3-gabcdef) nor a build name of letters, digits, "
-        f"'.' and '-' (test-1733100000, at most {MAX_PAKU_VERSION} characters, no number part with a leading zero)",
+        f"{text_!r} is neither a semantic version (1.4.2, 1.4.2-3-gabcdef) nor a build name: a letter, then "
+        f"letters, digits, '.' and '-' (test-1733100000; at most {MAX_PAKU_VERSION} characters, no all-digit "
+        "part with a leading zero)",
         field=field,
     )
 
