@@ -8,7 +8,7 @@ stops last and commits what the others handed it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
-from telemetra.storage.event_bridge import LocalChanges, PgEventBridge, SqliteRegistryFollower
+from telemetra.storage.event_bridge import PgEventBridge, SqliteRegistryFollower
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
 from telemetra.supervise import Failures
@@ -84,13 +84,12 @@ def build_services(
 ) -> Services:
     engine = create_engine(settings)
     hub = EventHub()
-    local = LocalChanges()
     bridge: PgEventBridge | SqliteRegistryFollower
     if engine.dialect.name == "postgresql":
         dsn = settings.effective_database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        bridge = PgEventBridge(dsn, engine, hub, local)
+        bridge = PgEventBridge(dsn, engine, hub)
     else:
-        bridge = SqliteRegistryFollower(engine, hub, local)
+        bridge = SqliteRegistryFollower(engine, hub)
     directory = DeviceDirectory(engine, state=database)
     queue = IngestQueue(
         engine,
@@ -117,10 +116,10 @@ def build_services(
     async def emit(events: Sequence[ChangeEvent]) -> None:
         """Changes committed outside the ingest queue: to this process's hub, and to the others."""
         hub.publish(events)
-        await bridge.announce_committed(events)
+        bridge.send_later(events)
 
     commands = CommandService(CommandRepository(engine), plan=DownlinkPlan(downlinks), is_online=online, emit=emit)
-    ota = ota_from(settings, engine, commands, metrics, hub, bridge.announce_committed)
+    ota = ota_from(settings, engine, commands, metrics, hub, bridge.send_later)
     return Services(
         settings=settings,
         engine=engine,
@@ -128,7 +127,6 @@ def build_services(
         database=database,
         hub=hub,
         bridge=bridge,
-        local_changes=local,
         failures=failures,
         queue=queue,
         directory=directory,
@@ -148,7 +146,7 @@ def ota_from(
     commands: CommandService,
     metrics: Metrics,
     hub: EventHub,
-    announce: Callable[[Sequence[ChangeEvent]], Awaitable[None]],
+    announce: Callable[[Sequence[ChangeEvent]], None],
 ) -> Ota:
     """OTA (issue 8) from plain values; devices are notified through their command channel."""
 

@@ -11,6 +11,7 @@ from typing import Any
 from telemetra.events import model
 from telemetra.events.model import Gap
 from telemetra.services import Services
+from telemetra.storage.event_bridge import PgEventBridge
 from telemetra.supervise import Supervisor
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ class Core:
         spawn = self.supervisor.spawn
         spawn("ingest-writer", services.queue.run)
         spawn("event-bridge", services.bridge.run)
+        await services.bridge.ready()
+        if isinstance(services.bridge, PgEventBridge):
+            spawn("event-sender", services.bridge.run_sender)
         spawn("registry-cache", self._follow_registry)
         spawn("commands", lambda: services.commands.follow(services.hub))
         spawn("command-expiry", services.commands.run_expiry)

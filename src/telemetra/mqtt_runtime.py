@@ -116,8 +116,9 @@ class MqttCapability:
         self._probe = probe
 
     def _follow(self, name: str, handler: RegistryHandler) -> None:
-        """``handler`` applies this process's registry changes inline (``Services.registry_changed``) and
-        follows every other process's through the hub."""
+        """``handler`` applies this process's registry changes inline (``Services.registry_changed``, with
+        the new secret) and follows every registry event through the hub — this process's own again
+        (handlers are idempotent), the other processes' and the CLI's."""
         services = self._services
         services.registry_handlers.append(handler)
         self._stack.callback(services.registry_handlers.remove, handler)
@@ -128,8 +129,6 @@ class MqttCapability:
             async for event in events:
                 if isinstance(event, Gap):
                     event = registry_event("resync", None, None)
-                elif event.data.get("local"):
-                    continue  # applied inline by the process that made it (this one)
                 try:
                     await handler(event, None)
                 except Exception:

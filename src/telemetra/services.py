@@ -29,7 +29,7 @@ from telemetra.ota.capability import Ota
 from telemetra.storage.commands import AlertRepository
 from telemetra.storage.devices import DeviceRepository
 from telemetra.storage.directory import DeviceDirectory
-from telemetra.storage.event_bridge import LocalChanges, PgEventBridge, SqliteRegistryFollower, registry_event
+from telemetra.storage.event_bridge import PgEventBridge, SqliteRegistryFollower, registry_event
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
 from telemetra.supervise import Failures
@@ -80,7 +80,6 @@ class Services:
     # Set by the MQTT capability while it runs (the one in use; the other stays None).
     mqtt_broker: EmbeddedBroker | None = None
     mqtt_collector: Collector | None = None
-    local_changes: LocalChanges = field(default_factory=LocalChanges)
     streams: StreamConnections = field(default_factory=StreamConnections)
     components: list[Component] = field(default_factory=list)
     registry_handlers: list[RegistryHandler] = field(default_factory=list)
@@ -92,19 +91,20 @@ class Services:
     async def emit(self, events: Sequence[ChangeEvent]) -> None:
         """Changes committed outside the ingest queue: to this process's hub, and to the others."""
         self.hub.publish(events)
-        await self.bridge.announce_committed(events)
+        self.bridge.send_later(events)
 
     async def registry_changed(self, device_id: str, change: str, *, secret: str | None = None) -> None:
         """This process changed a device (``change``: created, updated, rotated, disabled, enabled,
-        deleted, claimed): its cached credentials go, the ``device`` event is published at once, and the
-        handlers apply it before the caller answers. Other processes learn it from the database's trigger
-        (whose echo here is not published twice, whether it comes before this call or after)."""
+        deleted, claimed, config): its cached credentials go and the handlers apply it before the caller
+        answers (with the new secret, which never travels as an event). The ``device`` event itself comes,
+        here as in every process, from the database's trigger — the one source of registry events, so a
+        change is never published twice or swallowed; the handlers, which also follow those events, are
+        idempotent."""
         self.directory.invalidate(device_id)
-        event = registry_event(change, device_id, None, local=True)
-        if not self.local_changes.made(device_id, change):
-            self.hub.publish([event])
+        event = registry_event(change, device_id, None)
         for handler in self.registry_handlers:
             await handler(event, secret)
+        await self.bridge.poll_now()  # SQLite: the trigger's row, as an event, now
 
 
 def access_policy(settings: Settings, admin_keys: list[str]) -> AccessPolicy:

@@ -270,3 +270,34 @@ async def test_health_counts_connections_per_stream(database_url: str, tmp_path:
                 break
             await asyncio.sleep(0.05)
         assert websocket["connections"] == 0
+
+
+async def test_an_open_stream_ends_when_its_device_key_is_revoked(database_url: str, tmp_path: Path) -> None:
+    async with server(database_url, tmp_path) as (s, client):
+        key = await create(client, "revoked")
+        async with (
+            websockets.connect(f"{s.ws}/stream/revoked?token={key}") as device,
+            connect(s, "/api/v1/realtime", key=key) as reader,
+        ):
+            await device.ping()
+            await reader.ping()
+            assert (await client.post("/api/v1/devices/revoked/rotate", headers=ADMIN)).status_code == 200
+            for ws in (device, reader):
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    async with asyncio.timeout(5):
+                        while True:
+                            await ws.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+async def test_a_keyless_stream_refuses_pages_of_another_site(database_url: str, tmp_path: Path) -> None:
+    async with server(database_url, tmp_path, trusted_networks=["127.0.0.1/32"]) as (s, _client):
+        evil = {"Origin": "http://evil.example"}
+        async with websockets.connect(f"{s.ws}/ws", additional_headers=evil) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        own = {"Origin": f"http://127.0.0.1:{s.port}"}  # the dashboard served by Telemetra itself
+        async with websockets.connect(f"{s.ws}/ws", additional_headers=own) as ws:
+            await ws.send("hi")
+            assert (await receive(ws))["type"] == "pong"

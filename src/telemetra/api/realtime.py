@@ -29,7 +29,7 @@ from starlette.websockets import WebSocketState
 
 from telemetra.api.deps import _presented_key, resolve_principal
 from telemetra.api.realtime_formats import encoded
-from telemetra.domain.errors import Forbidden, TelemetraError, Unauthorized
+from telemetra.domain.errors import Forbidden, NotFound, TelemetraError, Unauthorized
 from telemetra.domain.principal import Principal, Role
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.events import model
@@ -44,7 +44,10 @@ router = APIRouter()
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
 CLOSE_TRY_AGAIN = 1013
+# Registry changes after which a device key open on a stream must be checked again.
+REVOKING = frozenset({"rotated", "claimed", "disabled", "deleted", "resync"})
 MAX_DEVICES = 1000  # in one ``devices=`` filter
 MAX_CLIENT_MESSAGE = 4096  # bytes; the clients send pings and subscribe actions
 APP_MOUNT = "/compat/telemetry-app"
@@ -60,13 +63,35 @@ class Refused(Exception):
         self.reason = reason
 
 
+def _reason(text: str) -> str:
+    """A close frame carries at most 123 bytes of reason (UTF-8), not characters."""
+    return text.encode()[:120].decode("utf-8", "ignore")
+
+
 def _services(ws: WebSocket) -> Services:
     services: Services = ws.app.state.services
     return services
 
 
+def _key(ws: WebSocket) -> str | None:
+    return ws.query_params.get("token") or _presented_key(ws.headers.get("x-api-key"), ws.headers.get("authorization"))
+
+
+def _same_site(ws: WebSocket, services: Services) -> bool:
+    """A browser always sends Origin on a WebSocket; CORS does not apply to them, so a page of another
+    site could read a key-less stream through the visitor's trusted network. Only our own origin (or a
+    configured CORS origin) may use a trust that comes from the address."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True  # not a browser: the devices' and apps' own clients
+    if origin in services.settings.cors_origins:
+        return True
+    host = ws.headers.get("host", "")
+    return origin.split("://", 1)[-1].rstrip("/") == host
+
+
 async def _caller(ws: WebSocket, services: Services) -> Principal:
-    key = ws.query_params.get("token") or _presented_key(ws.headers.get("x-api-key"), ws.headers.get("authorization"))
+    key = _key(ws)
     host = ws.client.host if ws.client is not None else None
     try:
         principal = await resolve_principal(services, key, host)
@@ -78,6 +103,8 @@ async def _caller(ws: WebSocket, services: Services) -> Principal:
         raise Refused(CLOSE_TRY_AGAIN, exc.reason) from None
     if principal.role is Role.ANONYMOUS:
         raise Refused(CLOSE_UNAUTHORIZED, "an API key is required (X-API-Key, Authorization: Bearer or ?token=)")
+    if principal.trusted_network and not _same_site(ws, services):
+        raise Refused(CLOSE_FORBIDDEN, "a key-less stream is not open to pages of another site; send a key")
     return principal
 
 
@@ -111,11 +138,47 @@ class Stream:
         self.name = name
         self.sub: Subscription | None = None
         self.last_id: int | None = None
+        self.closing: Refused | None = None  # why the server ends the stream, when it does
+        self._watch: asyncio.Task[None] | None = None
+
+    def watch_key(self, principal: Principal) -> None:
+        """A device's (or gateway's) key is checked at connect; if it is rotated, disabled or deleted while
+        the stream is open, the stream ends (4401/4403), as its MQTT session would."""
+        if principal.device_id is None or principal.reads_everything:
+            return
+        revocations = self.services.hub.subscribe(types=(model.DEVICE,), devices=(principal.device_id,), maxsize=16)
+        self._watch = asyncio.create_task(self._revoked(revocations), name=f"ws-key-{self.name}")
+
+    async def _revoked(self, revocations: Subscription) -> None:
+        try:
+            async for item in revocations:
+                if isinstance(item, ChangeEvent) and item.data.get("change") not in REVOKING:
+                    continue
+                try:  # a change that ends this key, or missed changes: ask the registry afresh
+                    await _caller(self.ws, self.services)
+                except Refused as refused:
+                    self.end(refused)
+                    return
+        finally:
+            revocations.close()
+
+    def end(self, refused: Refused) -> None:
+        """Close the stream from the server side with ``refused``'s code and reason."""
+        self.closing = refused
+        if self.sub is not None:
+            self.sub.close()
+
+    def release(self) -> None:
+        """Whatever happened: the subscription and the key watch go (a handler calls this in ``finally``)."""
+        if self.sub is not None:
+            self.sub.close()
+        if self._watch is not None:
+            self._watch.cancel()
 
     async def refuse(self, refused: Refused) -> None:
         self.services.streams.refused += 1
         await self.ws.accept()
-        await self.ws.close(refused.code, refused.reason[:120])
+        await self.ws.close(refused.code, _reason(refused.reason))
 
     def subscribe(self, *, types: frozenset[str] | None, devices: frozenset[str] | None, since: int | None) -> None:
         if self.sub is not None:
@@ -165,21 +228,25 @@ class Stream:
                     self.last_id = item.id
                 else:
                     streams.gaps += 1
-                text = await render(item)
+                try:
+                    text = await render(item)
+                except Refused as refused:
+                    self.end(refused)
+                    break
                 if text is not None:
                     await self.ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client went away mid-send
         finally:
             streams.closed(self.name)
-            if self.sub is not None:
-                self.sub.close()
+            self.release()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             if self.ws.application_state is WebSocketState.CONNECTED:
+                code, reason = (self.closing.code, self.closing.reason) if self.closing else (1001, "server stopping")
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                    await self.ws.close(1001, "server shutting down")
+                    await self.ws.close(code, _reason(reason))
 
     async def _read(self, on_message: OnMessage | None) -> None:
         try:
@@ -228,8 +295,12 @@ async def realtime(ws: WebSocket) -> None:
         await stream.refuse(refused)
         return
     await ws.accept()
-    stream.subscribe(types=types, devices=devices, since=since)
-    await stream.run(_format("telemetra"), None, heartbeat_s=services.settings.ws_heartbeat_interval)
+    try:
+        stream.watch_key(principal)
+        stream.subscribe(types=types, devices=devices, since=since)
+        await stream.run(_format("telemetra"), None, heartbeat_s=services.settings.ws_heartbeat_interval)
+    finally:
+        stream.release()
 
 
 def _types(text: str | None) -> frozenset[str] | None:
@@ -266,6 +337,19 @@ async def _telemetry_app(ws: WebSocket, device_id: str | None) -> None:
         await stream.refuse(refused)
         return
     await ws.accept()
+    try:
+        await _telemetry_app_stream(stream, principal, device_id, devices)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # gone before the stream began
+    finally:
+        stream.release()
+
+
+async def _telemetry_app_stream(
+    stream: Stream, principal: Principal, device_id: str | None, devices: frozenset[str] | None
+) -> None:
+    services = stream.services
+    stream.watch_key(principal)
     watched: set[str] | None = set(devices) if devices is not None else None
     stream.subscribe(types=frozenset((model.TELEMETRY,)), devices=devices, since=None)
     await stream.send(
@@ -287,10 +371,13 @@ async def _telemetry_app(ws: WebSocket, device_id: str | None) -> None:
                 {"type": "error", "error": f"unknown action {str(action)[:40]!r}", "code": "UNKNOWN_ACTION"}
             )
             return
-        target = message.get("device_id")
+        given = message.get("device_id")
         try:
-            (target,) = _device_ids(target if isinstance(target, str) else "", "device_id")
-            _may_read(principal, frozenset((target,)))
+            ids = _device_ids(given if isinstance(given, str) else "", "device_id")
+            if len(ids) != 1:
+                raise Refused(CLOSE_BAD_REQUEST, "device_id: one device id per action")
+            (target,) = ids
+            _may_read(principal, ids)
         except Refused as refused:
             await stream.send({"type": "error", "error": refused.reason, "code": "INVALID_DEVICE"})
             return
@@ -337,40 +424,63 @@ async def device_stream(ws: WebSocket, device_id: str) -> None:
         await stream.refuse(refused)
         return
     await ws.accept()
+    try:
+        await _device_stream(stream, principal, device_id, devices)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # gone before the stream began (what was taken for it went back to the queue)
+    finally:
+        stream.release()
+
+
+async def _device_stream(stream: Stream, principal: Principal, device_id: str, devices: frozenset[str]) -> None:
+    services = stream.services
+    commands = services.commands
+    stream.watch_key(principal)
     # Subscribed before the first take, so a command queued in between is not missed.
     stream.subscribe(types=frozenset((model.COMMAND, model.DEVICE)), devices=devices, since=None)
-    commands = services.commands
 
-    async def deliver() -> str | None:
-        for command in await commands.take(device_id, via="ws"):
+    async def deliver() -> None:
+        taken = await commands.take(device_id, via="ws")
+        for i, command in enumerate(taken):
             params = command.params if isinstance(command.params, dict) else {"value": command.params}
-            await stream.send({"type": "command", "id": command.id, "payload": {"action": command.name, **params}})
-        return None
+            try:
+                await stream.send({"type": "command", "id": command.id, "payload": {"action": command.name, **params}})
+            except BaseException:
+                await commands.repo.release([c.id for c in taken[i:]])  # not delivered: queued again
+                raise
 
-    async def config() -> str | None:
-        device = await services.devices.get(device_id)
+    async def config() -> None:
+        try:
+            device = await services.devices.get(device_id)
+        except NotFound:
+            raise Refused(CLOSE_NOT_FOUND, f"device {device_id!r} is not registered") from None
         if device.desired_config:
             payload = {**device.desired_config, "version": device.desired_version}
             await stream.send({"type": "config_update", "payload": payload})
-        return None
 
     async def render(item: ChangeEvent | Gap) -> str | None:
         if isinstance(item, Gap):
             await config()
-            return await deliver()
-        if item.type == model.COMMAND and item.data.get("status") == "queued":
-            return await deliver()
-        if item.type == model.DEVICE and item.data.get("change") == "config":
-            return await config()
+            await deliver()
+        elif item.type == model.COMMAND and item.data.get("status") == "queued":
+            await deliver()
+        elif item.type == model.DEVICE and item.data.get("change") == "deleted":
+            raise Refused(CLOSE_NOT_FOUND, f"device {device_id!r} was deleted")
+        elif item.type == model.DEVICE and item.data.get("change") == "config":
+            await config()
         return None
 
     try:
         await config()
         await deliver()
-    except TelemetraError as exc:
-        if stream.sub is not None:
-            stream.sub.close()
-        await ws.close(CLOSE_TRY_AGAIN, exc.reason[:120])
+    except Refused as refused:
+        await stream.ws.close(refused.code, _reason(refused.reason))
+        return
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        raise
+    except Exception as exc:  # the database cannot answer now: the device should come back later
+        log.warning("device stream of %s could not start: %s", device_id, exc)
+        await stream.ws.close(CLOSE_TRY_AGAIN, "storage unavailable; try again later")
         return
     await stream.run(render, None)
 
@@ -390,9 +500,12 @@ async def heatpump(ws: WebSocket) -> None:
         await stream.refuse(refused)
         return
     await ws.accept()
-    stream.subscribe(types=frozenset((model.TELEMETRY, model.ALERT)), devices=None, since=None)
 
     async def on_message(_text: str) -> None:
         await stream.send({"type": "pong", "timestamp": ms_to_iso(now_ms())})
 
-    await stream.run(_format("heatpump"), on_message)
+    try:
+        stream.subscribe(types=frozenset((model.TELEMETRY, model.ALERT)), devices=None, since=None)
+        await stream.run(_format("heatpump"), on_message)
+    finally:
+        stream.release()

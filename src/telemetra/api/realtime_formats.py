@@ -38,7 +38,7 @@ def telemetra(event: ChangeEvent) -> dict[str, Any] | None:
     elif event.type == model.COMMAND:
         out["command"] = {k: data[k] for k in ("id", "name", "status") if k in data}
     else:
-        out.update({k: v for k, v in data.items() if k not in ("raw", "local")})
+        out.update({k: v for k, v in data.items() if k != "raw"})
     return out
 
 

@@ -53,7 +53,8 @@ class Subscription:
     def offer(self, event: ChangeEvent) -> None:
         if len(self._queue) >= self._maxsize:
             self._queue.popleft()
-            self._missed += 1
+            if self._missed != UNKNOWN:  # "unknown" stays unknown
+                self._missed += 1
         self._queue.append(event)
         self._ready.set()
 
@@ -66,6 +67,8 @@ class Subscription:
         return len(self._queue)
 
     def take_nowait(self) -> ChangeEvent | Gap | None:
+        if self.closed:
+            return None
         if self._missed:
             missed, self._missed = self._missed, 0
             return Gap(missed)
@@ -93,6 +96,8 @@ class Subscription:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._queue.clear()  # nothing more is handed out (a replacement replays from the last id)
+            self._missed = 0
             self._hub._remove(self)
             self._ready.set()
 
@@ -131,6 +136,17 @@ class EventHub:
     @property
     def last_id(self) -> int:
         return self._history[-1].id if self._history else 0
+
+    def missed_unknown(self) -> None:
+        """Events were lost on the way here (a listener that reconnected): every subscriber is told."""
+        for sub in self._subscriptions():
+            sub.note_missed(UNKNOWN)
+
+    def _subscriptions(self) -> list[Subscription]:
+        subs = {id(s): s for s in self._everything}
+        for device_subs in self._by_device.values():
+            subs.update((id(s), s) for s in device_subs)
+        return list(subs.values())
 
     def publish(self, events: Iterable[ChangeEvent]) -> None:
         ids, history, everything, by_device = self._ids, self._history, self._everything, self._by_device

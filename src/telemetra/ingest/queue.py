@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.errors import Overloaded, StorageUnavailable, Unstorable
 from telemetra.domain.records import Batch, Rejected
@@ -57,12 +57,13 @@ CommitListener = Callable[[Batch], None]
 
 
 class Announcer(Protocol):
-    """Tells other processes of a transaction's events, from inside it (see ``storage.event_bridge``)."""
+    """Tells other processes of committed events, in the order they are handed over (see
+    ``storage.event_bridge``)."""
 
     @property
     def active(self) -> bool: ...
 
-    async def announce(self, conn: AsyncConnection, events: Sequence[ChangeEvent]) -> None: ...
+    def send_later(self, events: Sequence[ChangeEvent]) -> None: ...
 
 
 # While the database is down in the middle of isolating a poison message, how long to wait between tries.
@@ -263,9 +264,12 @@ class IngestQueue:
         try:
             events = await self._commit(taken)
         finally:
-            self._publish_in_order(seq, events)
+            # The writer's room first: however many subscribers there are, they never hold up the next commit.
             self._slots.release()
-            await self._release(weight)
+            try:
+                await self._release(weight)
+            finally:  # always, or every later batch's events would wait behind this one's
+                self._publish_in_order(seq, events)
 
     def _publish_in_order(self, seq: int, events: list[ChangeEvent]) -> None:
         self._finished[seq] = events
@@ -274,6 +278,8 @@ class IngestQueue:
             self._published_seq += 1
             if ready and self._hub is not None:
                 self._hub.publish(ready)
+            if ready and self._announcer is not None:
+                self._announcer.send_later(ready)
 
     async def _release(self, weight: int) -> None:
         # The queue's room comes back only once the points are stored: the bound covers what is
@@ -336,8 +342,6 @@ class IngestQueue:
             result = await write_batch(conn, merged, now_ms=now)
             wanted = announcer is not None or (self._hub is not None and self._hub.wants(model.TELEMETRY))
             committed = events_of(parts, result.changes, now=now, telemetry=wanted)
-            if announcer is not None and committed:
-                await announcer.announce(conn, committed)
         events.extend(committed)
         elapsed = time.perf_counter() - started
         self._state.succeeded()

@@ -109,6 +109,9 @@ class CommandService:
             return 0
         claimed = set(await self.repo.mark_sent([c.id for c in queued], now_ms=now_ms(), via="mqtt"))
         mine = [c for c in queued if c.id in claimed]  # the rest someone else took
+        # "sent" is said as it is stored (at the claim), so it can never follow the device's answer.
+        for command in mine:
+            await self._status(device_id, command.id, "sent", name=command.name)
         for i, command in enumerate(mine):
             outgoing = self._plan.command(
                 device_id,
@@ -123,8 +126,9 @@ class CommandService:
             except Exception as exc:  # this one and those after it back to queued; the next dispatch retries
                 log.warning("could not publish command %s: %s", command.id, exc)
                 await self.repo.release([c.id for c in mine[i:]])
+                for back in mine[i:]:
+                    await self._status(device_id, back.id, "queued", name=back.name)
                 return i
-            await self._status(device_id, command.id, "sent", name=command.name)
         return len(mine)
 
     async def _status(self, device_id: str, command_id: str, status: str, *, name: str | None = None) -> None:

@@ -4,7 +4,7 @@ firmware directory, then the scheduler's tasks), left to stop them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,7 +39,7 @@ class Ota:
         notify: Notify,
         metrics: Metrics,
         hub: EventHub,
-        announce: Callable[[Sequence[ChangeEvent]], Awaitable[None]] | None = None,
+        announce: Callable[[Sequence[ChangeEvent]], None] | None = None,
         lease_s: int = 120,
         step_s: float = 1.0,
         require_key: bool = False,
@@ -47,7 +47,6 @@ class Ota:
     ) -> None:
         self._hub = hub
         self._announce = announce
-        self._announcing: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.require_key = require_key
@@ -93,9 +92,7 @@ class Ota:
         event = ChangeEvent(model.OTA, change.device_id, change.ts, data)
         self._hub.publish([event])
         if self._announce is not None:
-            task = asyncio.get_running_loop().create_task(self._announce([event]), name="ota-announce")
-            self._announcing.add(task)
-            task.add_done_callback(self._announcing.discard)
+            self._announce([event])
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -106,7 +103,6 @@ class Ota:
         await self.scheduler.__aexit__(exc_type, exc, tb)
         if self._unsubscribe is not None:
             self._unsubscribe()
-        await asyncio.gather(*self._announcing, return_exceptions=True)
 
     name = "ota"
 

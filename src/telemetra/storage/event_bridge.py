@@ -8,17 +8,22 @@ Two feeds:
   calls ``pg_notify('telemetra_registry', …)``, delivered when (and only if) the transaction commits; on
   SQLite it appends to ``registry_changes``, which the server reads every ``SQLITE_POLL_S``. Each process
   turns them into ``device`` events in its hub (this is the one source of those events).
-- **Everything else the writer commits** (telemetry, state, events, alerts, command answers) is
-  published in-process straight after the commit, and — on PostgreSQL, when other Telemetra processes
-  are listening — also sent with ``pg_notify('telemetra_events', …)`` from inside the same transaction,
-  in chunks under NOTIFY's 8,000-byte payload limit. NOTIFY delivers in commit order, and only what
-  committed. Processes find each other by a heartbeat on ``telemetra_peers``; a process alone sends
-  nothing (NOTIFY has a cost: a commit-time lock and the payload written to the notification queue).
+- **Everything else that commits** (telemetry, state, events, alerts, command and OTA status) is
+  published in-process straight after the commit, in the order the writer took the batches, and — on
+  PostgreSQL, when other Telemetra processes are listening — handed in that same order to one sender
+  (``send_later``), which NOTIFYs ``telemetra_events`` in chunks under NOTIFY's 8,000-byte payload
+  limit. Sending after commit from one task (not from inside each transaction) keeps each device's order
+  for the other processes even with several commits in flight — NOTIFY would deliver in commit order,
+  which two in-flight transactions may swap — and keeps NOTIFY's commit-time lock off the ingest
+  transactions. The price: a crash between a commit and its NOTIFY loses those events for the others
+  (not the data). Processes find each other by a heartbeat on ``telemetra_peers``; a process alone sends
+  nothing.
 
-A listener that loses its connection misses what was sent meanwhile (NOTIFY keeps nothing for a session
-that is gone): on reconnecting it publishes a ``device`` event with ``change: "resync"``, on which the
-registry cache drops everything and Mosquitto's accounts are reconciled; realtime clients of that
-process are told nothing more than they would be of any other gap.
+What cannot be delivered is said: a listener that loses its connection (NOTIFY keeps nothing for a
+session that is gone) publishes, on reconnecting, a ``device`` event with ``change: "resync"`` — the
+registry cache drops everything, Mosquitto's accounts are reconciled — and tells every subscriber of an
+unknown number of missed events (a ``gap`` for realtime clients); so does a sender that had to drop
+events, and an event too large for one notification.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.timeutil import now_ms
 from telemetra.events import model
@@ -52,54 +58,13 @@ HEARTBEAT_S = 5.0
 PEER_TIMEOUT_S = 3 * HEARTBEAT_S
 SQLITE_POLL_S = 0.25
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0
+READY_WAIT_S = 5.0  # at start, how long the app waits for its listener before serving anyway
+SEND_QUEUE_MAX = 100_000  # events waiting for the sender; past it the oldest go, and the others are told
+GAP = "gap"  # a line that says events were lost on the way (type of the encoded line)
 
 
-ECHO_WINDOW_S = 30.0
-
-
-def registry_event(op: str, device_id: str | None, ts: int | None, *, local: bool = False) -> ChangeEvent:
-    data: dict[str, Any] = {"change": op}
-    if local:
-        data["local"] = True
-    return ChangeEvent(model.DEVICE, device_id, ts or now_ms(), data)
-
-
-class LocalChanges:
-    """Registry changes this process made and announced itself at once (``Services.registry_changed``),
-    matched with the database's own announcement of the same change so that it is published once —
-    whichever of the two comes first (the notification may be read before the API call returns)."""
-
-    def __init__(self) -> None:
-        self._made: dict[tuple[str | None, str], float] = {}
-        self._heard: dict[tuple[str | None, str], float] = {}
-
-    def made(self, device_id: str | None, op: str) -> bool:
-        """This process made the change; True when the database's announcement of it came first (and
-        was published then)."""
-        if _take(self._heard, (device_id, op)):
-            return True
-        _put(self._made, (device_id, op))
-        return False
-
-    def is_echo(self, device_id: str | None, op: str) -> bool:
-        """The database announced a change; True when it is one this process made and published itself."""
-        if _take(self._made, (device_id, op)):
-            return True
-        _put(self._heard, (device_id, op))
-        return False
-
-
-def _put(seen: dict[tuple[str | None, str], float], key: tuple[str | None, str]) -> None:
-    now = time.monotonic()
-    if len(seen) > 10_000:
-        for old in [k for k, t in seen.items() if now - t >= ECHO_WINDOW_S]:
-            del seen[old]
-    seen[key] = now
-
-
-def _take(seen: dict[tuple[str | None, str], float], key: tuple[str | None, str]) -> bool:
-    at = seen.pop(key, None)
-    return at is not None and time.monotonic() - at < ECHO_WINDOW_S
+def registry_event(op: str, device_id: str | None, ts: int | None) -> ChangeEvent:
+    return ChangeEvent(model.DEVICE, device_id, ts or now_ms(), {"change": op})
 
 
 def _encode(events: Sequence[ChangeEvent]) -> list[bytes]:
@@ -119,9 +84,9 @@ def _encode(events: Sequence[ChangeEvent]) -> list[bytes]:
                 line = orjson.dumps([event.type, event.device_id, event.ts, data])
             if len(line) > MAX_PAYLOAD - 64:
                 log.warning(
-                    "event of %s too large for other processes (%d bytes); not sent", event.device_id, len(line)
+                    "event of %s too large for other processes (%d bytes); sent as a gap", event.device_id, len(line)
                 )
-                continue
+                line = orjson.dumps([GAP, event.device_id, event.ts, {"missed": 1}])
         if size + len(line) + 1 > MAX_PAYLOAD - 64 and current:
             chunks.append(b"\n".join(current))
             current, size = [], 0
@@ -136,6 +101,9 @@ def _decode(lines: str) -> list[ChangeEvent]:
     out = []
     for line in lines.split("\n"):
         event_type, device_id, ts, data = orjson.loads(line)
+        if event_type == GAP:
+            out.append(ChangeEvent(GAP, device_id, ts, data))
+            continue
         raw = data.get("raw")
         if isinstance(raw, str):
             data["raw"] = raw.encode()
@@ -146,9 +114,8 @@ def _decode(lines: str) -> list[ChangeEvent]:
 class PgEventBridge:
     """PostgreSQL: LISTEN for the other processes' events and the registry's changes; NOTIFY ours."""
 
-    def __init__(self, dsn: str, engine: AsyncEngine, hub: EventHub, local: LocalChanges) -> None:
+    def __init__(self, dsn: str, engine: AsyncEngine, hub: EventHub) -> None:
         self._dsn = dsn
-        self._local = local
         self._engine = engine
         self._hub = hub
         self.process_id = secrets.token_hex(6)
@@ -157,7 +124,11 @@ class PgEventBridge:
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._warn = Throttle(60.0)
+        self._outbox: deque[ChangeEvent] = deque()
+        self._dropped = 0
+        self._pending = asyncio.Event()
         self.received = 0
+        self.sent = 0
 
     @property
     def connected(self) -> bool:
@@ -180,24 +151,50 @@ class PgEventBridge:
         horizon = time.monotonic() - PEER_TIMEOUT_S
         return sum(1 for seen in self._peers.values() if seen > horizon)
 
-    async def announce(self, conn: AsyncConnection, events: Sequence[ChangeEvent]) -> None:
-        """From inside the transaction that committed ``events``: they reach the others on commit."""
-        for chunk in _encode(events):
-            payload = self.process_id + "\n" + chunk.decode()
-            await conn.execute(
-                text("SELECT pg_notify(:channel, :payload)"), {"channel": EVENTS_CHANNEL, "payload": payload}
-            )
-
-    async def announce_committed(self, events: Sequence[ChangeEvent]) -> None:
-        """For changes committed elsewhere (command and alert repositories): a transaction of its own."""
-        if not self.active or not events:
+    def send_later(self, events: Sequence[ChangeEvent]) -> None:
+        """Committed events, in the order this process published them, for the other processes (when there
+        are any). Never blocks: past ``SEND_QUEUE_MAX`` waiting, the oldest are dropped and the others told."""
+        if not events or not self.active:
             return
-        try:
-            async with self._engine.begin() as conn:
-                await self.announce(conn, events)
-        except Exception as exc:  # the local hub has them; the other processes miss them, said once a minute
-            if self._warn.allow("announce") is not None:
-                log.warning("could not send events to the other Telemetra processes: %s", exc)
+        self._outbox.extend(events)
+        while len(self._outbox) > SEND_QUEUE_MAX:
+            self._outbox.popleft()
+            self._dropped += 1
+        self._pending.set()
+
+    async def poll_now(self) -> None:
+        """Registry changes arrive by NOTIFY here, promptly: nothing to do."""
+
+    async def ready(self) -> None:
+        """Wait (a little) for the listener, so that changes made once the app serves are heard."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), READY_WAIT_S)
+
+    async def run_sender(self) -> None:
+        """Until cancelled: NOTIFY what ``send_later`` queued, in order, one transaction per round."""
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), 2_000))]
+                if self._dropped:
+                    dropped, self._dropped = self._dropped, 0
+                    log.warning("dropped %d events for the other processes (the sender fell behind)", dropped)
+                    batch.insert(0, ChangeEvent(GAP, None, now_ms(), {"missed": dropped}))
+                try:
+                    async with self._engine.begin() as conn:
+                        for chunk in _encode(batch):
+                            payload = self.process_id + "\n" + chunk.decode()
+                            await conn.execute(
+                                text("SELECT pg_notify(:channel, :payload)"),
+                                {"channel": EVENTS_CHANNEL, "payload": payload},
+                            )
+                    self.sent += len(batch)
+                except Exception as exc:  # the others miss these; they are told so with the next round
+                    self._dropped += len(batch)
+                    if self._warn.allow("announce") is not None:
+                        log.warning("could not send events to the other Telemetra processes: %s", exc)
+                    await asyncio.sleep(RECONNECT_MIN_S)
 
     async def run(self) -> None:
         """Keep the listening connection, and the heartbeat, until cancelled."""
@@ -229,8 +226,10 @@ class PgEventBridge:
         if resync:
             log.info("event listener reconnected; resynchronising")
             self._hub.publish([registry_event("resync", None, None)])
+            self._hub.missed_unknown()  # what the others sent meanwhile is gone: every subscriber is told
         while not self._lost.is_set():
-            await conn.execute("SELECT pg_notify($1, $2)", PEERS_CHANNEL, self.process_id)
+            # With a timeout: a half-open connection (no RST after a partition) would block here forever.
+            await conn.execute("SELECT pg_notify($1, $2)", PEERS_CHANNEL, self.process_id, timeout=HEARTBEAT_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), HEARTBEAT_S)
         raise ConnectionError("listening connection closed")
@@ -258,6 +257,9 @@ class PgEventBridge:
         except (ValueError, TypeError) as exc:
             log.warning("malformed event notification from %s: %s", sender, exc)
             return
+        if any(e.type == GAP for e in events):
+            self._hub.missed_unknown()
+            events = [e for e in events if e.type != GAP]
         self.received += len(events)
         self._hub.publish(events)
 
@@ -268,20 +270,17 @@ class PgEventBridge:
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("malformed registry notification: %s", exc)
             return
-        if not self._local.is_echo(event.device_id, str(event.data["change"])):
-            self._hub.publish([event])
+        self._hub.publish([event])
 
 
 class SqliteRegistryFollower:
     """SQLite: one server process writes, but the CLI (or anyone) may change the registry in the same
     file: its triggers' rows are read here and published as ``device`` events."""
 
-    def __init__(
-        self, engine: AsyncEngine, hub: EventHub, local: LocalChanges, *, poll_s: float = SQLITE_POLL_S
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, hub: EventHub, *, poll_s: float = SQLITE_POLL_S) -> None:
         self._engine = engine
-        self._local = local
         self._hub = hub
+        self._polling = asyncio.Lock()
         self._poll_s = poll_s
         self._last: int | None = None
         self._warn = Throttle(60.0)
@@ -289,11 +288,21 @@ class SqliteRegistryFollower:
         self.active = False  # a single process: nobody to send events to
         self.peers = 0
 
-    async def announce(self, conn: AsyncConnection, events: Sequence[ChangeEvent]) -> None:  # pragma: no cover
-        return None
+    def send_later(self, events: Sequence[ChangeEvent]) -> None:
+        return None  # one process: nobody to send to
 
-    async def announce_committed(self, events: Sequence[ChangeEvent]) -> None:
-        return None
+    async def ready(self) -> None:
+        """Where the change table stands now: what is written from here on is published."""
+        with contextlib.suppress(Exception):  # the database is not there yet: the first round sets it
+            await self.poll()
+
+    async def poll_now(self) -> None:
+        """Read the change table at once (after this process changed the registry: its event now)."""
+        try:
+            await self.poll()
+        except Exception as exc:  # the next round of ``run`` tries again
+            if self._warn.allow("poll") is not None:
+                log.warning("could not read registry changes: %s", exc)
 
     async def run(self) -> None:
         while True:
@@ -305,6 +314,10 @@ class SqliteRegistryFollower:
             await asyncio.sleep(self._poll_s)
 
     async def poll(self) -> int:
+        async with self._polling:  # the loop's round and a ``poll_now`` never read the same rows twice
+            return await self._poll()
+
+    async def _poll(self) -> int:
         async with self._engine.connect() as conn:
             if self._last is None:
                 self._last = int(
@@ -319,8 +332,7 @@ class SqliteRegistryFollower:
             ).all()
         if rows:
             self._last = int(rows[-1][0])
-            fresh = [row for row in rows if not self._local.is_echo(row[1], row[2])]
-            self._hub.publish([registry_event(op, device_id, ts) for _, device_id, op, ts in fresh])
+            self._hub.publish([registry_event(op, device_id, ts) for _, device_id, op, ts in rows])
             if self._last % 1000 < len(rows):  # now and then, keep the table short
                 await self._prune()
         return len(rows)
