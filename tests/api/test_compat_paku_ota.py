@@ -362,3 +362,40 @@ async def test_who_may_call_what(shared: Running) -> None:
     for version in ("9.9.9", "not a version", "test-1"):
         r = await shared.client.get(f"/api/firmware/download/{version}?device_model={model}")
         assert r.status_code == 404 and r.json()["field"] == "version", r.text
+
+
+async def test_heater_builds_reach_the_boards_devices(shared: Running) -> None:
+    """The workflow's ``lilygo-t-display-s3-heater`` build goes to devices that report the board's model
+    (its discovery strips ``-heater``): full and single-device rollouts take them, and their check offers it."""
+    board = unique("lilygo-t-display-s3")
+    build = f"{board}-heater"
+    assert (await _upload(shared, image(400, seed=21), version="2.2.0", model=build)).status_code == 200
+    ids = [unique("ESP32") for _ in range(2)]
+    for d in ids:
+        await _device(shared, d, board)
+    other = unique("ESP32")
+    await _device(shared, other, unique("waveshare-s3-touch-lcd-43"))
+    base = {"firmware_version": "2.2.0", "device_model": build}
+    r = await shared.client.post(
+        "/api/admin/rollout/create", json={**base, "name": unique("full"), "target_type": "all"}, headers=OPERATOR
+    )
+    assert r.status_code == 200 and r.json()["devices"] == 2, r.text
+    r = await shared.client.get(
+        "/api/firmware/check", params={"device_id": ids[0], "device_model": board, "current_version": "2.1.0"}
+    )
+    assert r.json()["update_available"] is True
+    assert r.json()["download_url"] == f"/api/firmware/download/2.2.0?device_model={build}"
+    # Single-device names a board device too (here it is still in the full rollout: 409, not two images).
+    r = await shared.client.post(
+        "/api/admin/rollout/create",
+        json={**base, "name": unique("single"), "target_type": "specific", "target_device_ids": [ids[0]]},
+        headers=OPERATOR,
+    )
+    assert r.status_code == 409 and r.json()["field"] == "target_device_ids", r.text
+    # A device of an unrelated model is still refused by name.
+    r = await shared.client.post(
+        "/api/admin/rollout/create",
+        json={**base, "name": unique("wrong"), "target_type": "specific", "target_device_ids": [other]},
+        headers=OPERATOR,
+    )
+    assert r.status_code == 422 and r.json()["field"] == "target_device_ids", r.text

@@ -11,8 +11,10 @@ How paku's words map onto Telemetra's:
   the pre-release ``0.0.0-paku.<version>`` — valid semver, below every real release — and shown, looked up
   and downloaded under paku's own string;
 - a *rollout* is a Telemetra rollout (``delivery=devices``) named by paku's unique ``name``: ``full`` /
-  ``target_type: all`` targets the model's enabled devices, ``rollout_percentage`` < 100 the same stable
-  SHA-256 share of them, ``target_filter.device_ids`` or ``target_device_ids`` exactly those devices;
+  ``target_type: all`` targets the model's enabled devices (a ``…-heater`` / ``…-heater-emu`` build's
+  also those that report the board's model, as the workflow's device discovery does),
+  ``rollout_percentage`` < 100 the same stable SHA-256 share of them, ``target_filter.device_ids`` or
+  ``target_device_ids`` exactly those devices;
 - an *update status* is a device's state in a rollout: Telemetra's ``pending``/``notified`` read as
   ``pending``, ``downloading``, ``installing``, ``completed`` as ``success``, ``failed``/``timed_out`` as
   ``failed``; paku's ``downloaded`` and ``rolled_back`` are taken as ``installing`` and ``failed``.
@@ -88,6 +90,20 @@ def stored_version(text_: str, field: str = "version") -> str:
         "part with a leading zero)",
         field=field,
     )
+
+
+def family(model: str) -> str:
+    """The board a build runs on, as paku's workflow finds its devices: the model without a trailing
+    ``-heater`` or ``-heater-emu`` (devices report the board's model)."""
+    for suffix in ("-heater-emu", "-heater"):
+        if model.endswith(suffix) and len(model) > len(suffix):
+            return model[: -len(suffix)]
+    return model
+
+
+def _also(model: str) -> tuple[str, ...]:
+    board = family(model)
+    return (board,) if board != model else ()
 
 
 def paku_version(stored: str) -> str:
@@ -222,6 +238,7 @@ async def create_rollout(body: RolloutCreate, request: Request, ota: OtaDep, _: 
         name=body.name,
         target_model=model if ids is None else None,
         target_device_ids=list(dict.fromkeys(ids)) if ids else None,
+        also_models=_also(model),
         target_percentage=percentage,
     )
     try:
@@ -344,7 +361,9 @@ async def check(
             firmware = await ota.firmware.repo.get(job.firmware_id)
         except NotFound:
             continue
-        if firmware.model != device_model or same_version(paku_version(firmware.version), current_version):
+        if device_model not in (firmware.model, family(firmware.model)):
+            continue
+        if same_version(paku_version(firmware.version), current_version):
             continue
         answer.update(
             update_available=True,

@@ -78,6 +78,9 @@ class JobRequest:
     force_update: bool = False
     name: str | None = None
     target_model: str | None = None
+    # Device models that also take this firmware (paku's heater builds run on devices that report the
+    # board's model: ``lilygo-t-display-s3-heater`` on a ``lilygo-t-display-s3``).
+    also_models: tuple[str, ...] = ()
     target_device_ids: list[str] | None = None
     target_filter: TargetFilter | None = None
     target_percentage: int | None = None
@@ -219,7 +222,8 @@ class JobService:
             missing = [d for d in ids if d not in known]
             if missing:
                 raise NotFound(f"unknown device(s): {', '.join(missing[:10])}", field="target_device_ids")
-            wrong = [f"{d} ({known[d][0]})" for d in ids if known[d][0] not in (None, firmware.model)]
+            allowed = (None, firmware.model, *request.also_models)
+            wrong = [f"{d} ({known[d][0]})" for d in ids if known[d][0] not in allowed]
             if wrong:
                 raise InvalidInput(
                     f"firmware {firmware.id} is for model {firmware.model!r}; these devices are another model: "
@@ -231,9 +235,9 @@ class JobService:
                 raise InvalidInput(f"disabled device(s): {', '.join(disabled[:10])}", field="target_device_ids")
         # A device list is taken as given (a device without a model may be targeted by name);
         # otherwise the rollout is for the firmware's model.
-        model = None if ids is not None else firmware.model
+        models = None if ids is not None else (firmware.model, *request.also_models)
         rows = await self.jobs.devices_matching(
-            model=model,
+            model=models,
             ids=ids,
             search=flt.search,
             kind=flt.kind,

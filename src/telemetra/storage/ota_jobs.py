@@ -356,17 +356,20 @@ class JobRepository:
     async def devices_matching(
         self,
         *,
-        model: str | None,
+        model: str | Sequence[str] | None,
         ids: Sequence[str] | None,
         search: str | None,
         kind: str | None,
         parent_id: str | None,
         fw_version: str | None,
     ) -> list[tuple[str, str | None, str | None]]:
-        """(id, model, fw_version) of enabled devices matching every given condition."""
+        """(id, model, fw_version) of enabled devices matching every given condition (``model``: one, or
+        any of several)."""
         conditions: list[Any] = [Device.disabled.is_(False)]
-        if model is not None:
+        if isinstance(model, str):
             conditions.append(Device.model == model)
+        elif model is not None:
+            conditions.append(Device.model.in_(list(model)))
         if search:
             like = f"%{search.lower()}%"
             conditions.append(or_(func.lower(Device.id).like(like), func.lower(Device.name).like(like)))
