@@ -25,6 +25,7 @@ from telemetra.api import (
     commands,
     compat_heatpump,
     compat_iotmesh,
+    compat_paku_ota,
     compat_telemetry_app,
     devices,
     firmware,
@@ -310,7 +311,7 @@ def create_app(settings: Settings) -> FastAPI:
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
     own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota, realtime, me)
-    for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app):
+    for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app, compat_paku_ota):
         app.include_router(module.router)
     web.install(app)
     # Added first, so it sits inside the metrics middleware.

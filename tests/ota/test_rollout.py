@@ -80,7 +80,7 @@ async def test_waves_advance_and_devices_complete(app_factory: AppFactory) -> No
         assert {n["wave"] for n in detail["nodes"] if n["node_id"] in first} == {0}
         command = (await _ota_commands(t, first[0]))[0]
         params = command["params"]
-        assert set(params) == {"url", "sha256", "md5", "size", "version", "signature", "update_id"}
+        assert set(params) == {"url", "sha256", "checksum", "md5", "size", "version", "signature", "update_id"}
         assert (params["sha256"], params["size"], params["version"], params["update_id"]) == (
             fw["sha256"],
             2000,

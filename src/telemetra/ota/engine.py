@@ -54,6 +54,7 @@ def notification(job: OtaJobRow, firmware: FirmwareRow, signature: str | None) -
     return {
         "url": download_url(job.base_url, firmware.id),
         "sha256": firmware.sha256,
+        "checksum": firmware.sha256,  # paku's edge firmware reads {url, version, checksum} (CLIENTS.md §4.4)
         "md5": firmware.md5,
         "size": firmware.size_bytes,
         "version": firmware.version,

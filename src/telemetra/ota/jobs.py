@@ -56,6 +56,11 @@ REPORT_RETRIES = 3  # a report that loses a race with the scheduler re-reads the
 JOB_CACHE_S = 1.0
 
 
+class NoTargets(InvalidInput):
+    """A rollout's target matches no enabled device (paku's rollouts may be created before any device of
+    the model registered: its compat layer answers that there is nothing to roll out)."""
+
+
 @dataclass(frozen=True)
 class TargetFilter:
     model: str | None = None
@@ -73,6 +78,9 @@ class JobRequest:
     force_update: bool = False
     name: str | None = None
     target_model: str | None = None
+    # Device models that also take this firmware (paku's heater builds run on devices that report the
+    # board's model: ``lilygo-t-display-s3-heater`` on a ``lilygo-t-display-s3``).
+    also_models: tuple[str, ...] = ()
     target_device_ids: list[str] | None = None
     target_filter: TargetFilter | None = None
     target_percentage: int | None = None
@@ -214,7 +222,8 @@ class JobService:
             missing = [d for d in ids if d not in known]
             if missing:
                 raise NotFound(f"unknown device(s): {', '.join(missing[:10])}", field="target_device_ids")
-            wrong = [f"{d} ({known[d][0]})" for d in ids if known[d][0] not in (None, firmware.model)]
+            allowed = (None, firmware.model, *request.also_models)
+            wrong = [f"{d} ({known[d][0]})" for d in ids if known[d][0] not in allowed]
             if wrong:
                 raise InvalidInput(
                     f"firmware {firmware.id} is for model {firmware.model!r}; these devices are another model: "
@@ -226,9 +235,9 @@ class JobService:
                 raise InvalidInput(f"disabled device(s): {', '.join(disabled[:10])}", field="target_device_ids")
         # A device list is taken as given (a device without a model may be targeted by name);
         # otherwise the rollout is for the firmware's model.
-        model = None if ids is not None else firmware.model
+        models = None if ids is not None else (firmware.model, *request.also_models)
         rows = await self.jobs.devices_matching(
-            model=model,
+            model=models,
             ids=ids,
             search=flt.search,
             kind=flt.kind,
@@ -238,7 +247,7 @@ class JobService:
         if request.target_percentage is not None:
             rows = [r for r in rows if device_bucket(r[0]) < request.target_percentage]
         if not rows:
-            raise InvalidInput(
+            raise NoTargets(
                 f"no enabled device of model {firmware.model!r} matches the target", field="target_device_ids"
             )
         if len(rows) > MAX_TARGET_DEVICES:

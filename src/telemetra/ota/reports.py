@@ -22,6 +22,9 @@ from telemetra.ota.jobs import NodeReport
 log = logging.getLogger(__name__)
 
 OTA_EVENT = "ota"  # {prefix}/{device}/event/ota
+# paku-iot's edge devices (CLIENTS.md §4.4, preset ``paku-iot``): paku/edge/{id}/ota/status|progress|result.
+PAKU_STATUS, PAKU_PROGRESS, PAKU_RESULT = "ota/status", "ota/progress", "ota/result"
+OTA_EVENTS = frozenset((OTA_EVENT, PAKU_STATUS, PAKU_PROGRESS, PAKU_RESULT))
 MAX_QUEUED = 10_000
 
 
@@ -30,6 +33,7 @@ class EventReport:
     device_id: str
     ts: int
     payload: Any
+    name: str = OTA_EVENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +71,9 @@ class OtaInbox:
         if event.device_id is None:
             return
         if event.type == model.EVENT:
-            if event.data.get("name") == OTA_EVENT:
-                self._put(EventReport(event.device_id, event.ts, event.data.get("payload")))
+            name = event.data.get("name")
+            if name in OTA_EVENTS:
+                self._put(EventReport(event.device_id, event.ts, event.data.get("payload"), name))
             return
         version = event.data.get("fw_version")
         if not self._targets or not isinstance(version, str):
@@ -92,9 +97,32 @@ class OtaInbox:
         return self._queue.qsize()
 
 
-def parse_event(payload: Any) -> tuple[int | None, NodeReport]:
+def paku_payload(name: str, payload: Any) -> Any:
+    """paku's three reports in the words of ``event/ota``, as paku's collector read them: ``ota/status``
+    (``target_version`` or ``version``) starts the update; ``ota/progress`` ``state`` ``installing`` is
+    installing, ``verifying`` downloaded (installing here), anything else downloading, with ``percent``;
+    ``ota/result`` ``success`` true completes it, false fails it with ``message``."""
+    if not isinstance(payload, dict) or name == OTA_EVENT:
+        return payload
+    if name == PAKU_STATUS:
+        return {"status": "downloading"}
+    if name == PAKU_PROGRESS:
+        state = payload.get("state")
+        status = "installing" if state in ("installing", "verifying") else "downloading"
+        return {"status": status, "progress": payload.get("percent")}
+    success = payload.get("success")
+    if not isinstance(success, bool):
+        raise InvalidInput("ota/result needs 'success' true or false", field="success")
+    if success:
+        return {"status": "completed"}
+    return {"status": "failed", "error": payload.get("message")}
+
+
+def parse_event(payload: Any, name: str = OTA_EVENT) -> tuple[int | None, NodeReport]:
     """``{"update_id","status","progress","error"}`` (iotmesh's ``current_part``/``total_parts``/
-    ``error_message`` too) → (update id, report); ``InvalidInput`` naming the field otherwise."""
+    ``error_message`` too; paku's ``ota/…`` reports through ``paku_payload``) → (update id, report);
+    ``InvalidInput`` naming the field otherwise."""
+    payload = paku_payload(name, payload)
     if not isinstance(payload, dict):
         raise InvalidInput("an OTA report is a JSON object with at least 'status'", field="status")
     update_id = payload.get("update_id", payload.get("job_id"))

@@ -143,7 +143,7 @@ class OtaScheduler:
             self.wake()
             return
         try:
-            update_id, report = parse_event(item.payload)
+            update_id, report = parse_event(item.payload, item.name)
             outcome = await self._service.report_for_device(item.device_id, update_id, report)
         except TelemetraError as exc:
             # Nothing refused is silent: the device cannot be answered over MQTT, so the refusal is kept.

@@ -84,6 +84,16 @@ class FirmwareRepository:
             ).all()
         return FirmwarePage([_firmware(r) for r in rows], int(total))
 
+    async def by_version(self, version: str, model: str | None = None) -> FirmwareRow | None:
+        """The newest firmware with exactly this stored ``version`` (of ``model``, if given): paku's
+        firmware is keyed by (version, device model), not by id."""
+        stmt = select(FirmwareRow.__table__).where(FirmwareRow.version == version)
+        if model is not None:
+            stmt = stmt.where(FirmwareRow.model == model)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(stmt.order_by(FirmwareRow.id.desc()).limit(1))).first()
+        return _firmware(row) if row else None
+
     async def for_model(self, model: str | None) -> list[FirmwareRow]:
         """Every firmware of ``model`` (all models when None), for the manifest to order by version."""
         stmt = select(FirmwareRow.__table__)

@@ -128,6 +128,37 @@ class JobRepository:
         async with self._engine.connect() as conn:
             return [_job(r) for r in (await conn.execute(stmt)).all()]
 
+    async def named(self, name: str) -> int | None:
+        """The id of a job called ``name`` (paku's rollouts are known by a unique name)."""
+        stmt = select(OtaJobRow.id).where(OtaJobRow.name == name).limit(1)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return int(row[0]) if row else None
+
+    async def device_updates(
+        self, *, device_id: str | None, version: str | None, limit: int
+    ) -> list[tuple[OtaNodeRow, str]]:
+        """(device row of a job, the job's firmware version), most recently changed first: paku's
+        update-status list, read from the rollouts' per-device states."""
+        stmt = (
+            select(OtaNodeRow.__table__, FirmwareRow.version.label("firmware_version"))
+            .join(OtaJobRow, OtaJobRow.id == OtaNodeRow.job_id)
+            .join(FirmwareRow, FirmwareRow.id == OtaJobRow.firmware_id)
+        )
+        if device_id is not None:
+            stmt = stmt.where(OtaNodeRow.node_id == device_id)
+        if version is not None:
+            stmt = stmt.where(FirmwareRow.version == version)
+        stmt = stmt.order_by(OtaNodeRow.updated_at.desc(), OtaNodeRow.job_id.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        out = []
+        for r in rows:
+            values = dict(r._mapping)
+            version_of = str(values.pop("firmware_version"))
+            out.append((OtaNodeRow(**values), version_of))
+        return out
+
     async def running(self) -> list[OtaJobRow]:
         """Rollouts the scheduler works on: distributing ones advance, paused ones still time out."""
         stmt = select(OtaJobRow.__table__).where(OtaJobRow.delivery == DEVICES, OtaJobRow.status.in_(JOB_ACTIVE))
@@ -325,17 +356,20 @@ class JobRepository:
     async def devices_matching(
         self,
         *,
-        model: str | None,
+        model: str | Sequence[str] | None,
         ids: Sequence[str] | None,
         search: str | None,
         kind: str | None,
         parent_id: str | None,
         fw_version: str | None,
     ) -> list[tuple[str, str | None, str | None]]:
-        """(id, model, fw_version) of enabled devices matching every given condition."""
+        """(id, model, fw_version) of enabled devices matching every given condition (``model``: one, or
+        any of several)."""
         conditions: list[Any] = [Device.disabled.is_(False)]
-        if model is not None:
+        if isinstance(model, str):
             conditions.append(Device.model == model)
+        elif model is not None:
+            conditions.append(Device.model.in_(list(model)))
         if search:
             like = f"%{search.lower()}%"
             conditions.append(or_(func.lower(Device.id).like(like), func.lower(Device.name).like(like)))
