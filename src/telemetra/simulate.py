@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from telemetra.aio import wait_set
 from telemetra.simulate_ota import OtaAgent
 
 log = logging.getLogger(__name__)
@@ -479,8 +480,7 @@ class Simulation:
         while not self.stop.is_set():
             delay = next_at - loop.time()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
+                await wait_set(self.stop, delay)
                 if self.stop.is_set():
                     return
             result = send()
@@ -510,8 +510,7 @@ class Simulation:
                     stats=f"{s.messages:,} msgs  {s.points:,} points  {s.errors} errors  {s.commands} cmds",
                 )
             wait = 0.25 if self.o.duration is None else min(0.25, max(0.0, self.o.duration - elapsed))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), wait)
+            await wait_set(self.stop, wait)
         self.elapsed = loop.time() - self.started
         if progress is not None and task_id is not None:
             progress.update(task_id, completed=self.o.duration or self.elapsed)
@@ -578,8 +577,7 @@ class HttpDevices:
                     sim.stats.error(f"{member.id}: command poll HTTP {resp.status_code}")
             except httpx.HTTPError as exc:
                 sim.stats.error(f"{member.id}: command poll {type(exc).__name__}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sim.stop.wait(), COMMAND_POLL_S)
+            await wait_set(sim.stop, COMMAND_POLL_S)
 
 
 # --- MQTT devices ------------------------------------------------------------------------------------

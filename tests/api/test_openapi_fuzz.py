@@ -36,7 +36,7 @@ from telemetra.app import create_app
 from tests.conftest import ADMIN, make_settings, postgres_database
 
 SEED = 20261202
-FUZZ_EXAMPLES = int(os.environ.get("TELEMETRA_FUZZ_EXAMPLES", "8"))
+FUZZ_EXAMPLES = int(os.environ.get("TELEMETRA_FUZZ_EXAMPLES", "5"))
 COVERAGE = os.environ.get("TELEMETRA_FUZZ_COVERAGE", "1") == "1"
 CHECKS = [
     checks.not_a_server_error,

@@ -134,7 +134,7 @@ async def test_registry_change_closes_sessions_opened_with_old_credentials(mqtt_
     if mqtt_app.mode == "mosquitto":
         service = await mqtt_app.connect_service()
         await service.subscribe("telemetra/dev-cut/state")
-    session = await mqtt_app.connect_device("dev-cut", secret, timeout=2.0, will=("telemetra/dev-cut/state", "offline"))
+    session = await mqtt_app.connect_device("dev-cut", secret, timeout=9.0, will=("telemetra/dev-cut/state", "offline"))
     if action == "rotate":
         r = await mqtt_app.client.post("/api/v1/devices/dev-cut/rotate", headers=ADMIN)
     elif action == "disable":

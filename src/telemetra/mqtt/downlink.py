@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from telemetra.aio import wait_set
 from telemetra.domain.timeutil import now_ms
 from telemetra.events import model
 from telemetra.events.hub import EventHub
@@ -163,10 +164,7 @@ class CommandService:
                 if command.status in ("acked", "failed", "expired") or remaining <= 0:
                     return command
                 event.clear()
-                try:
-                    await asyncio.wait_for(event.wait(), min(remaining, WAIT_RECHECK_S))
-                except TimeoutError:
-                    pass
+                await wait_set(event, min(remaining, WAIT_RECHECK_S))
         finally:
             self._changed.pop(command_id, None)
 
@@ -186,10 +184,7 @@ class CommandService:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            try:
-                await asyncio.wait_for(event.wait(), min(remaining, WAIT_RECHECK_S))
-            except TimeoutError:
-                pass
+            await wait_set(event, min(remaining, WAIT_RECHECK_S))
 
     async def take(self, device_id: str, *, via: str, resend_after_s: float | None = None) -> list[CommandRow]:
         """Claim what is queued for ``device_id`` for a channel other than MQTT (an HTTP poll, a WebSocket),

@@ -9,12 +9,12 @@ that dies is logged with its traceback; a failing step is logged and retried at 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from types import TracebackType
 
 import orjson
 
+from telemetra.aio import wait_set
 from telemetra.domain.errors import TelemetraError
 from telemetra.domain.ota import DEVICE_FINAL
 from telemetra.domain.timeutil import now_ms
@@ -115,8 +115,7 @@ class OtaScheduler:
                 if self._database is not None:
                     self._database.succeeded()
             await asyncio.sleep(gap)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._step_s - gap)
+            await wait_set(self._wakeup, self._step_s - gap)
 
     async def _run_reports(self) -> None:
         while True:

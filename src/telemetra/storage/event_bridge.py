@@ -42,6 +42,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.aio import wait_set
 from telemetra.domain.timeutil import now_ms
 from telemetra.events import model
 from telemetra.events.hub import EventHub
@@ -230,8 +231,7 @@ class PgEventBridge:
         while not self._lost.is_set():
             # With a timeout: a half-open connection (no RST after a partition) would block here forever.
             await conn.execute("SELECT pg_notify($1, $2)", PEERS_CHANNEL, self.process_id, timeout=HEARTBEAT_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), HEARTBEAT_S)
+            await wait_set(self._lost, HEARTBEAT_S)
         raise ConnectionError("listening connection closed")
 
     async def _close(self) -> None:
