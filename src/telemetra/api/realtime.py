@@ -154,6 +154,8 @@ class Stream:
             async for item in revocations:
                 if isinstance(item, ChangeEvent) and item.data.get("change") not in REVOKING:
                     continue
+                # Not the cache: its own follower may not have dropped the entry yet (another process's change).
+                self.services.directory.invalidate(item.device_id if isinstance(item, ChangeEvent) else None)
                 try:  # a change that ends this key, or missed changes: ask the registry afresh
                     await _caller(self.ws, self.services)
                 except Refused as refused:
