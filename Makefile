@@ -5,6 +5,8 @@ PYTHON ?= python3
 # The browser tests drive Debian's chromium (scripts/test-services.sh installs it); Playwright never fetches one.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 VENV   ?= .venv
+# Test processes (pytest-xdist); TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 3
 BIN    := $(VENV)/bin
 
 .PHONY: run test install install-test services lint bench clean
@@ -31,7 +33,7 @@ lint: install-test
 test: install-test services
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python scripts/check_secrets.py
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: install-test
 	$(BIN)/python bench/http_ingest.py

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure what the test suite talks to is installed and running: PostgreSQL (the tests create and
 # drop their own databases), the mosquitto binary (tests start their own brokers on free ports) and
-# Debian's chromium (the dashboard's browser tests drive it through Playwright, which never downloads one).
+# Debian's chromium (the dashboard's browser tests drive it through Playwright, which never downloads one)
+# and docker-compose (to validate deploy/'s compose files).
 # On a fresh Debian/Ubuntu machine this installs them with apt (needs root or sudo).
 set -euo pipefail
 
@@ -11,6 +12,8 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 [ -x "${TELEMETRA_TEST_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
+# tests/test_deploy.py validates the compose files with `docker-compose config` (no Docker engine needed).
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

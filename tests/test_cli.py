@@ -5,9 +5,7 @@ first start. Credentials the CLI prints are checked against the app started on t
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,25 +18,14 @@ import pytest
 
 from telemetra.config import Settings
 from tests.conftest import ADMIN, make_settings, running_app
+from tests.support.procs import clean_environ, free_port
 
 SCRIPT = Path(sys.executable).with_name("telemetra")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "telemetra.cli"]
-SEED_NAMES = {
-    "DATABASE_URL",
-    "API_SECRET_KEY",
-    "DEVICE_API_KEYS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "DB_POOL_SIZE",
-    "WS_HEARTBEAT_INTERVAL",
-    "HOST",
-    "PORT",
-    "APP_ENV",
-}
 
 
 def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_") and k not in SEED_NAMES}
+    env = clean_environ()
     env.update({"TELEMETRA_DATA_DIR": str(data_dir), "TELEMETRA_MQTT_PORT": "0", **extra})
     return env
 
@@ -102,13 +89,6 @@ def test_invalid_settings_exit_non_zero_with_a_clear_message(workdir: Path, env:
 
 
 # ---------------------------------------------------------------------------------------------- serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Server:

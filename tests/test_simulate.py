@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,10 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN, ADMIN_KEY
+from tests.support.procs import free_port
 
 BIN = Path(sys.executable).parent
 SINCE = "2000-01-01T00:00:00Z"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import secrets
 import socket
@@ -42,6 +41,7 @@ import pytest
 
 from tests.conftest import ADMIN, ADMIN_KEY, Running, make_settings, postgres_database, running_app
 from tests.support.mosquitto import MosquittoInstance, PahoTestClient, free_port, start_mosquitto
+from tests.support.procs import clean_environ
 
 T = TypeVar("T")
 
@@ -243,19 +243,6 @@ async def mqtt_app(
 
 # -- Telemetra as a real process ------------------------------------------------------------------------
 
-# Settings a developer's shell or CI might carry that would change what the subprocess does.
-_SETTING_NAMES = (
-    "DATABASE_URL",
-    "API_SECRET_KEY",
-    "DEVICE_API_KEYS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "DB_POOL_SIZE",
-    "WS_HEARTBEAT_INTERVAL",
-    "HOST",
-    "PORT",
-    "APP_ENV",
-)
 HEALTH_TIMEOUT_S = 30.0
 
 
@@ -272,7 +259,7 @@ class TelemetraProcess:
         self.port = port
         self.name = name
         self.data_dir = workdir / "data"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRA_") and k not in _SETTING_NAMES}
+        self.env = clean_environ()
         self.env.update(
             {"TELEMETRA_ADMIN_KEYS": ADMIN_KEY, "TELEMETRA_HOST": "127.0.0.1", "TELEMETRA_LOG_LEVEL": "INFO"}
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +53,7 @@ async def test_drift_is_repaired_at_start_and_after_a_reconnect(tmp_path: Path) 
         settings = make_settings(
             f"sqlite+aiosqlite:///{tmp_path / 'telemetra.db'}",
             tmp_path / "data",
-            mqtt_url=f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
-            mqtt_dynsec_username=broker.admin_username,
-            mqtt_dynsec_password=broker.admin_password,
+            **broker.telemetra_settings(),
         )
         async with running_app(settings) as app:
             keys = {d: await app.create_device(d) for d in ("a", "b", "c")}

@@ -3,7 +3,6 @@ server: the registry's change event drives the account mirror, whichever way the
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import httpx
@@ -34,9 +33,7 @@ async def test_a_key_rotated_from_the_cli_stops_connecting_to_mosquitto_at_once(
         settings = make_settings(
             url,
             tmp_path / "data",
-            mqtt_url=f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
-            mqtt_dynsec_username=broker.admin_username,
-            mqtt_dynsec_password=broker.admin_password,
+            **broker.telemetra_settings(),
         )
         async with served(settings) as app:
             key = await create(app, "cli-rot")

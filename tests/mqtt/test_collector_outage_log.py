@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,7 @@ async def test_a_broker_outage_is_logged_once(tmp_path: Path, caplog: pytest.Log
         settings = make_settings(
             f"sqlite+aiosqlite:///{tmp_path / 'telemetra.db'}",
             tmp_path / "data",
-            mqtt_url=f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
-            mqtt_dynsec_username=broker.admin_username,
-            mqtt_dynsec_password=broker.admin_password,
+            **broker.telemetra_settings(),
         )
         async with running_app(settings) as app:
             collector = app.services.mqtt_collector

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from telemetra.app import create_app
 from telemetra.domain.timeutil import now_ms
 from tests.conftest import ADMIN, AppFactory, Running, make_settings
 from tests.ota.conftest import image, job, node_statuses, upload
+from tests.support.procs import free_port
 
 SIZE = 200_001  # 200 KB and one byte: the last part is short
 PART = 1024
@@ -198,13 +198,6 @@ async def test_key_less_gateways_need_the_setting(app_factory: AppFactory) -> No
         assert r.status_code == 200 and len(r.json()) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _raw_get(port: int, request: bytes) -> tuple[bytes, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)
@@ -222,7 +215,7 @@ async def _raw_get(port: int, request: bytes) -> tuple[bytes, bytes]:
 async def test_parts_on_a_raw_socket_are_neither_chunked_nor_compressed(tmp_path: Path) -> None:
     """The gateway reads exactly end-start+1 bytes after the headers from the socket: a real server must
     send Content-Length and the plain slice, even to a client that says it takes gzip."""
-    port = _free_port()
+    port = free_port()
     settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'raw.db'}", tmp_path / "data")
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")

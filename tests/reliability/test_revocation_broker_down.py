@@ -16,7 +16,6 @@ or the old secret published after the reconciliation, may be stored.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -153,9 +152,7 @@ async def test_a_rotation_outliving_its_secret_disables_the_old_one(tmp_path: Pa
         settings = make_settings(
             f"sqlite+aiosqlite:///{tmp_path / 'telemetra.db'}",
             tmp_path / "data",
-            mqtt_url=f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
-            mqtt_dynsec_username=broker.admin_username,
-            mqtt_dynsec_password=broker.admin_password,
+            **broker.telemetra_settings(),
         )
         endpoint = Endpoint(broker.host, broker.port)
         async with running_app(settings) as first:

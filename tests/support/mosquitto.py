@@ -43,6 +43,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from tests.support.procs import free_port
+
 __all__ = [
     "DEPLOY_CONF",
     "DYNSEC_PLUGIN_CANDIDATES",
@@ -107,13 +109,6 @@ def find_dynsec_plugin() -> str | None:
     return next((p for p in DYNSEC_PLUGIN_CANDIDATES if Path(p).is_file()), None)
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (the broker may still lose a race; the caller retries)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class MosquittoInstance:
     host: str
@@ -133,6 +128,15 @@ class MosquittoInstance:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def telemetra_settings(self, service_user: str = "telemetra-svc") -> dict[str, str]:
+        """The settings that point Telemetra at this broker: a service account of its own (a fresh secret;
+        Telemetra creates the account through dynamic security) and the dynsec admin to do it with."""
+        return {
+            "mqtt_url": f"mqtt://{service_user}:{secrets.token_urlsafe(18)}@{self.host}:{self.port}",
+            "mqtt_dynsec_username": self.admin_username,
+            "mqtt_dynsec_password": self.admin_password,
+        }
 
     @property
     def db_path(self) -> Path:
