@@ -66,7 +66,6 @@ def test_workers_refusal_names_only_what_is_missing(
     assert not_needed not in refused.value.message and "\n" not in refused.value.message
 
 
-
 @pytest.mark.mosquitto
 @pytest.mark.postgres
 async def test_two_workers_store_every_message_once(tmp_path: Path) -> None:
