@@ -25,7 +25,7 @@ from tests.mqtt.conftest import telemetra_binary
 from tests.support.mosquitto import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-VIEWER_KEY = "readme-viewer-key-0123456789abcdefghijklmn"
+VIEWER_KEY = "readme-viewer-key-0123456789abcdefghijklmn"  # pragma: allowlist secret
 BLOCK = re.compile(r"(?:<!-- readme-test: ([^>]*?) -->\n)?```sh\n(.*?)```", re.S)
 
 
@@ -51,7 +51,7 @@ def script(blocks: list[Block], out: Path) -> str:
     parts = ["set -euo pipefail"]
     for n, block in enumerate(blocks):
         parts.append(f"{{\n{block.text}}} > {out / f'block-{n}.out'}")
-        parts.append(f"echo 'README block at line {block.line} done' >&2")
+        parts.append(f'echo "README block at line {block.line} done at $(date +%s.%N)" >&2')
     return "\n".join(parts) + "\n"
 
 
