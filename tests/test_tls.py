@@ -96,6 +96,7 @@ class TlsServer:
     port: int
     mqtt_tls_port: int
     pki: Pki
+    env: dict[str, str]
 
     @property
     def url(self) -> str:
@@ -117,7 +118,7 @@ def tls_server(tmp_path: Path) -> Iterator[TlsServer]:
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen([*telemetra_binary(), "serve"], cwd=tmp_path, env=env, stdout=out, stderr=out)
-    server = TlsServer(port, tls_port, pki)
+    server = TlsServer(port, tls_port, pki, env)
     try:
         deadline = time.monotonic() + 30
         context = ssl.create_default_context(cafile=str(pki.ca))
@@ -177,6 +178,31 @@ def test_https_with_hsts_and_mqtts_on_the_embedded_broker(tls_server: TlsServer)
     untrusting.tls_set_context(ssl.create_default_context())
     with pytest.raises(ssl.SSLCertVerificationError):
         untrusting.connect("127.0.0.1", tls_server.mqtt_tls_port)
+
+    # `telemetra simulate` with the server's own settings goes to the TLS listener (HTTPS to provision,
+    # MQTTS to send), trusting the CA it is given.
+    simulate = [*telemetra_binary(), "simulate", "--devices", "1", "--rate", "10", "--duration", "1"]
+    simulated = subprocess.run(
+        [*simulate, "--cafile", str(tls_server.pki.ca), "--json"],
+        cwd=tls_server.env["TELEMETRA_DATA_DIR"],
+        env=tls_server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert simulated.returncode == 0, simulated.stderr
+    summary = json.loads(simulated.stdout)
+    assert summary["messages"] > 0 and summary["errors"] == 0, summary
+    # Without the CA it cannot provision over HTTPS: one message, no traceback.
+    refused = subprocess.run(
+        simulate,
+        cwd=tls_server.env["TELEMETRA_DATA_DIR"],
+        env=tls_server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
 
 
 def test_a_key_that_does_not_match_its_certificate_is_one_message(tmp_path: Path) -> None:

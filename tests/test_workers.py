@@ -15,6 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from telemetra.cli import _refuse_embedded_for_workers
+from telemetra.config import Settings
+from telemetra.startup import EXIT_WORKERS, StartupError
 from tests.conftest import ADMIN, ADMIN_KEY, postgres_database
 from tests.mqtt.conftest import SeqPublisher, metric_sum, stored_seq, telemetra_binary, wait_until_stable
 from tests.support.mosquitto import MosquittoInstance, free_port, start_mosquitto
@@ -29,25 +32,38 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env | {"TELEMETRA_ADMIN_KEYS": ADMIN_KEY, "TELEMETRA_PORT": str(free_port()), **extra}
 
 
-@pytest.mark.parametrize(
-    ("env", "needs"),
-    [
-        ({}, "PostgreSQL (TELEMETRA_DATABASE_URL)"),
-        ({"TELEMETRA_MQTT_PORT": "0"}, "PostgreSQL (TELEMETRA_DATABASE_URL)"),
-        ({"TELEMETRA_DATABASE_URL": "postgresql://u@127.0.0.1/x"}, "an external MQTT broker (TELEMETRA_MQTT_URL)"),
-    ],
-)
-def test_workers_refused_in_the_embedded_configuration(tmp_path: Path, env: dict[str, str], needs: str) -> None:
+def test_workers_refused_in_the_embedded_configuration(tmp_path: Path) -> None:
+    """The embedded defaults (SQLite, the embedded broker): one line naming what to set, exit code 16."""
     done = subprocess.run(
         [*telemetra_binary(), "serve", "--workers", "2"],
         cwd=tmp_path,
-        env=base_env(tmp_path, **env),
+        env=base_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "--workers 2 needs" in done.stderr and needs in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.returncode == EXIT_WORKERS, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("Error: --workers 2 needs PostgreSQL (TELEMETRA_DATABASE_URL)"), done.stderr
+    assert "an external MQTT broker (TELEMETRA_MQTT_URL)" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "needs", "not_needed"),
+    [
+        ({"mqtt_port": 0}, "PostgreSQL (TELEMETRA_DATABASE_URL)", "TELEMETRA_MQTT_URL"),
+        ({"database_url": "postgresql://u@127.0.0.1/x"}, "an external MQTT broker (TELEMETRA_MQTT_URL)", "PostgreSQL"),
+    ],
+)
+def test_workers_refusal_names_only_what_is_missing(
+    tmp_path: Path, values: dict[str, object], needs: str, not_needed: str
+) -> None:
+    settings = Settings(data_dir=tmp_path, admin_keys=[ADMIN_KEY], **values)  # type: ignore[arg-type]
+    with pytest.raises(StartupError) as refused:
+        _refuse_embedded_for_workers(settings, 3)
+    assert refused.value.code == EXIT_WORKERS
+    assert refused.value.message.startswith("--workers 3 needs ") and needs in refused.value.message
+    assert not_needed not in refused.value.message and "\n" not in refused.value.message
 
 
 @pytest.mark.mosquitto

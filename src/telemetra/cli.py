@@ -73,9 +73,9 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
 
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level, settings.log_format)
-    if workers > 1:
-        _refuse_embedded_for_workers(settings, workers)
     try:
+        if workers > 1:
+            _refuse_embedded_for_workers(settings, workers)
         check_tls_files("TELEMETRA_TLS", settings.tls_cert, settings.tls_key)
         if settings.mqtt_url:
             check_tls_files("TELEMETRA_MQTT_TLS", settings.mqtt_tls_cert, settings.mqtt_tls_key, settings.mqtt_tls_ca)
@@ -130,7 +130,10 @@ def _refuse_embedded_for_workers(settings: Settings, workers: int) -> None:
     if settings.mqtt_url and settings.mqtt_client_id:
         needs.append("TELEMETRA_MQTT_CLIENT_ID unset: each worker takes its own collector id")
     if needs:
-        raise click.UsageError(f"--workers {workers} needs " + "; and ".join(needs))
+        # One line and a code of its own (not click's usage error, which prints the usage first).
+        from telemetra.startup import EXIT_WORKERS, StartupError
+
+        raise StartupError(f"--workers {workers} needs " + "; and ".join(needs) + ".", EXIT_WORKERS)
 
 
 def _serve_workers(settings: Settings, workers: int, sock: Any) -> None:
@@ -319,7 +322,21 @@ main.add_command(cli_devices.devices_claim_codes, "claim-codes")
     "--mqtt-port",
     type=click.IntRange(1, 65535),
     default=None,
-    help="broker port (default: TELEMETRA_MQTT_URL's, else TELEMETRA_MQTT_PORT, 1883)",
+    help="broker port (default: TELEMETRA_MQTT_URL's, else TELEMETRA_MQTT_TLS_PORT when TELEMETRA_TLS_CERT is set, "
+    "else TELEMETRA_MQTT_PORT, 1883)",
+)
+@click.option(
+    "--mqtt-tls/--no-mqtt-tls",
+    default=None,
+    help="MQTT over TLS (default: on when the server's settings say TLS: TELEMETRA_TLS_CERT with "
+    "TELEMETRA_MQTT_TLS_PORT, or an mqtts:// TELEMETRA_MQTT_URL)",
+)
+@click.option(
+    "--cafile",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="CA certificate that signed the server's certificates, for HTTPS and MQTTS "
+    "(default: TELEMETRA_MQTT_TLS_CA, else the system's trust store)",
 )
 @click.option("--prefix", default=None, help="MQTT topic prefix (default: TELEMETRA_MQTT_PREFIX, telemetra)")
 @click.option("--id-prefix", default="sim", show_default=True, help="device ids are <id-prefix>-001…")
@@ -350,6 +367,8 @@ def simulate(
     admin_key: str | None,
     mqtt_host: str | None,
     mqtt_port: int | None,
+    mqtt_tls: bool | None,
+    cafile: str | None,
     prefix: str | None,
     id_prefix: str,
     qos: int,
@@ -382,6 +401,11 @@ def simulate(
         admin_key=admin_key,
         mqtt_host=mqtt_host or (endpoint.host if endpoint else "127.0.0.1"),
         mqtt_port=mqtt_port or (endpoint.port if endpoint else 1883),
+        # An explicit --mqtt-port other than the settings' is taken as plain MQTT unless --mqtt-tls says so.
+        mqtt_tls=mqtt_tls
+        if mqtt_tls is not None
+        else bool(endpoint and endpoint.tls and mqtt_port in (None, endpoint.port)),
+        cafile=Path(cafile) if cafile else settings.mqtt_tls_ca,
         prefix=prefix or settings.mqtt_prefix,
         duration=duration,
         id_prefix=id_prefix,

@@ -40,4 +40,7 @@ def mqtt_endpoint(settings: Settings) -> MqttEndpoint | None:
         return MqttEndpoint(address.host, address.port, address.tls)
     if settings.mqtt_port == 0:
         return None
-    return MqttEndpoint(_reachable(settings.mqtt_host).strip("[]"), settings.mqtt_port, False)
+    host = _reachable(settings.mqtt_host).strip("[]")
+    if settings.tls_cert and settings.mqtt_tls_port:
+        return MqttEndpoint(host, settings.mqtt_tls_port, True)
+    return MqttEndpoint(host, settings.mqtt_port, False)

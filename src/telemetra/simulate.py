@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,11 @@ MAX_MQTT_DEVICES = 1000  # one network thread each
 MAX_LAG_S = 1.0
 
 
+def tls_context(cafile: Path | None) -> ssl.SSLContext:
+    """Verifies the server (HTTPS and MQTTS) against ``cafile``, else the system's trust store."""
+    return ssl.create_default_context(cafile=str(cafile) if cafile else None)
+
+
 class SimulationError(RuntimeError):
     """Something the user must fix (admin key, server unreachable, no device could connect)."""
 
@@ -83,6 +89,9 @@ class SimOptions:
     admin_key: str | None = None
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    mqtt_tls: bool = False  # MQTT over TLS (the server's settings say so: its TLS listener, or mqtts://)
+    # The CA that signed the server's certificates (HTTPS and MQTTS); None: the system's trust store.
+    cafile: Path | None = None
     prefix: str = "telemetra"
     duration: float | None = None
     id_prefix: str = "sim"
@@ -420,6 +429,7 @@ class Simulation:
         self.targets: list[Target] = []
         self.store = CredentialStore(options.state_dir / STATE_FILE, options.url)
         self.notes: list[str] = []
+        self.tls = tls_context(options.cafile)
         self.started = 0.0
         self.elapsed = 0.0
         self.in_flight = 0  # MQTT telemetry awaiting PUBACK
@@ -607,6 +617,8 @@ class MqttDevice:
             CallbackAPIVersion.VERSION2, client_id=f"{dev}"[:64], protocol=mqtt.MQTTv311, clean_session=True
         )
         self.client.username_pw_set(dev, member.secret)
+        if sim.o.mqtt_tls:
+            self.client.tls_set_context(sim.tls)
         if self.heatpump:
             self.client.will_set(f"heatpump/{dev}/status/online", "false", qos=1, retain=True)
         else:
@@ -760,7 +772,8 @@ class MqttDevices:
             if not live:
                 first = next((d.ready.exception() for d in self.devices if d.ready.done()), None)
                 reason = str(first) if first else f"no CONNACK within {CONNECT_TIMEOUT_S:.0f} s"
-                raise SimulationError(f"no device could connect to {sim.o.mqtt_host}:{sim.o.mqtt_port}: {reason}")
+                where = f"{'mqtts' if sim.o.mqtt_tls else 'mqtt'}://{sim.o.mqtt_host}:{sim.o.mqtt_port}"
+                raise SimulationError(f"no device could connect to {where}: {reason}")
             if len(live) < len(self.devices):
                 sim.notes.append(f"{len(self.devices) - len(live)} of {len(self.devices)} devices could not connect")
             if sim.o.profile == "mesh":
@@ -827,7 +840,9 @@ async def simulate(options: SimOptions, *, console: Console | None = None) -> Su
             loop.add_signal_handler(sig, sim.stop.set)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     try:
-        async with httpx.AsyncClient(base_url=options.url.rstrip("/"), timeout=10.0, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=options.url.rstrip("/"), timeout=10.0, limits=limits, verify=sim.tls
+        ) as http:
             sim.ota = OtaAgent(
                 http, failure_rate=options.ota_failure_rate, failure_versions=options.ota_failure_versions
             )

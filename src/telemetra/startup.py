@@ -30,6 +30,7 @@ EXIT_DATABASE_UNREACHABLE = 12
 EXIT_DATABASE_MISSING = 13
 EXIT_BROKER_UNREACHABLE = 14
 EXIT_TLS = 15
+EXIT_WORKERS = 16  # --workers N in a configuration one process must own (SQLite, the embedded broker)
 
 # Backoff while waiting for a service at start: 0.5 s doubling to at most 5 s between tries.
 _FIRST_DELAY_S = 0.5

@@ -27,7 +27,22 @@ ForS = Annotated[int, Field(ge=0, le=MAX_FOR_S)]
 
 
 class RuleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "greenhouse too hot",
+                    "key": "temperature",
+                    "op": ">",
+                    "value": 35,
+                    "for_s": 60,
+                    "severity": "critical",
+                }
+            ]
+        },
+    )
 
     name: RuleName
     kind: Kind = "threshold"
@@ -50,7 +65,9 @@ class RuleSpec(BaseModel):
 class RulePatch(BaseModel):
     """Any of a rule's fields; the result is checked as a whole."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"value": 38, "enabled": True}]}
+    )
 
     name: RuleName | None = None
     kind: Kind | None = None

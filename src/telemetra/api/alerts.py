@@ -1,4 +1,4 @@
-"""Alerts (seed 003's ``/api/alerts``): active → acknowledged → cleared."""
+"""Alerts (smart-heat-pump's are at ``/api/alerts``): active → acknowledged → cleared."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from telemetra.api.answers import Alert, AlertCounts, AlertList
 from telemetra.api.deps import Operator, ServicesDep, Viewer
 from telemetra.api.fields import AlertIdPath, DeviceIdQuery
+from telemetra.api.openapi import answers
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.events import model
 from telemetra.events.model import ChangeEvent
@@ -41,7 +43,7 @@ def alert_out(a: AlertRow) -> dict[str, Any]:
     }
 
 
-@router.get("/api/v1/alerts")
+@router.get("/api/v1/alerts", **answers(AlertList))
 async def list_alerts(
     services: ServicesDep,
     _: Viewer,
@@ -57,18 +59,18 @@ async def list_alerts(
     return {"alerts": [alert_out(a) for a in rows]}
 
 
-@router.get("/api/v1/alerts/counts")
+@router.get("/api/v1/alerts/counts", **answers(AlertCounts))
 async def alert_counts(services: ServicesDep, _: Viewer) -> dict[str, Any]:
     """Alerts per status; the open ones (active or acknowledged) per type and per severity."""
     return await services.alerts.counts()
 
 
-@router.post("/api/v1/alerts/{alert_id}/acknowledge")
+@router.post("/api/v1/alerts/{alert_id}/acknowledge", **answers(Alert))
 async def acknowledge(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     return await _transition(services, alert_id, "acknowledged")
 
 
-@router.post("/api/v1/alerts/{alert_id}/clear")
+@router.post("/api/v1/alerts/{alert_id}/clear", **answers(Alert))
 async def clear(alert_id: AlertIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     return await _transition(services, alert_id, "cleared")
 

@@ -7,8 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from telemetra.api.answers import Command, CommandList, ConfigPublished, ConfigView, PendingCommands
 from telemetra.api.deps import Caller, Operator, ServicesDep, check_reads
 from telemetra.api.fields import CommandIdPath, ConfigValue, DeviceIdPath, JsonValue, Name, Params, ShortText, refusal
+from telemetra.api.openapi import answers
 from telemetra.domain.errors import Forbidden, NotFound
 from telemetra.domain.principal import Role
 from telemetra.domain.records import Batch, CommandAck, Event
@@ -21,13 +23,17 @@ MAX_WAIT_S = 60
 
 
 class CommandCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "reboot", "params": {"delay_s": 5}, "ttl_s": 600}]}
+    )
     name: Name = Field(..., min_length=1)
     params: Params = Field(default_factory=dict)
     ttl_s: int = Field(3600, ge=1, le=30 * 86400, description="expires unanswered after this many seconds")
 
 
 class CommandAckBody(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "result": {"rebooted": True}}]})
+
     status: ShortText = Field("ok", description="ok | error")
     result: JsonValue = None
 
@@ -74,7 +80,7 @@ async def _device(services: Any, device_id: str) -> None:
         raise NotFound(f"device {device_id!r} not found", field="device_id")
 
 
-@router.post("/api/v1/devices/{device_id}/commands", status_code=201)
+@router.post("/api/v1/devices/{device_id}/commands", status_code=201, **answers(Command, 201))
 async def send_command(
     device_id: DeviceIdPath,
     body: CommandCreate,
@@ -91,7 +97,7 @@ async def send_command(
     return command_out(command)
 
 
-@router.get("/api/v1/devices/{device_id}/commands")
+@router.get("/api/v1/devices/{device_id}/commands", **answers(CommandList))
 async def list_commands(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -104,7 +110,7 @@ async def list_commands(
     return {"device_id": device_id, "commands": [command_out(c) for c in rows]}
 
 
-@router.get("/api/v1/devices/{device_id}/commands/{command_id}")
+@router.get("/api/v1/devices/{device_id}/commands/{command_id}", **answers(Command))
 async def get_command(
     device_id: DeviceIdPath, command_id: CommandIdPath, services: ServicesDep, principal: Caller
 ) -> dict[str, Any]:
@@ -119,7 +125,7 @@ def _own_device(principal: Any) -> str:
     return device_id
 
 
-@router.get("/api/v1/device/commands", tags=["ingest (device side)"])
+@router.get("/api/v1/device/commands", tags=["ingest (device side)"], **answers(PendingCommands))
 async def poll_commands(
     services: ServicesDep, principal: Caller, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0
 ) -> dict[str, Any]:
@@ -129,7 +135,7 @@ async def poll_commands(
     return {"commands": [{"id": c.id, "name": c.name, "params": c.params or {}, "ts": c.created_at} for c in commands]}
 
 
-@router.post("/api/v1/device/commands/{command_id}/ack", tags=["ingest (device side)"])
+@router.post("/api/v1/device/commands/{command_id}/ack", tags=["ingest (device side)"], **answers(Command))
 async def ack_command(
     command_id: CommandIdPath, body: CommandAckBody, services: ServicesDep, principal: Caller
 ) -> dict[str, Any]:
@@ -146,7 +152,7 @@ async def ack_command(
     return command_out(await services.commands.repo.get(command_id, device_id))
 
 
-@router.put("/api/v1/devices/{device_id}/config")
+@router.put("/api/v1/devices/{device_id}/config", **answers(ConfigPublished))
 async def put_config(device_id: DeviceIdPath, body: ConfigBody, services: ServicesDep, _: Operator) -> dict[str, Any]:
     """Desired configuration: stored with a new version and published retained on ``{prefix}/{id}/config``."""
     config = body.model_dump()
@@ -157,7 +163,7 @@ async def put_config(device_id: DeviceIdPath, body: ConfigBody, services: Servic
     return {**await _config_view(services, device_id), "published": published}
 
 
-@router.get("/api/v1/devices/{device_id}/config")
+@router.get("/api/v1/devices/{device_id}/config", **answers(ConfigView))
 async def get_config(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     return await _config_view(services, device_id)

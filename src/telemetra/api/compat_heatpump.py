@@ -8,18 +8,21 @@ import weakref
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.api.answers import FleetStats
 from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
 from telemetra.api.fields import DeviceIdPath, DeviceIdQuery
 from telemetra.api.health import fleet_stats
+from telemetra.api.openapi import answers
 from telemetra.api.present import is_online
 from telemetra.domain.errors import NotFound
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.storage.readings import ReadingQueries, number
 from telemetra.storage.schema import AlertRow, Device
 
-router = APIRouter(prefix="/api", tags=["smart-heat-pump (seed 003)"])
+router = APIRouter(prefix="/api", tags=["smart-heat-pump compatibility"])
 
 # The dashboard's flat names → the keys the firmware's nested payload is stored under.
 FLAT_FIELDS = {
@@ -42,6 +45,59 @@ STORED_POINTS_TTL_S = 10.0  # the dashboard asks every 2 s; counting is the dear
 _points_cache: weakref.WeakKeyDictionary[AsyncEngine, tuple[float, int]] = weakref.WeakKeyDictionary()
 
 
+# smart-heat-pump's shapes, for the OpenAPI document (each answer is built as a dict; see
+# ``api.openapi.answers``).
+class HeatpumpStats(FleetStats):
+    devices_online: int
+    total_readings: int = Field(description="stored points (one per metric value)")
+    total_alerts: int = Field(description="alerts in the last 30 days")
+    oldest_reading: str | None
+    newest_reading: str | None
+
+
+class HeatpumpDevice(BaseModel):
+    device_id: str
+    is_online: bool
+    last_seen: str | None
+    name: str | None
+    location: str | None
+
+
+class HeatpumpValues(BaseModel):
+    temp_inlet: float | None
+    temp_outlet: float | None
+    temp_ambient: float | None
+    temp_compressor: float | None
+    voltage: float | None
+    current: float | None
+    power: float | None
+    pressure_high: float | None
+    pressure_low: float | None
+    compressor_running: bool | None
+
+
+class HeatpumpStatus(HeatpumpDevice, HeatpumpValues):
+    time: str = Field(description="the newest value's time")
+
+
+class HeatpumpReading(HeatpumpValues):
+    time: str
+    device_id: str
+
+
+class HeatpumpAlert(BaseModel):
+    time: str
+    device_id: str
+    alert_type: str
+    alert_level: str
+    value: float | None
+    message: str | None
+    id: int
+    status: str
+    count: int
+    created_at: str
+
+
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {name: number(values.get(key)) for name, key in FLAT_FIELDS.items()}
     running = values.get(COMPRESSOR)
@@ -58,10 +114,10 @@ async def _stored_points(engine: AsyncEngine) -> int:
     return count
 
 
-@router.get("/stats")
+@router.get("/stats", **answers(HeatpumpStats))
 async def stats(services: ServicesDep, _: Viewer) -> dict[str, Any]:
     """``{devices_online, total_readings, total_alerts, …}`` beside Telemetra's own fleet figures.
-    ``total_readings`` counts stored points (see ``ReadingQueries.stored_points``)."""
+    ``total_readings`` counts stored points (one per metric value)."""
     own = await fleet_stats(services)
     alerts = await ReadingQueries(services.engine).alert_count(since=now_ms() - STATS_WINDOW_MS)
     return {
@@ -86,7 +142,7 @@ def _device_out(device: Device, *, now: int, offline_after_s: int) -> dict[str, 
     }
 
 
-@router.get("/devices")
+@router.get("/devices", **answers(list[HeatpumpDevice]))
 async def devices(
     services: ServicesDep, _: Viewer, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
 ) -> list[dict[str, Any]]:
@@ -113,7 +169,7 @@ async def _status(services: Any, device_id: str) -> dict[str, Any]:
     }
 
 
-@router.get("/devices/{device_id}/status")
+@router.get("/devices/{device_id}/status", **answers(HeatpumpStatus))
 async def status(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     """Flat ``{device_id, is_online, last_seen, temp_inlet, …, compressor_running}`` (latest values);
     404 without data in 24 h."""
@@ -121,13 +177,13 @@ async def status(device_id: DeviceIdPath, services: ServicesDep, principal: Call
     return await _status(services, device_id)
 
 
-@router.get("/devices/{device_id}/readings/latest")
+@router.get("/devices/{device_id}/readings/latest", **answers(HeatpumpStatus))
 async def readings_latest(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     return await _status(services, device_id)
 
 
-@router.get("/devices/{device_id}/readings")
+@router.get("/devices/{device_id}/readings", **answers(list[HeatpumpReading]))
 async def readings(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -161,7 +217,7 @@ def _alert_out(a: AlertRow) -> dict[str, Any]:
     }
 
 
-@router.get("/alerts")
+@router.get("/alerts", **answers(list[HeatpumpAlert]))
 async def alerts(
     services: ServicesDep,
     _: Viewer,

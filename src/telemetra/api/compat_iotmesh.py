@@ -11,21 +11,57 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from telemetra.api.deps import Caller, Operator, ServicesDep, Viewer, check_reads
 from telemetra.api.fields import DeviceIdPath
+from telemetra.api.openapi import answers
 from telemetra.api.present import is_online
 from telemetra.domain.errors import NotFound
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.storage.readings import ReadingQueries, number
 from telemetra.storage.schema import Device, DeviceState
 
-router = APIRouter(prefix="/api/v1", tags=["iotmesh (seed 000)"])
+router = APIRouter(prefix="/api/v1", tags=["iotmesh mesh gateway compatibility"])
 
 HISTORY_KEYS = ("heap_free", "uptime", "peer_count")
 MAX_NODES = 10_000
 
 
 class NodeName(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"name": "Kitchen node"}]})
     name: str = Field(..., min_length=1, max_length=128)
+
+
+# iotmesh's shapes, for the OpenAPI document (each answer is built as a dict; see ``api.openapi.answers``).
+class MeshNode(BaseModel):
+    id: str
+    name: str | None
+    firmware_version: str | None
+    ip_address: str | None = Field(description="always null: the gateway posts for its nodes")
+    first_seen: str
+    last_seen: str
+    is_online: bool
+    role: str = Field(description="NODE, GATEWAY, or what the node reported")
+    peer_count: float | None
+
+
+class MeshNodeDeleted(BaseModel):
+    message: str
+    node_id: str
+
+
+class MeshNodeReading(BaseModel):
+    time: str
+    node_id: str
+    heap_free: float | None
+    uptime_sec: float | None
+    peer_count: float | None
+    role: str
+
+
+class MeshState(BaseModel):
+    node_id: str
+    key: str
+    value: Any
+    version: int | None
+    updated_at: str
 
 
 def node_out(device: Device, *, now: int, offline_after_s: int, peer_count: Any = None) -> dict[str, Any]:
@@ -61,7 +97,7 @@ async def _node(services: Any, device_id: str) -> Device:
     return device
 
 
-@router.get("/nodes")
+@router.get("/nodes", **answers(list[MeshNode]))
 async def list_nodes(
     services: ServicesDep, _: Viewer, limit: Annotated[int, Query(ge=1, le=MAX_NODES)] = 1000
 ) -> list[dict[str, Any]]:
@@ -78,7 +114,7 @@ def _peers(latest: dict[str, list[Any]], device_id: str) -> Any:
     return points[0].value if points else None
 
 
-@router.get("/nodes/{device_id}")
+@router.get("/nodes/{device_id}", **answers(MeshNode))
 async def get_node(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     device = await _node(services, device_id)
@@ -88,7 +124,7 @@ async def get_node(device_id: DeviceIdPath, services: ServicesDep, principal: Ca
     )
 
 
-@router.put("/nodes/{device_id}/name")
+@router.put("/nodes/{device_id}/name", **answers(MeshNode))
 async def rename_node(device_id: DeviceIdPath, body: NodeName, services: ServicesDep, _: Operator) -> dict[str, Any]:
     await _node(services, device_id)
     now = now_ms()
@@ -96,7 +132,7 @@ async def rename_node(device_id: DeviceIdPath, body: NodeName, services: Service
     return node_out(device, now=now, offline_after_s=services.settings.offline_after_s)
 
 
-@router.delete("/nodes/{device_id}")
+@router.delete("/nodes/{device_id}", **answers(MeshNodeDeleted))
 async def delete_node(device_id: DeviceIdPath, services: ServicesDep, _: Operator) -> dict[str, Any]:
     """Deletes the node with all its data; answers JSON (the dashboard parses every answer)."""
     await _node(services, device_id)
@@ -105,7 +141,7 @@ async def delete_node(device_id: DeviceIdPath, services: ServicesDep, _: Operato
     return {"message": f"Node {device_id} deleted", "node_id": device_id}
 
 
-@router.get("/nodes/{device_id}/history")
+@router.get("/nodes/{device_id}/history", **answers(list[MeshNodeReading]))
 async def node_history(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -133,15 +169,15 @@ async def node_history(
     ]
 
 
-@router.get("/nodes/{device_id}/state")
+@router.get("/nodes/{device_id}/state", **answers(list[MeshState]))
 async def node_state(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> list[dict[str, Any]]:
     check_reads(principal, device_id)
     await _node(services, device_id)
     return [state_out(r) for r in await services.queries.state(device_id)]
 
 
-@router.get("/state")
+@router.get("/state", **answers(list[MeshState]))
 async def shared_state(services: ServicesDep, _: Viewer) -> list[dict[str, Any]]:
-    """Seed 000's shared state of all nodes: a bare array of ``{node_id, key, value, version, updated_at}``,
+    """The iotmesh mesh's shared state of all nodes: a bare array of ``{node_id, key, value, version, updated_at}``,
     by node and key."""
     return [state_out(r) for r in await services.queries.state()]

@@ -36,6 +36,7 @@ from telemetra.api.deps import MaybePrincipal, Operator, ServicesDep, Viewer
 from telemetra.api.fields import DeviceIdField, DeviceIdPath, DeviceIdQuery, LongText, Name, text
 from telemetra.api.firmware import _DOWNLOAD_RESPONSES, _UPLOAD_BODY, OtaDep, base_url, check_download_key
 from telemetra.api.firmware_download import firmware_response
+from telemetra.api.openapi import answers
 from telemetra.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, Unavailable
 from telemetra.domain.ota import (
     COMPLETED,
@@ -55,7 +56,7 @@ from telemetra.ota.firmware import MAX_NOTES, check_model, parse_bool
 from telemetra.ota.jobs import JobRequest, NodeReport, NoTargets
 from telemetra.storage.schema import FirmwareRow, OtaNodeRow
 
-router = APIRouter(tags=["paku-iot OTA service (seed 004)"])
+router = APIRouter(tags=["paku-iot OTA service compatibility"])
 
 PAKU_PREFIX = "0.0.0-paku."
 # What paku's own service takes as a version besides semver: a slug (``test-1733100000``). It starts
@@ -115,6 +116,95 @@ def _download_path(row: FirmwareRow) -> str:
     return f"/api/firmware/download/{paku_version(row.version)}?device_model={row.model}"
 
 
+# paku's shapes, for the OpenAPI document (each answer is built as a dict; see ``api.openapi.answers``).
+class PakuRelease(BaseModel):
+    version: str
+    device_model: str
+    file_size: int
+    checksum_sha256: str
+    is_signed: bool
+    created_at: str
+    release_notes: str | None
+    firmware_id: int
+    stored_version: str = Field(description="the version as Telemetra stores it")
+    download_url: str
+
+
+class PakuReleases(BaseModel):
+    releases: list[PakuRelease]
+
+
+class PakuUploaded(BaseModel):
+    status: str
+    message: str
+    version: str
+    file_size: int
+    checksum_sha256: str
+    device_model: str
+    firmware_id: int
+
+
+class PakuRolloutCreated(BaseModel):
+    status: str
+    message: str
+    rollout_id: int | None = Field(description="null when no enabled device matched: nothing to roll out")
+    devices: int
+    rollout_status: str | None
+
+
+class PakuDevice(BaseModel):
+    device_id: str
+    device_model: str | None
+    current_firmware_version: str | None
+    last_seen: str | None
+    created_at: str
+
+
+class PakuDevices(BaseModel):
+    devices: list[PakuDevice]
+
+
+class PakuUpdate(BaseModel):
+    device_id: str
+    firmware_version: str
+    status: str
+    error_message: str | None
+    progress_percent: int | None
+    started_at: str | None
+    completed_at: str | None
+    reported_at: str | None
+    rollout_id: int
+    telemetra_status: str
+
+
+class PakuUpdates(BaseModel):
+    updates: list[PakuUpdate]
+
+
+class PakuCheck(BaseModel):
+    update_available: bool
+    current_version: str
+    latest_version: str | None
+    download_url: str | None
+    file_size: int | None
+    checksum_sha256: str | None
+    release_notes: str | None
+    rollout_id: int | None = None
+
+
+class PakuStatusRecorded(BaseModel):
+    status: str
+    message: str
+    rollout_id: int
+    telemetra_status: str
+    retry: bool
+
+
+class PakuHealth(BaseModel):
+    status: str
+    service: str
+
+
 def release_out(row: FirmwareRow, *, signed: bool) -> dict[str, Any]:
     return {
         "version": paku_version(row.version),
@@ -134,7 +224,7 @@ def release_out(row: FirmwareRow, *, signed: bool) -> dict[str, Any]:
 # -- admin: firmware ----------------------------------------------------------------------------------
 
 
-@router.post("/api/admin/firmware/upload", openapi_extra=_UPLOAD_BODY)
+@router.post("/api/admin/firmware/upload", openapi_extra=_UPLOAD_BODY, **answers(PakuUploaded))
 async def upload(
     request: Request,
     ota: OtaDep,
@@ -173,7 +263,7 @@ async def upload(
     }
 
 
-@router.get("/api/admin/firmware/releases")
+@router.get("/api/admin/firmware/releases", **answers(PakuReleases))
 async def releases(
     ota: OtaDep,
     _: Viewer,
@@ -196,7 +286,19 @@ class PakuTargetFilter(BaseModel):
 
 
 class RolloutCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "heater-2.1.0",
+                    "firmware_version": "2.1.0",
+                    "device_model": "esp32-heater",
+                    "target_type": "all",
+                }
+            ]
+        },
+    )
     name: Name = Field(..., min_length=1)
     firmware_version: Annotated[str, text(64)] = Field(..., min_length=1)
     device_model: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
@@ -207,7 +309,7 @@ class RolloutCreate(BaseModel):
     is_active: bool = True
 
 
-@router.post("/api/admin/rollout/create")
+@router.post("/api/admin/rollout/create", **answers(PakuRolloutCreated))
 async def create_rollout(body: RolloutCreate, request: Request, ota: OtaDep, _: Operator) -> dict[str, Any]:
     """A Telemetra rollout under paku's unique ``name`` (409 when taken); exactly 200 with
     ``{status:"ok", message}``. A rollout that matches no enabled device yet is answered 200 with
@@ -271,7 +373,7 @@ def _nothing(name: str, why: str) -> dict[str, Any]:
 # -- admin: devices and update status ----------------------------------------------------------------
 
 
-@router.get("/api/admin/devices")
+@router.get("/api/admin/devices", **answers(PakuDevices))
 async def admin_devices(
     services: ServicesDep,
     _: Viewer,
@@ -312,7 +414,7 @@ def update_out(node: OtaNodeRow, version: str) -> dict[str, Any]:
     }
 
 
-@router.get("/api/admin/update-status")
+@router.get("/api/admin/update-status", **answers(PakuUpdates))
 async def admin_update_status(
     ota: OtaDep,
     _: Viewer,
@@ -330,7 +432,7 @@ async def admin_update_status(
 # -- device side --------------------------------------------------------------------------------------
 
 
-@router.get("/api/firmware/check")
+@router.get("/api/firmware/check", **answers(PakuCheck))
 async def check(
     ota: OtaDep,
     principal: MaybePrincipal,
@@ -426,7 +528,12 @@ async def download_head(
 
 
 class UpdateStatusBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"firmware_version": "2.1.0", "status": "downloading", "progress_percent": 40}]
+        },
+    )
     device_id: DeviceIdField | None = None
     firmware_version: Annotated[str, text(64)] = Field(..., min_length=1)
     status: PakuStatus
@@ -434,7 +541,7 @@ class UpdateStatusBody(BaseModel):
     progress_percent: int | None = Field(None, ge=0, le=100)
 
 
-@router.post("/api/device/{device_id}/update-status")
+@router.post("/api/device/{device_id}/update-status", **answers(PakuStatusRecorded))
 async def update_status(
     device_id: DeviceIdPath, body: UpdateStatusBody, ota: OtaDep, principal: MaybePrincipal
 ) -> dict[str, Any]:
@@ -480,7 +587,7 @@ def _may_report(principal: Principal, device_id: str) -> None:
     raise Forbidden(f"this key may not report for device {device_id!r}", field="X-API-Key")
 
 
-@router.get("/api/device/health")
+@router.get("/api/device/health", **answers(PakuHealth))
 async def device_health(ota: OtaDep) -> dict[str, Any]:
     """``{status:"healthy"}`` while OTA runs in this process (503 otherwise)."""
     if not ota.alive:

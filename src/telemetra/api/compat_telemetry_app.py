@@ -9,15 +9,17 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from telemetra.api.answers import HealthReport
 from telemetra.api.deps import Admin, Caller, Services, ServicesDep, Viewer, check_reads
 from telemetra.api.fields import DeviceIdPath, TextQuery
 from telemetra.api.health import health_report
+from telemetra.api.openapi import answers
 from telemetra.api.params import time_range
 from telemetra.api.present import is_online, reading_id
 from telemetra.domain.errors import NotFound
@@ -27,7 +29,7 @@ from telemetra.storage.queries import PointOut
 from telemetra.storage.readings import MAX_READINGS, ReadingQueries
 from telemetra.storage.schema import Device
 
-router = APIRouter(prefix="/compat/telemetry-app/api/v1", tags=["telemetry_app (seeds 001/002)"])
+router = APIRouter(prefix="/compat/telemetry-app/api/v1", tags=["telemetry_app compatibility"])
 
 # The app's string ``id`` of a device: stable, distinct from ``device_id`` (its server used a UUID).
 _DEVICE_NAMESPACE = uuid.UUID("6f1c2a4e-93b7-4d1e-9a57-0c3e5b8f7d21")
@@ -37,9 +39,87 @@ MAX_LISTED = 1000
 
 
 class DeviceCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"device_id": "esp32_01", "name": "Living room"}]}
+    )
     device_id: str = Field(..., pattern=DEVICE_ID_PATTERN)
     name: str | None = Field(None, max_length=128)
+
+
+# The app's shapes, for the OpenAPI document (each answer is built as a dict; see ``api.openapi.answers``).
+class AppReading(BaseModel):
+    id: str
+    device_id: str
+    timestamp: str
+    metrics: dict[str, Any]
+
+
+class AppDevice(BaseModel):
+    id: str = Field(description="the app's stable id of the device (a UUID)")
+    device_id: str
+    name: str | None
+    is_active: bool
+    created_at: str
+    last_seen_at: str | None
+    online: bool
+    model: str | None
+    fw_version: str | None
+
+
+class AppDeviceSummary(AppDevice):
+    reading_count: int = Field(description="readings in the last 24 hours")
+    latest_reading: AppReading | None
+
+
+class AppDeviceCreated(AppDevice):
+    api_key: str = Field(description="shown once")
+    message: str
+
+
+class AppTimeRange(BaseModel):
+    start: str
+    end: str
+
+
+class AppDeviceStats(BaseModel):
+    device_id: str
+    time_range: AppTimeRange
+    reading_count: int
+    first_reading: str | None
+    last_reading: str | None
+    temperature: dict[str, Any] | None = Field(description="min, max, avg and unit; null when not sent")
+    humidity: dict[str, Any] | None
+    voltage: dict[str, Any] | None
+
+
+class AppDashboardStats(BaseModel):
+    total_devices: int
+    online_devices: int
+    offline_devices: int
+    total_readings_today: int
+    avg_temperature: float
+    avg_humidity: float
+    avg_voltage: float
+    last_updated: str
+
+
+class AppHealth(HealthReport):
+    database_connected: bool
+    websocket_healthy: bool
+    websocket_connections: int
+    active_connections: int
+    cpu_usage: float
+    memory_usage: float
+    checked_at: str
+
+
+T = TypeVar("T")
+
+
+class Envelope(BaseModel, Generic[T]):
+    success: bool
+    data: T
+    timestamp: str
 
 
 def envelope(data: Any, status_code: int = 200) -> JSONResponse:
@@ -99,7 +179,7 @@ def _system_load() -> tuple[float, float]:
     return round(cpu, 1), round(memory, 1)
 
 
-@router.get("/health")
+@router.get("/health", **answers(Envelope[AppHealth], unhealthy="the database is down: the same report"))
 async def health(services: ServicesDep) -> JSONResponse:
     """The app's health and SystemHealth shapes in one; 503 only when the database is down (MQTT being
     down does not stop the app from reading)."""
@@ -122,7 +202,7 @@ async def health(services: ServicesDep) -> JSONResponse:
     return envelope(data, 200 if database else 503)
 
 
-@router.get("/devices")
+@router.get("/devices", **answers(Envelope[list[AppDeviceSummary]]))
 async def list_devices(
     services: ServicesDep, _: Viewer, limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = MAX_LISTED
 ) -> JSONResponse:
@@ -147,7 +227,7 @@ async def list_devices(
     )
 
 
-@router.post("/devices", status_code=201)
+@router.post("/devices", status_code=201, **answers(Envelope[AppDeviceCreated], 201))
 async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> JSONResponse:
     """Its legacy provisioning page: ``{device_id, name}`` → the device with its key, shown once."""
     now = now_ms()
@@ -161,14 +241,14 @@ async def create_device(body: DeviceCreate, services: ServicesDep, _: Admin) -> 
     return envelope(data, 201)
 
 
-@router.get("/devices/{device_id}")
+@router.get("/devices/{device_id}", **answers(Envelope[AppDevice]))
 async def get_device(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> JSONResponse:
     check_reads(principal, device_id)
     device = await _device(services, device_id)
     return envelope(device_out(device, now=now_ms(), offline_after_s=services.settings.offline_after_s))
 
 
-@router.get("/devices/{device_id}/latest")
+@router.get("/devices/{device_id}/latest", **answers(Envelope[AppReading | None]))
 async def latest(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> JSONResponse:
     """The latest Reading, or ``data: null`` when the device sent nothing yet."""
     check_reads(principal, device_id)
@@ -177,7 +257,7 @@ async def latest(device_id: DeviceIdPath, services: ServicesDep, principal: Call
     return envelope(latest_reading(device_id, points))
 
 
-@router.get("/devices/{device_id}/history")
+@router.get("/devices/{device_id}/history", **answers(Envelope[list[AppReading]]))
 async def history(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -197,7 +277,7 @@ async def history(
     return envelope([reading_out(device_id, r.ts, r.values) for r in rows])
 
 
-@router.get("/devices/{device_id}/stats")
+@router.get("/devices/{device_id}/stats", **answers(Envelope[AppDeviceStats]))
 async def stats(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -233,7 +313,7 @@ async def stats(
     return envelope(data)
 
 
-@router.get("/dashboard/stats")
+@router.get("/dashboard/stats", **answers(Envelope[AppDashboardStats]))
 async def dashboard_stats(services: ServicesDep, _: Viewer) -> JSONResponse:
     """Its (unrouted) dashboard page: every field present and typed as it casts them. Averages are over
     the devices' latest values; readings today counts from UTC midnight (for up to 1,000 devices)."""

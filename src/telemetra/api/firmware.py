@@ -147,7 +147,10 @@ async def delete_firmware(firmware_id: FirmwareId, ota: OtaDep, _: Admin) -> Fir
 
 _DOWNLOAD_RESPONSES = {
     200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-    206: {"description": "the requested byte range", "content": {"application/octet-stream": {}}},
+    206: {
+        "description": "the requested byte range",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
     304: {"description": "If-None-Match matched the ETag"},
     400: {"description": "malformed Range"},
     416: {"description": "Range beyond the end of the file"},

@@ -10,13 +10,16 @@ from sqlalchemy import func, select, text
 from starlette.responses import JSONResponse, Response
 
 from telemetra import __version__
+from telemetra.api.answers import FleetStats, HealthReport, HeatpumpHealth
 from telemetra.api.deps import ServicesDep, Viewer
+from telemetra.api.openapi import answers
 from telemetra.domain import presence
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.services import Services
 from telemetra.storage.schema import Device, LatestRow
 
 router = APIRouter(tags=["operations"])
+UNHEALTHY = "a dependency is down: the same report, with `status: degraded`"
 
 
 async def health_report(services: Services) -> dict[str, Any]:
@@ -49,15 +52,15 @@ async def health_report(services: Services) -> dict[str, Any]:
     }
 
 
-@router.get("/health")
-@router.get("/api/v1/health")
+@router.get("/health", **answers(HealthReport, unhealthy=UNHEALTHY))
+@router.get("/api/v1/health", **answers(HealthReport, unhealthy=UNHEALTHY))
 async def health(services: ServicesDep) -> JSONResponse:
     """Status of the database, MQTT, the ingest queue and WebSockets; 503 when a dependency is down."""
     body = await health_report(services)
     return JSONResponse(body, status_code=200 if body["status"] == "healthy" else 503)
 
 
-@router.get("/api/health")
+@router.get("/api/health", **answers(HeatpumpHealth, unhealthy=UNHEALTHY))
 async def heatpump_health(services: ServicesDep) -> JSONResponse:
     """The same, with smart-heat-pump's flat fields beside it (``influxdb_connected`` is its name for the
     database)."""
@@ -73,9 +76,9 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/api/v1/stats")
+@router.get("/api/v1/stats", **answers(FleetStats))
 async def stats(services: ServicesDep, _: Viewer) -> dict[str, Any]:
-    """Fleet figures for dashboards (seed 003's shape is at ``/api/stats``)."""
+    """Fleet figures for dashboards (smart-heat-pump's shape is at ``/api/stats``)."""
     return await fleet_stats(services)
 
 

@@ -11,8 +11,10 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from telemetra.api.answers import NodeTelemetryAccepted
 from telemetra.api.deps import Services, principal_of
 from telemetra.api.fields import DeviceIdPath
+from telemetra.api.openapi import KEY_OPTIONAL, KEY_REQUIRED, answers
 from telemetra.api.present import reading_id
 from telemetra.api.schemas import IngestAccepted, NodeTelemetry, TelemetryMessage
 from telemetra.domain.errors import Forbidden, InvalidInput, MalformedPayload, PayloadTooLarge, Unauthorized
@@ -28,24 +30,6 @@ router = APIRouter(tags=["ingest (device side)"])
 FAST_PATHS = ("/api/v1/ingest", "/api/v1/ingest/batch")
 
 
-_KEY_HEADERS = [
-    {
-        "name": "X-API-Key",
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "device, gateway or fleet key (or admin)",
-    },
-    {
-        "name": "Authorization",
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "Bearer <key>",
-    },
-]
-
-
 async def _caller(request: Request, *, anonymous_ok: bool = False) -> tuple[Services, Principal]:
     """Services and caller without FastAPI's dependency resolution: on these paths it cost more per
     request than normalising the payload does."""
@@ -58,7 +42,8 @@ async def _caller(request: Request, *, anonymous_ok: bool = False) -> tuple[Serv
     return services, principal
 
 
-def _body_schema(model: type[Any], *, array: bool = False) -> dict[str, Any]:
+def _body_schema(model: type[Any], *, array: bool = False, key_optional: bool = False) -> dict[str, Any]:
+    """The body and the key (these endpoints read both themselves, so FastAPI cannot see them)."""
     schema = model.model_json_schema()
     if array:
         schema = {
@@ -68,7 +53,7 @@ def _body_schema(model: type[Any], *, array: bool = False) -> dict[str, Any]:
             ]
         }
     return {
-        "parameters": _KEY_HEADERS,
+        "security": KEY_OPTIONAL if key_optional else KEY_REQUIRED,
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
     }
 
@@ -124,7 +109,8 @@ def _accepted(batch: Batch, points: int) -> Response:
     openapi_extra=_body_schema(TelemetryMessage, array=False),
 )
 async def ingest(request: Request) -> Response:
-    """One telemetry message (seeds 001/002) — or an array of them — with a device, gateway or fleet key."""
+    """One telemetry message (Telemetra's or telemetry_app's shape) — or an array of them — with a device,
+    gateway or fleet key."""
     return await _ingest(request, array_only=False)
 
 
@@ -178,15 +164,23 @@ async def _post_for_device(device_id: str, request: Request, services: Services,
     return Response(orjson.dumps(body), status_code=200, media_type="application/json")
 
 
-@router.post("/api/v1/devices/{device_id}/telemetry", openapi_extra=_body_schema(NodeTelemetry))
+@router.post(
+    "/api/v1/devices/{device_id}/telemetry",
+    openapi_extra=_body_schema(NodeTelemetry, key_optional=True),
+    **answers(NodeTelemetryAccepted),
+)
 async def post_device_telemetry(device_id: DeviceIdPath, request: Request) -> Response:
-    """A gateway (for its children) or an admin posts for a device; seed 000's node shape is accepted."""
+    """A gateway (for its children) or an admin posts for a device; the iotmesh gateway's node shape is accepted."""
     services, principal = await _caller(request, anonymous_ok=True)
     return await _post_for_device(device_id, request, services, _node_principal(principal, services))
 
 
-@router.post("/api/v1/nodes/{device_id}/telemetry", openapi_extra=_body_schema(NodeTelemetry))
+@router.post(
+    "/api/v1/nodes/{device_id}/telemetry",
+    openapi_extra=_body_schema(NodeTelemetry, key_optional=True),
+    **answers(NodeTelemetryAccepted),
+)
 async def post_node_telemetry(device_id: DeviceIdPath, request: Request) -> Response:
-    """Seed 000's path: ``{"name","uptime","heap_free","peer_count","role","firmware","state":{…}}``."""
+    """The iotmesh gateway's path: ``{"name","uptime","heap_free","peer_count","role","firmware","state":{…}}``."""
     services, principal = await _caller(request, anonymous_ok=True)
     return await _post_for_device(device_id, request, services, _node_principal(principal, services))

@@ -138,7 +138,7 @@ async def list_updates(
 async def pending_updates(
     request: Request, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
 ) -> list[PendingUpdate]:
-    """The gateway's poll (G3): a bare array with at most the oldest pending job — leased to this gateway,
+    """The gateway's poll: a bare array with at most the oldest pending job — leased to this gateway,
     so a second gateway polling at the same time does not get it too."""
     caller = _gateway(principal, services)
     url = base_url(request, ota)
@@ -166,7 +166,7 @@ async def delete_update(update_id: UpdateId, ota: OtaDep, _: Admin) -> UpdateDel
 async def start_update(
     update_id: UpdateId, request: Request, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
 ) -> TransitionAnswer:
-    """G4: pending → distributing (by the gateway that holds the job's lease, or an admin)."""
+    """pending → distributing (by the gateway that holds the job's lease, or an admin)."""
     caller = _gateway(principal, services)
     job = await ota.jobs.start(update_id, holder=_holder(caller, request), privileged=caller.is_admin)
     return TransitionAnswer(status=job.status, update_id=job.id)  # type: ignore[arg-type]
@@ -176,7 +176,7 @@ async def start_update(
 async def complete_update(
     update_id: UpdateId, ota: OtaDep, services: ServicesDep, principal: MaybePrincipal
 ) -> TransitionAnswer:
-    """G6: the job is done."""
+    """The job is done (reported by its gateway or an admin)."""
     _gateway(principal, services)
     job = await ota.jobs.complete(update_id)
     return TransitionAnswer(status=job.status, update_id=job.id)  # type: ignore[arg-type]
@@ -190,7 +190,7 @@ async def fail_update(
     principal: MaybePrincipal,
     error_message: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> TransitionAnswer:
-    """G7: the job failed (the message is kept in ``error_message``)."""
+    """The job failed (reported by its gateway or an admin; the message is kept in ``error_message``)."""
     _gateway(principal, services)
     job = await ota.jobs.fail(update_id, error_message)
     return TransitionAnswer(status=job.status, update_id=job.id, error=error_message)  # type: ignore[arg-type]

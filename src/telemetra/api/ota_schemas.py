@@ -216,7 +216,7 @@ class UpdateDetail(UpdateJob):
 
 
 class PendingUpdate(BaseModel):
-    """The gateway's poll answer (G3): it reads the first element only."""
+    """The gateway's poll answer: it reads the first element only."""
 
     update_id: int
     firmware_id: int

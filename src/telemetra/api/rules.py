@@ -11,7 +11,9 @@ from fastapi import APIRouter, Path, Response
 
 from telemetra.alerts.engine import RulesEngine
 from telemetra.alerts.spec import RulePatch, RuleSpec
+from telemetra.api.answers import Rule, RuleList
 from telemetra.api.deps import Operator, ServicesDep, Viewer
+from telemetra.api.openapi import answers
 from telemetra.domain.errors import StorageUnavailable
 from telemetra.domain.rules import check_rule
 from telemetra.domain.timeutil import ms_to_iso, now_ms
@@ -42,12 +44,12 @@ def _engine(services: Any) -> RulesEngine:
     return engine
 
 
-@router.get("/rules")
+@router.get("/rules", **answers(RuleList))
 async def list_rules(services: ServicesDep, _: Viewer) -> dict[str, Any]:
     return {"rules": [rule_out(r) for r in await _engine(services).repo.list()]}
 
 
-@router.post("/rules", status_code=201)
+@router.post("/rules", status_code=201, **answers(Rule, 201))
 async def create_rule(body: RuleSpec, services: ServicesDep, _: Operator) -> dict[str, Any]:
     engine = _engine(services)
     row = await engine.repo.create(body.checked(), now_ms=now_ms())
@@ -55,12 +57,12 @@ async def create_rule(body: RuleSpec, services: ServicesDep, _: Operator) -> dic
     return rule_out(row)
 
 
-@router.get("/rules/{rule_id}")
+@router.get("/rules/{rule_id}", **answers(Rule))
 async def get_rule(rule_id: RuleIdPath, services: ServicesDep, _: Viewer) -> dict[str, Any]:
     return rule_out(await _engine(services).repo.get(rule_id))
 
 
-@router.patch("/rules/{rule_id}")
+@router.patch("/rules/{rule_id}", **answers(Rule))
 async def update_rule(rule_id: RuleIdPath, body: RulePatch, services: ServicesDep, _: Operator) -> dict[str, Any]:
     engine = _engine(services)
     current = await engine.repo.get(rule_id)

@@ -15,6 +15,14 @@ class _Strict(BaseModel):
 
 
 class DeviceCreate(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"id": "esp32_01", "name": "Greenhouse sensor", "model": "env-v1", "metadata": {"site": "north"}}
+            ]
+        }
+    )
+
     id: DeviceIdField | None = Field(None, description="generated when absent")
     name: Name | None = None
     model: Name | None = None
@@ -33,6 +41,8 @@ class DeviceCreate(_Strict):
 
 
 class DeviceUpdate(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Greenhouse sensor (west)", "disabled": False}]})
+
     name: Name | None = None
     model: Name | None = None
     kind: Literal["device", "gateway"] | None = None
@@ -92,6 +102,10 @@ class DeviceList(BaseModel):
 
 
 class ClaimCodesCreate(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"count": 10, "prefix": "greenhouse", "model": "env-v1", "ttl_s": 86400}]}
+    )
+
     count: int | None = Field(None, ge=1, le=1000, description="devices to create with generated ids")
     device_ids: list[DeviceIdField] | None = Field(None, max_length=1000)
     prefix: str = Field("dev", pattern=r"^[A-Za-z0-9_\-]{1,32}$")
@@ -111,6 +125,8 @@ class ClaimCodes(BaseModel):
 
 
 class ClaimRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"claim_code": "K7Q2-9XWM"}]})
+
     claim_code: str = Field(..., min_length=4, max_length=64)
 
 

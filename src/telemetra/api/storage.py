@@ -8,7 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from telemetra.api.answers import ModelRetention, RetentionPolicies, StorageUsage
 from telemetra.api.deps import Operator, ServicesDep, Viewer
+from telemetra.api.openapi import answers
 from telemetra.domain.errors import StorageUnavailable
 from telemetra.domain.rollups import TIERS
 from telemetra.domain.timeutil import now_ms
@@ -22,7 +24,9 @@ DaysField = Annotated[int | None, Field(ge=0, le=36500, description="days kept; 
 
 
 class RetentionOverride(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"raw_days": 30, "rollup_1h_days": 730}]}
+    )
 
     raw_days: DaysField = None
     rollup_1m_days: DaysField = None
@@ -40,7 +44,7 @@ def _days(days: Days) -> dict[str, int | None]:
     return {"raw_days": days.raw, "rollup_1m_days": days.rollup_1m, "rollup_1h_days": days.rollup_1h}
 
 
-@router.get("/storage")
+@router.get("/storage", **answers(StorageUsage))
 async def storage(services: ServicesDep, _: Viewer, top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
     retention = _retention(services)
     usage = await retention.usage(top=top)
@@ -63,7 +67,7 @@ async def storage(services: ServicesDep, _: Viewer, top: Annotated[int, Query(ge
     }
 
 
-@router.get("/retention")
+@router.get("/retention", **answers(RetentionPolicies))
 async def get_retention(services: ServicesDep, _: Viewer) -> dict[str, Any]:
     retention = _retention(services)
     await retention.reload()
@@ -74,7 +78,7 @@ async def get_retention(services: ServicesDep, _: Viewer) -> dict[str, Any]:
     }
 
 
-@router.put("/retention/models/{model}")
+@router.put("/retention/models/{model}", **answers(ModelRetention))
 async def set_model_retention(
     model: ModelPath, body: RetentionOverride, services: ServicesDep, _: Operator
 ) -> dict[str, Any]:

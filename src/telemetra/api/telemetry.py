@@ -10,8 +10,19 @@ import orjson
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
+from telemetra.api.answers import (
+    AggregatePage,
+    DeviceState,
+    Events,
+    HistoryPage,
+    LatestValues,
+    Rejected,
+    StateHistory,
+    StatsPage,
+)
 from telemetra.api.deps import Caller, ServicesDep, Viewer, check_reads
 from telemetra.api.fields import DeviceIdPath, DeviceIdQuery, KeysQuery, TextQuery
+from telemetra.api.openapi import answers
 from telemetra.api.params import decode_cursor, encode_cursor, interval_ms, key_list, time_range
 from telemetra.api.present import point, series
 from telemetra.domain.errors import InvalidInput, NotFound
@@ -34,8 +45,8 @@ async def _known(services: Any, device_id: str) -> None:
         raise NotFound(f"device {device_id!r} not found", field="device_id")
 
 
-@router.get("/devices/{device_id}/telemetry")
-@router.get("/devices/{device_id}/history")
+@router.get("/devices/{device_id}/telemetry", **answers(HistoryPage))
+@router.get("/devices/{device_id}/history", **answers(HistoryPage))
 async def history(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -70,7 +81,7 @@ async def history(
     }
 
 
-@router.get("/devices/{device_id}/latest")
+@router.get("/devices/{device_id}/latest", **answers(LatestValues))
 async def latest(
     device_id: DeviceIdPath, services: ServicesDep, principal: Caller, keys: Keys = None
 ) -> dict[str, Any]:
@@ -118,7 +129,7 @@ async def _aggregate(
     }
 
 
-@router.get("/devices/{device_id}/aggregate")
+@router.get("/devices/{device_id}/aggregate", **answers(AggregatePage))
 async def aggregate(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -138,11 +149,11 @@ async def aggregate(
     return Response(orjson.dumps(body, default=float), media_type="application/json")  # type: ignore[return-value]
 
 
-@router.get("/devices/{device_id}/stats")
+@router.get("/devices/{device_id}/stats", **answers(StatsPage))
 async def stats(
     device_id: DeviceIdPath, services: ServicesDep, principal: Caller, range_: Range = "24h", keys: Keys = None
 ) -> dict[str, Any]:
-    """Seed 001's ``/stats?range=24h``: min/max/avg (and count) per metric over the range."""
+    """``/stats?range=24h`` (as telemetry_app asks): min/max/avg (and count) per metric over the range."""
     check_reads(principal, device_id)
     result = await _aggregate(services, device_id, keys, None, None, range_, None, "min,max,avg,count")
     result["stats"] = {k: (v[0] if v else None) for k, v in result["series"].items()}
@@ -152,7 +163,12 @@ async def stats(
 @router.get(
     "/devices/{device_id}/telemetry/export",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/csv": {}}}},
+    responses={
+        200: {
+            "description": "`device_id,key,ts,value` rows after a header row",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    },
 )
 async def export_csv(
     device_id: DeviceIdPath,
@@ -205,7 +221,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-@router.get("/devices/{device_id}/state")
+@router.get("/devices/{device_id}/state", **answers(DeviceState))
 async def device_state(device_id: DeviceIdPath, services: ServicesDep, principal: Caller) -> dict[str, Any]:
     check_reads(principal, device_id)
     await _known(services, device_id)
@@ -216,7 +232,7 @@ async def device_state(device_id: DeviceIdPath, services: ServicesDep, principal
     }
 
 
-@router.get("/devices/{device_id}/state/history")
+@router.get("/devices/{device_id}/state/history", **answers(StateHistory))
 async def device_state_history(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -233,7 +249,7 @@ async def device_state_history(
     return {"device_id": device_id, "history": [{"key": r.key, "value": r.value, "ts": ms_to_iso(r.ts)} for r in rows]}
 
 
-@router.get("/devices/{device_id}/events")
+@router.get("/devices/{device_id}/events", **answers(Events))
 async def events(
     device_id: DeviceIdPath,
     services: ServicesDep,
@@ -254,7 +270,7 @@ async def events(
     }
 
 
-@router.get("/rejected")
+@router.get("/rejected", **answers(Rejected))
 async def rejected(
     services: ServicesDep, _: Viewer, device_id: DeviceIdQuery = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
