@@ -49,6 +49,11 @@ def test_the_chart_follows_an_ingest_without_a_reload(browsing: Browsing) -> Non
     server = browsing.server
     device_id = unique("chart")
     secret = server.create_device(device_id, model="env-v1")
+    # Two hours of readings every 5 min, then four hours of silence: the chart breaks its line there.
+    now_ms = int(time.time() * 1000)
+    early = [{"ts": now_ms - 6 * 3600_000 + i * 300_000, "temperature": 18 + i % 3} for i in range(24)]
+    r = server.http.post("/api/v1/ingest/batch", json=early, headers={"X-API-Key": secret})
+    assert r.status_code in (200, 201, 202), r.text
     server.ingest(secret, {"temperature": 20.5, "humidity": 40})
     page = browsing.signed_in()
     page.goto(f"/#/devices/{device_id}")
@@ -57,12 +62,16 @@ def test_the_chart_follows_an_ingest_without_a_reload(browsing: Browsing) -> Non
     chart = page.locator("#chart")
     expect(chart.locator("canvas")).to_have_count(1)
     before = int(chart.get_attribute("data-points") or 0)
-    assert before >= 1
+    assert before >= 25
+    # 24 h on 1280 px: 2-min buckets from bucket edge to bucket edge, so the 1-min rollup answers them.
+    assert (chart.get_attribute("data-interval"), chart.get_attribute("data-resolution")) == ("120", "1m")
+    assert chart.get_attribute("data-gaps") == "1"  # the silence, and not between readings 5 min apart
     # Over the WebSocket (the page falls back to polling only while the stream is down).
     expect(page.locator("#live-status")).to_have_text("live")
     server.ingest(secret, {"temperature": 23.25})
     expect(card).to_have_text("23.25")  # the same page: no reload
     eventually(lambda: int(chart.get_attribute("data-points") or 0) > before, what="the chart to gain a point")
+    assert chart.get_attribute("data-gaps") == "1"  # a reading seconds later continues the line
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
 
 
@@ -253,6 +262,7 @@ def _pages(server: Server) -> list[tuple[str, str]]:
     history = [
         {"ts": now_ms - (200 - i) * 420_000, "temperature": 20 + 3 * math.sin(i / 15), "humidity": 40 + (i % 7)}
         for i in range(200)
+        if not 120 <= i < 150  # three and a half hours of silence: a gap in the chart
     ]
     r = server.http.post("/api/v1/ingest/batch", json=history, headers={"X-API-Key": secret})
     assert r.status_code in (200, 201, 202), r.text
