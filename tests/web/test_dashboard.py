@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 from playwright.sync_api import expect
 
 from tests.conftest import ADMIN
-from tests.web.conftest import DESKTOP, PHONE, VIEWER_KEY, Browsing, Server, eventually
+from tests.web.conftest import DESKTOP, OPERATOR_KEY, PHONE, VIEWER_KEY, Browsing, Server, eventually
 
 
 def unique(prefix: str) -> str:
@@ -49,6 +49,11 @@ def test_the_chart_follows_an_ingest_without_a_reload(browsing: Browsing) -> Non
     server = browsing.server
     device_id = unique("chart")
     secret = server.create_device(device_id, model="env-v1")
+    # Two hours of readings every 5 min, then four hours of silence: the chart breaks its line there.
+    now_ms = int(time.time() * 1000)
+    early = [{"ts": now_ms - 6 * 3600_000 + i * 300_000, "temperature": 18 + i % 3} for i in range(24)]
+    r = server.http.post("/api/v1/ingest/batch", json=early, headers={"X-API-Key": secret})
+    assert r.status_code in (200, 201, 202), r.text
     server.ingest(secret, {"temperature": 20.5, "humidity": 40})
     page = browsing.signed_in()
     page.goto(f"/#/devices/{device_id}")
@@ -57,12 +62,16 @@ def test_the_chart_follows_an_ingest_without_a_reload(browsing: Browsing) -> Non
     chart = page.locator("#chart")
     expect(chart.locator("canvas")).to_have_count(1)
     before = int(chart.get_attribute("data-points") or 0)
-    assert before >= 1
+    assert before >= 25
+    # 24 h on 1280 px: 2-min buckets from bucket edge to bucket edge, so the 1-min rollup answers them.
+    assert (chart.get_attribute("data-interval"), chart.get_attribute("data-resolution")) == ("120", "1m")
+    assert chart.get_attribute("data-gaps") == "1"  # the silence, and not between readings 5 min apart
     # Over the WebSocket (the page falls back to polling only while the stream is down).
     expect(page.locator("#live-status")).to_have_text("live")
     server.ingest(secret, {"temperature": 23.25})
     expect(card).to_have_text("23.25")  # the same page: no reload
     eventually(lambda: int(chart.get_attribute("data-points") or 0) > before, what="the chart to gain a point")
+    assert chart.get_attribute("data-gaps") == "1"  # a reading seconds later continues the line
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
 
 
@@ -111,15 +120,36 @@ def _raise_alert(server: Server, device_id: str, secret: str) -> None:
     eventually(raised, what="the alert to be stored")
 
 
-def test_an_alert_is_acknowledged_then_cleared(browsing: Browsing) -> None:
+def test_a_rule_made_in_the_browser_raises_an_alert_acknowledged_then_cleared_then_the_rule_goes(
+    browsing: Browsing,
+) -> None:
     server = browsing.server
     device_id = unique("alert")
     secret = server.create_device(device_id)
-    _raise_alert(server, device_id, secret)
-    page = browsing.signed_in()
+    page = browsing.signed_in(OPERATOR_KEY)  # rules and alerts are an operator's
+    page.get_by_role("link", name="Rules", exact=True).click()
+    name = unique("too-hot")
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Key", exact=True).fill("temperature")
+    page.get_by_label("Operator").select_option(">")
+    page.get_by_label("Value", exact=True).fill("30")
+    page.get_by_label("Severity").select_option("critical")
+    page.get_by_label("Applies to").select_option("devices")  # this device only: the server is shared
+    page.get_by_label("Models or devices").fill(device_id)
+    page.get_by_role("button", name="Create rule").click()
+    rule = page.locator("#rules tr", has_text=name)
+    expect(rule).to_contain_text("temperature > 30")
+    expect(rule).to_contain_text(f"devices: {device_id}")
+    server.ingest(secret, {"temperature": 35.5})
+
+    def raised() -> Any:
+        r = server.http.get("/api/v1/alerts", params={"device_id": device_id}, headers=ADMIN)
+        return r.json()["alerts"]
+
+    eventually(raised, what="the rule's alert")
     page.get_by_role("link", name="Alerts", exact=True).click()
     row = page.locator("#alerts tr", has_text=device_id)
-    expect(row).to_contain_text("overheat")
+    expect(row).to_contain_text("threshold")
     row.get_by_role("button", name="Acknowledge").click()
     expect(row).to_have_count(0)  # gone from the active list
     page.get_by_label("Show").select_option("acknowledged")
@@ -128,6 +158,23 @@ def test_an_alert_is_acknowledged_then_cleared(browsing: Browsing) -> None:
     row.get_by_role("button", name="Clear").click()
     page.get_by_label("Show").select_option("cleared")
     expect(page.locator("#alerts tr", has_text=device_id).locator("[data-status]")).to_have_text("cleared")
+
+    page.get_by_role("link", name="Rules", exact=True).click()
+    rule = page.locator("#rules tr", has_text=name)
+    rule.get_by_role("button", name="Edit").click()
+    expect(page.get_by_label("Models or devices")).to_have_value(device_id)
+    page.get_by_label("Value", exact=True).fill("40")
+    page.get_by_label("Clears at (optional)").fill("35")
+    page.get_by_role("button", name="Save rule").click()
+    expect(rule).to_contain_text("temperature > 40; clears at 35")
+    rule.get_by_role("button", name="Disable").click()
+    expect(rule.locator("[data-enabled]")).to_have_text("disabled")
+    stored = server.http.get("/api/v1/rules", headers=ADMIN).json()["rules"]
+    assert [(r["value"], r["clear_value"], r["enabled"]) for r in stored if r["name"] == name] == [(40, 35, False)]
+    page.once("dialog", lambda dialog: dialog.accept())
+    rule.get_by_role("button", name="Delete").click()
+    expect(rule).to_have_count(0)
+    assert name not in server.http.get("/api/v1/rules", headers=ADMIN).text
 
 
 def test_firmware_upload_and_a_rollout_paused_resumed_cancelled(browsing: Browsing) -> None:
@@ -203,7 +250,8 @@ def test_the_test_console_posts_and_shows_what_arrived(browsing: Browsing) -> No
 
 WRITE_LABELS = re.compile(
     r"Send command|Acknowledge|Clear|Rotate credentials|Create device|Create claim codes|Upload firmware|"
-    r"Start rollout|Pause|Resume|Cancel|Save desired configuration|Send test message"
+    r"Start rollout|Pause|Resume|Cancel|Save desired configuration|Send test message|Create rule|Save rule|Edit|"
+    r"Enable|Disable|Delete"
 )
 
 
@@ -214,6 +262,7 @@ def _pages(server: Server) -> list[tuple[str, str]]:
     history = [
         {"ts": now_ms - (200 - i) * 420_000, "temperature": 20 + 3 * math.sin(i / 15), "humidity": 40 + (i % 7)}
         for i in range(200)
+        if not 120 <= i < 150  # three and a half hours of silence: a gap in the chart
     ]
     r = server.http.post("/api/v1/ingest/batch", json=history, headers={"X-API-Key": secret})
     assert r.status_code in (200, 201, 202), r.text
@@ -221,10 +270,13 @@ def _pages(server: Server) -> list[tuple[str, str]]:
     server.http.post(f"/api/v1/devices/{device_id}/commands", json={"name": "reboot"}, headers=ADMIN)
     server.http.put(f"/api/v1/devices/{device_id}/config", json={"interval_s": 60}, headers=ADMIN)
     _raise_alert(server, device_id, secret)
+    rule = {"name": unique("pages-hot"), "key": "temperature", "op": ">", "value": 30, "devices": [device_id]}
+    assert server.http.post("/api/v1/rules", json=rule, headers=ADMIN).status_code == 201
     return [
         ("fleet", "/#/"),
         ("device", f"/#/devices/{device_id}"),
         ("alerts", "/#/alerts"),
+        ("rules", "/#/rules"),
         ("provision", "/#/provision"),
         ("ota", "/#/ota"),
         ("test", "/#/test"),
@@ -244,7 +296,7 @@ def test_a_viewer_sees_no_write_controls(browsing: Browsing) -> None:
         for page in (admin, viewer):
             page.goto(path)
             page.locator(f'main[data-page="{name}"][data-ready]').wait_for()
-        if name in ("device", "alerts", "provision", "ota"):
+        if name in ("device", "alerts", "rules", "provision", "ota"):
             assert admin.locator("[data-write]").count() > 0, name  # the positive control
         assert viewer.locator("[data-write]").count() == 0, name
         assert viewer.get_by_role("button", name=WRITE_LABELS).count() == 0, name

@@ -7,6 +7,7 @@ import { renderFleet } from "./fleet.js";
 import { renderDevice } from "./device.js";
 import { renderProvision } from "./provision.js";
 import { renderAlerts } from "./alerts.js";
+import { renderRules } from "./rules.js";
 import { renderOta } from "./ota.js";
 import { renderTest } from "./testconsole.js";
 
@@ -19,6 +20,7 @@ const PAGES = [
   { name: "device", path: /^\/devices\/(.+)$/, render: renderDevice, nav: "/" },
   { name: "provision", path: /^\/provision$/, render: renderProvision, nav: "/provision", label: "Provision", admin: true },
   { name: "alerts", path: /^\/alerts$/, render: renderAlerts, nav: "/alerts", label: "Alerts" },
+  { name: "rules", path: /^\/rules$/, render: renderRules, nav: "/rules", label: "Rules" },
   { name: "ota", path: /^\/ota$/, render: renderOta, nav: "/ota", label: "OTA", admin: true },
   { name: "test", path: /^\/test$/, render: renderTest, nav: "/test", label: "Test telemetry" },
 ];

@@ -58,16 +58,22 @@ export class TimeChart {
     const start = window.start ?? end - window.span;
     if (!keys.length) {
       this.data = [[]];
+      this.gaps = 0;
       this.draw();
       return;
     }
     const interval = pickInterval(end - start, this.size().width);
+    // Asked for from one bucket boundary to another (the axis still shows start … end): whole buckets,
+    // which the server answers from a rollup tier (1 min, 1 h) instead of scanning the raw points —
+    // a range edge inside a tier bucket would have it fall back to the raw points (domain/rollups.py).
+    const from = Math.floor(start / interval) * interval;
+    const to = Math.ceil(end / interval) * interval;
     // A long range is asked for in parts at bucket boundaries, answered side by side: the server scans
     // each part on its own connection, so the database's cores share a year's rows.
-    const parts = end - start >= 30 * 86400 ? PARTS : 1;
-    const edges = [start];
-    for (let i = 1; i < parts; i++) edges.push(Math.floor((start + ((end - start) * i) / parts) / interval) * interval);
-    edges.push(end);
+    const parts = to - from >= 30 * 86400 ? PARTS : 1;
+    const edges = [from];
+    for (let i = 1; i < parts; i++) edges.push(Math.floor((from + ((to - from) * i) / parts) / interval) * interval);
+    edges.push(to);
     const answers = await Promise.all(edges.slice(0, -1).map((from, i) =>
       api(`/api/v1/devices/${encodeURIComponent(this.deviceId)}/aggregate`, {
         query: { keys: keys.join(","), start: new Date(from * 1000).toISOString(), end: new Date(edges[i + 1] * 1000).toISOString(),
@@ -77,8 +83,11 @@ export class TimeChart {
     const series = {};
     for (const key of keys) series[key] = answers.flatMap((a) => a.data.series[key] ?? []);
     this.interval = interval;
+    this.resolution = answers[0].data.resolution;
     this.bytes = answers.reduce((n, a) => n + a.bytes, 0);
     this.data = columns(keys, series, interval);
+    this.gapAfter = gapAfter(this.data[0], interval);
+    this.gaps = insertGaps(this.data, this.gapAfter, interval);
     this.scale = { min: start, max: end };
     this.draw();
   }
@@ -90,6 +99,12 @@ export class TimeChart {
     const xs = this.data[0];
     if (!this.keys.some((k) => typeof values[k] === "number")) return false;
     if (xs.length && x < xs[xs.length - 1]) return false;
+    if (xs.length && x - xs[xs.length - 1] > this.gapAfter) {
+      // Silent for longer than the device's cadence: no line across the silence.
+      xs.push(xs[xs.length - 1] + this.interval);
+      for (let j = 1; j < this.data.length; j++) this.data[j].push(null);
+      this.gaps += 1;
+    }
     xs.push(x);
     this.keys.forEach((key, i) => {
       const v = typeof values[key] === "number" ? values[key] : typeof values[key] === "boolean" ? Number(values[key]) : null;
@@ -109,6 +124,8 @@ export class TimeChart {
     ds.points = String(this.data[0].length);
     ds.interval = String(this.interval ?? "");
     ds.bytes = String(this.bytes ?? "");
+    ds.resolution = this.resolution ?? "";
+    ds.gaps = String(this.gaps ?? 0);
     ds.drawn = String(Date.now());
   }
 
@@ -130,8 +147,8 @@ export class TimeChart {
       const color = PALETTE[i % PALETTE.length];
       const base = series.length;
       series.push({ label: key, stroke: color, width: 1.5, spanGaps: false });
-      series.push({ label: `${key} min`, stroke: `${color}66`, width: 0.5 });
-      series.push({ label: `${key} max`, stroke: `${color}66`, width: 0.5 });
+      series.push({ label: `${key} min`, stroke: `${color}66`, width: 0.5, spanGaps: false });
+      series.push({ label: `${key} max`, stroke: `${color}66`, width: 0.5, spanGaps: false });
       bands.push({ series: [base + 2, base + 1], fill: `${color}26` });
     });
     const opts = {
@@ -185,4 +202,29 @@ function columns(keys, series, interval) {
     out.push(avg, min, max);
   }
   return out;
+}
+
+// How far apart two drawn buckets may be before the chart breaks its line there: twice the bucket width,
+// or three times the usual spacing of the buckets that have data (a device reporting every 5 min on
+// 2-min buckets is not "missing" every other bucket). Infinity until there are two buckets.
+export function gapAfter(xs, interval) {
+  if (xs.length < 2) return Infinity;
+  const deltas = [];
+  for (let i = 1; i < xs.length; i++) deltas.push(xs[i] - xs[i - 1]);
+  deltas.sort((a, b) => a - b);
+  return Math.max(2 * interval, 3 * deltas[Math.floor(deltas.length / 2)]);
+}
+
+// A null row in every series where buckets are further apart than ``after``: uPlot (spanGaps false)
+// draws no line, and no min/max band, across missing data. Returns how many gaps it marked.
+export function insertGaps(data, after, interval) {
+  const xs = data[0];
+  const at = [];
+  for (let i = 1; i < xs.length; i++) if (xs[i] - xs[i - 1] > after) at.push(i);
+  for (let n = at.length - 1; n >= 0; n--) {
+    const i = at[n];
+    xs.splice(i, 0, xs[i - 1] + interval);
+    for (let j = 1; j < data.length; j++) data[j].splice(i, 0, null);
+  }
+  return at.length;
 }

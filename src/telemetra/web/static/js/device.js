@@ -85,7 +85,7 @@ export async function renderDevice(root, { params, query }) {
     try {
       await chart.load(keys, zoom ? { ...zoom, span: zoom.end - zoom.start } : { span, end: null });
       chartNote.textContent = keys.length
-        ? `${chart.data[0].length} buckets of ${chart.interval} s (min, average, max) · ${(chart.bytes / 1024).toFixed(1)} KB${zoom ? " · zoomed: drag again or reset" : " · drag to zoom"}`
+        ? `${chart.data[0].length - chart.gaps} buckets of ${chart.interval} s (min, average, max) from ${chart.resolution === "raw" ? "the raw points" : `the ${chart.resolution} rollup`} · ${(chart.bytes / 1024).toFixed(1)} KB${chart.gaps ? ` · ${chart.gaps} gap${chart.gaps > 1 ? "s" : ""} in the data` : ""}${zoom ? " · zoomed: drag again or reset" : " · drag to zoom"}`
         : "";
     } catch (error) {
       clear(chartBox, errorMessage(error));
