@@ -338,6 +338,7 @@ class IngestQueue:
         """One transaction for ``parts``; appends the events of what it changed to ``events``."""
         merged = parts[0] if len(parts) == 1 else _merge(parts)
         started = time.perf_counter()
+        began = self._state.attempt()
         announcer = self._announcer if self._announcer is not None and self._announcer.active else None
         async with self._engine.begin() as conn:
             now = now_ms()
@@ -346,7 +347,7 @@ class IngestQueue:
             committed = events_of(parts, result.changes, now=now, telemetry=wanted)
         events.extend(committed)
         elapsed = time.perf_counter() - started
-        self._state.succeeded()
+        self._state.succeeded(began)
         self._last_progress = time.monotonic()
         self._metrics.batches.inc()
         self._metrics.batch_seconds.observe(elapsed)

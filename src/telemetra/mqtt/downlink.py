@@ -235,6 +235,7 @@ class CommandService:
     async def run_expiry(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_SWEEP_S)
+            began = DatabaseState.attempt()
             try:
                 expired = await self.repo.expire(now_ms=now_ms())
             except Exception as exc:  # the sweep retries next round
@@ -244,7 +245,7 @@ class CommandService:
                     log.warning("command expiry sweep failed: %s", exc)
                 continue
             if self._database is not None:
-                self._database.succeeded()
+                self._database.succeeded(began)
             if expired:
                 log.info("expired %d commands", len(expired))
                 for command_id, device_id in expired:

@@ -106,6 +106,7 @@ class OtaScheduler:
         gap = min(MIN_STEP_GAP_S, self._step_s)
         while True:
             self._wakeup.clear()  # a wake that comes during the step brings the next one forward
+            began = DatabaseState.attempt()
             try:
                 await self.step()
             except Exception as exc:
@@ -113,7 +114,7 @@ class OtaScheduler:
                     log.exception("OTA scheduler step failed; retrying in %.1f s", self._step_s)
             else:
                 if self._database is not None:
-                    self._database.succeeded()
+                    self._database.succeeded(began)
             await asyncio.sleep(gap)
             await wait_set(self._wakeup, self._step_s - gap)
 

@@ -95,6 +95,7 @@ class DeviceDirectory:
                 found[info.id] = info
         elif missing:
             generation = self._generation
+            began = self._state.attempt()
             try:
                 async with self._engine.connect() as conn:
                     rows = (await conn.execute(select(*_COLUMNS).where(Device.id.in_(missing)))).all()
@@ -107,7 +108,7 @@ class DeviceDirectory:
                     raise StorageUnavailable("the device registry is unavailable; retry later") from None
                 found.update((entry.info.id, entry.info) for entry in known if entry is not None)
                 return found
-            self._state.succeeded()
+            self._state.succeeded(began)
             for row in rows:
                 info = DeviceInfo(row.id, row.kind, row.parent_id, bool(row.disabled))
                 if generation == self._generation:
@@ -183,9 +184,11 @@ class DeviceDirectory:
         return info
 
     async def _load(self, where: ColumnElement[bool]) -> DeviceInfo | None:
-        async with self._loads, self._engine.connect() as conn:
-            row = (await conn.execute(select(*_COLUMNS).where(where))).first()
-        self._state.succeeded()
+        async with self._loads:
+            began = self._state.attempt()
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(select(*_COLUMNS).where(where))).first()
+        self._state.succeeded(began)
         return None if row is None else DeviceInfo(row.id, row.kind, row.parent_id, bool(row.disabled))
 
     def _remember(self, info: DeviceInfo, *, digest: str | None = None) -> None:

@@ -7,7 +7,9 @@ Retrying the second kind forever is how one device used to stop ingest for every
 first kind would lose good data, so the writer, the registry cache and the API all ask ``is_transient``.
 
 ``DatabaseState`` keeps the outage state for one process: the first failure and the recovery are each
-logged once (with host, port and database), not once per message while it lasts.
+logged once (with host, port and database), not once per message while it lasts. Only a call that began
+after the outage was noted proves the database is back: one that was already in flight when another
+failed (a commit finishing as the server shuts down) would otherwise end the outage and start it again.
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ class DatabaseState:
     def last_error(self) -> str:
         return self._last_error
 
+    @staticmethod
+    def attempt() -> float:
+        """When a database call begins: hand it to ``succeeded`` when the call is done."""
+        return time.monotonic()
+
     def failed(self, exc: BaseException) -> None:
         self._failures += 1
         self._last_error = describe(exc)
@@ -121,8 +128,9 @@ class DatabaseState:
                 self._last_error,
             )
 
-    def succeeded(self) -> None:
-        if self._down_since is not None:
+    def succeeded(self, began: float) -> None:
+        """A call that began at ``began`` (``attempt()``) worked; one older than the outage says nothing."""
+        if self._down_since is not None and began > self._down_since:
             log.warning(
                 "database reachable again (%s %s) after %.1f s and %d failed calls",
                 self.location.dialect,
