@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from telemetra.aio import wait_set
@@ -58,6 +59,34 @@ class _DeviceLock:
         self.users = 0
 
 
+class _Wakeups:
+    """Events by key (a command id, a device id) that exist only while someone waits on them: several
+    waiters of one key share its event, and the last one to leave forgets it."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, tuple[asyncio.Event, list[int]]] = {}
+
+    @contextmanager
+    def waiting(self, key: str) -> Iterator[asyncio.Event]:
+        event, users = self._events.setdefault(key, (asyncio.Event(), [0]))
+        users[0] += 1
+        try:
+            yield event
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._events[key]
+
+    def wake(self, key: str) -> None:
+        entry = self._events.get(key)
+        if entry is not None:
+            entry[0].set()
+
+    def wake_all(self) -> None:
+        for event, _ in self._events.values():
+            event.set()
+
+
 class CommandService:
     def __init__(
         self,
@@ -74,8 +103,8 @@ class CommandService:
         self._plan = plan
         self._is_online = is_online
         self.publisher: Publisher | None = None
-        self._changed: dict[str, asyncio.Event] = {}  # command id → set when its status may have changed
-        self._arrivals: dict[str, asyncio.Event] = {}  # device id → set when a command is queued for it
+        self._changed = _Wakeups()  # command id → set when its status may have changed
+        self._arrivals = _Wakeups()  # device id → set when a command is queued for it
         self._dispatching: dict[str, _DeviceLock] = {}  # device id → held while publishing to it
         self._tasks: set[asyncio.Task[int]] = set()
 
@@ -83,7 +112,7 @@ class CommandService:
         self._plan.check_command(name, params)  # refused now (422) rather than never delivered
         command = await self.repo.create(device_id, name, params, now_ms=now_ms(), ttl_s=ttl_s)
         await self._status(device_id, command.id, "queued", name=name)
-        self._arrivals.setdefault(device_id, asyncio.Event()).set()
+        self._arrivals.wake(device_id)
         if await self._is_online(device_id):
             await self.dispatch(device_id)
         return await self.repo.get(command.id)
@@ -156,8 +185,7 @@ class CommandService:
         """The command once it is answered (acked/failed/expired), or as it is when ``wait_s`` runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        event = self._changed.setdefault(command_id, asyncio.Event())
-        try:
+        with self._changed.waiting(command_id) as event:
             while True:
                 command = await self.repo.get(command_id)
                 remaining = deadline - loop.time()
@@ -165,8 +193,6 @@ class CommandService:
                     return command
                 event.clear()
                 await wait_set(event, min(remaining, WAIT_RECHECK_S))
-        finally:
-            self._changed.pop(command_id, None)
 
     async def poll(self, device_id: str, *, wait_s: float) -> list[CommandRow]:
         """HTTP-only devices: queued commands (marked sent), waiting up to ``wait_s`` for one to arrive.
@@ -175,16 +201,16 @@ class CommandService:
         not listening on MQTT (HTTP telemetry marks it online, so ``create`` may have published)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        event = self._arrivals.setdefault(device_id, asyncio.Event())
-        while True:
-            event.clear()
-            taken = await self.take(device_id, via="http", resend_after_s=HTTP_RESEND_S)
-            if taken:
-                return taken
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            await wait_set(event, min(remaining, WAIT_RECHECK_S))
+        with self._arrivals.waiting(device_id) as arrived:
+            while True:
+                arrived.clear()
+                taken = await self.take(device_id, via="http", resend_after_s=HTTP_RESEND_S)
+                if taken:
+                    return taken
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return []
+                await wait_set(arrived, min(remaining, WAIT_RECHECK_S))
 
     async def take(self, device_id: str, *, via: str, resend_after_s: float | None = None) -> list[CommandRow]:
         """Claim what is queued for ``device_id`` for a channel other than MQTT (an HTTP poll, a WebSocket),
@@ -207,13 +233,13 @@ class CommandService:
             async for event in events:
                 if isinstance(event, Gap):
                     log.warning("command service missed %s events; waking every waiter", event.missed)
-                    for waiting in self._changed.values():
-                        waiting.set()
+                    self._changed.wake_all()
+                    self._arrivals.wake_all()
                     continue
                 if event.type == model.COMMAND:
                     self._notify(str(event.data.get("id")))
                     if event.data.get("status") == "queued" and event.device_id is not None:
-                        self._arrivals.setdefault(event.device_id, asyncio.Event()).set()
+                        self._arrivals.wake(event.device_id)
                 elif event.data.get("online") is True and event.device_id is not None:
                     self._dispatch_soon(event.device_id)
 
@@ -228,9 +254,7 @@ class CommandService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _notify(self, command_id: str) -> None:
-        event = self._changed.get(command_id)
-        if event is not None:
-            event.set()
+        self._changed.wake(command_id)
 
     async def run_expiry(self) -> None:
         while True:
