@@ -365,6 +365,31 @@ async def test_claim_codes_for_a_device_that_has_credentials_is_409(shared: Runn
     assert r.status_code == 409 and r.json()["field"] == "device_ids"
 
 
+async def test_a_full_batch_of_claim_codes_reuses_unclaimed_devices_and_is_all_or_nothing(shared: Running) -> None:
+    earlier = unique("again")
+    r = await shared.client.post("/api/v1/claim-codes", json={"device_ids": [earlier]}, headers=ADMIN)
+    assert r.status_code == 201
+    ids = [earlier, *(unique("bulk") for _ in range(998)), earlier]  # one not yet claimed, named twice
+    r = await shared.client.post("/api/v1/claim-codes", json={"device_ids": ids, "model": "m-bulk"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    codes = r.json()["claim_codes"]
+    assert [c["device_id"] for c in codes] == ids and len({c["claim_code"] for c in codes}) == 1000
+    assert (await count_rows(shared, earlier))["claim_codes"] == 3 and (await count_rows(shared, ids[500]))[
+        "devices"
+    ] == 1
+    for c in (codes[0], codes[500]):
+        r = await shared.client.post("/api/v1/provision/claim", json={"claim_code": c["claim_code"]})
+        assert r.status_code == 200 and r.json()["device"]["id"] == c["device_id"], r.text
+    assert (await shared.client.get(f"/api/v1/devices/{ids[500]}", headers=ADMIN)).json()["model"] == "m-bulk"
+
+    has_credentials = unique("creds")
+    await shared.create_device(has_credentials)
+    fresh = [unique("none") for _ in range(5)]
+    r = await shared.client.post("/api/v1/claim-codes", json={"device_ids": [*fresh, has_credentials]}, headers=ADMIN)
+    assert r.status_code == 409 and has_credentials in r.json()["detail"], r.text
+    assert [(await count_rows(shared, d))["devices"] for d in fresh] == [0] * 5  # nothing of the batch was kept
+
+
 @pytest.mark.parametrize("code", ["AAAA-BBBB-CCCC-DDDD", "nope"])
 async def test_unknown_claim_code_is_404(shared: Running, code: str) -> None:
     r = await shared.client.post("/api/v1/provision/claim", json={"claim_code": code})

@@ -29,6 +29,8 @@ from telemetra.storage.schema import (
 )
 
 _EDITABLE = ("name", "model", "kind", "parent_id", "notes", "meta", "fw_version", "role", "disabled")
+# Ids per IN (...) list: well under SQLite's and asyncpg's bound-parameter limits.
+_IN_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,26 +183,39 @@ class DeviceRepository:
     async def create_claim_codes(
         self, device_ids: Sequence[str], *, now_ms: int, ttl_s: int, **fields: Any
     ) -> list[tuple[str, str]]:
-        """Create (or reuse, if not yet claimed) devices without credentials and one code for each."""
-        codes: list[tuple[str, str]] = []
+        """Create (or reuse, if not yet claimed) devices without credentials and one code for each.
+
+        A fixed number of statements however many devices (a batch of 1,000 was 3,000 round trips)."""
+        wanted = list(dict.fromkeys(device_ids))
+        codes = [(device_id, new_claim_code()) for device_id in device_ids]
         async with self._engine.begin() as conn:
-            for device_id in device_ids:
-                existing = (await conn.execute(select(Device.secret_hash).where(Device.id == device_id))).first()
-                if existing is not None and existing[0] is not None:
-                    raise Conflict(f"device {device_id!r} already has credentials", field="device_ids")
-                if existing is None:
-                    device = _new_device(device_id, now_ms, kind=fields.get("kind"), model=fields.get("model"))
-                    await conn.execute(Device.__table__.insert().values(**_row(device)))
-                code = new_claim_code()
-                await conn.execute(
-                    ClaimCode.__table__.insert().values(
-                        code_hash=hash_claim_code(code),
-                        device_id=device_id,
-                        created_at=now_ms,
-                        expires_at=now_ms + ttl_s * 1000,
-                    )
-                )
-                codes.append((device_id, code))
+            existing: dict[str, str | None] = {}
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                rows = await conn.execute(select(Device.id, Device.secret_hash).where(Device.id.in_(chunk)))
+                existing.update((row.id, row.secret_hash) for row in rows)
+            taken = next((d for d in wanted if existing.get(d) is not None), None)
+            if taken is not None:
+                raise Conflict(f"device {taken!r} already has credentials", field="device_ids")
+            new = [
+                _row(_new_device(d, now_ms, kind=fields.get("kind"), model=fields.get("model")))
+                for d in wanted
+                if d not in existing
+            ]
+            if new:
+                await conn.execute(Device.__table__.insert(), new)
+            await conn.execute(
+                ClaimCode.__table__.insert(),
+                [
+                    {
+                        "code_hash": hash_claim_code(code),
+                        "device_id": device_id,
+                        "created_at": now_ms,
+                        "expires_at": now_ms + ttl_s * 1000,
+                    }
+                    for device_id, code in codes
+                ],
+            )
         return codes
 
     async def claim(self, code: str, *, now_ms: int) -> tuple[Device, str]:
