@@ -184,7 +184,7 @@ async def test_timeouts_fire_and_a_retry_notifies_again(app_factory: AppFactory)
                                 rate_per_minute=60_000, pause_failure_percent=None)  # fmt: skip
         uid = update["id"]
         detail = await eventually(
-            _with(uid, t, lambda d: d["status"] == "failed"), within=10, what="two timeouts per device"
+            _with(uid, t, lambda d: d["status"] == "failed"), within=30, what="two timeouts per device"
         )
         assert {n["status"] for n in detail["nodes"]} == {"timed_out"}
         assert {n["attempts"] for n in detail["nodes"]} == {2}  # notified, timed out, notified again, timed out
