@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,9 +80,7 @@ def scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path) -> No
     env = base_env(
         tmp_path,
         TELEMETRA_DATABASE_URL=database_url,
-        TELEMETRA_MQTT_URL=f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
-        TELEMETRA_MQTT_DYNSEC_USERNAME=broker.admin_username,
-        TELEMETRA_MQTT_DYNSEC_PASSWORD=broker.admin_password,
+        **broker.telemetra_env(),
         TELEMETRA_LOG_LEVEL="INFO",
     )
     url = f"http://127.0.0.1:{env['TELEMETRA_PORT']}"

@@ -11,7 +11,6 @@ at the kill is redelivered, and device-timestamped redeliveries collapse on the 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -62,15 +61,12 @@ def wait_until(condition: Callable[[], bool], *, timeout: float) -> None:
 
 
 def crash_scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path) -> None:
-    service_password = secrets.token_urlsafe(18)
     telemetra = TelemetraProcess(
         tmp_path / "telemetra",
         port=free_port(),
         env={
             "TELEMETRA_DATABASE_URL": database_url,
-            "TELEMETRA_MQTT_URL": f"mqtt://telemetra-svc:{service_password}@{broker.host}:{broker.port}",
-            "TELEMETRA_MQTT_DYNSEC_USERNAME": broker.admin_username,
-            "TELEMETRA_MQTT_DYNSEC_PASSWORD": broker.admin_password,
+            **broker.telemetra_env(),
             "TELEMETRA_MQTT_CLIENT_ID": "telemetra-crash-test",
         },
     )

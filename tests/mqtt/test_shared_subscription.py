@@ -5,7 +5,6 @@ both processes take part."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,9 @@ async def test_two_processes_share_the_stream_without_loss_or_duplicates(tmp_pat
 
 
 def shared_scenario(broker: MosquittoInstance, database_url: str, tmp_path: Path) -> None:
-    service_password = secrets.token_urlsafe(18)
     common = {
         "TELEMETRA_DATABASE_URL": database_url,
-        "TELEMETRA_MQTT_URL": f"mqtt://telemetra-svc:{service_password}@{broker.host}:{broker.port}",
-        "TELEMETRA_MQTT_DYNSEC_USERNAME": broker.admin_username,
-        "TELEMETRA_MQTT_DYNSEC_PASSWORD": broker.admin_password,
+        **broker.telemetra_env(),
         "TELEMETRA_MQTT_SHARE_GROUP": "telemetra",
     }
     processes = [

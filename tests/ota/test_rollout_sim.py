@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -94,9 +93,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[TelemetraProcess, Fleet, int]]:
         tmp_path / "server",
         port=free_port(),
         env={
-            "TELEMETRA_MQTT_URL": f"mqtt://telemetra-svc:{secrets.token_urlsafe(18)}@{broker.host}:{broker.port}",
-            "TELEMETRA_MQTT_DYNSEC_USERNAME": broker.admin_username,
-            "TELEMETRA_MQTT_DYNSEC_PASSWORD": broker.admin_password,
+            **broker.telemetra_env(),
             "TELEMETRA_MQTT_CLIENT_ID": "telemetra-ota-sim-test",
             "TELEMETRA_OTA_STEP_S": "0.2",
         },

@@ -18,7 +18,6 @@ a SIGKILL keeps those the broker had saved.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from pathlib import Path
 
@@ -73,15 +72,12 @@ async def test_sigkill_keeps_what_was_queued_for_telemetra_and_saved(tmp_path: P
 
 
 def _away_then_kill(broker: MosquittoInstance, url: str, tmp_path: Path) -> Tally:
-    service_password = secrets.token_urlsafe(18)
     telemetra = TelemetraProcess(
         tmp_path / "telemetra",
         port=free_port(),
         env={
             "TELEMETRA_DATABASE_URL": url,
-            "TELEMETRA_MQTT_URL": f"mqtt://telemetra-svc:{service_password}@{broker.host}:{broker.port}",
-            "TELEMETRA_MQTT_DYNSEC_USERNAME": broker.admin_username,
-            "TELEMETRA_MQTT_DYNSEC_PASSWORD": broker.admin_password,
+            **broker.telemetra_env(),
         },
     )
     ids = [f"away-{i}" for i in range(DEVICES)]

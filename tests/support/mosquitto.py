@@ -138,6 +138,10 @@ class MosquittoInstance:
             "mqtt_dynsec_password": self.admin_password,
         }
 
+    def telemetra_env(self, service_user: str = "telemetra-svc") -> dict[str, str]:
+        """``telemetra_settings`` as the environment of a Telemetra subprocess."""
+        return {f"TELEMETRA_{name.upper()}": value for name, value in self.telemetra_settings(service_user).items()}
+
     @property
     def db_path(self) -> Path:
         """Where the broker saves its in-memory database (``persistence_location`` + ``persistence_file``)."""

@@ -11,7 +11,6 @@ messages) and bench/mosquitto_restart.py (the long runs).
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,15 +106,12 @@ def restart_scenario(
 ) -> RestartOutcome:
     """``devices`` × ``messages`` at ``rate`` msg/s per device; the broker is restarted once
     ``restart_at`` of them are published. The caller stops the broker."""
-    service_password = secrets.token_urlsafe(18)
     telemetra = TelemetraProcess(
         workdir / "telemetra",
         port=free_port(),
         env={
             "TELEMETRA_DATABASE_URL": database_url,
-            "TELEMETRA_MQTT_URL": f"mqtt://telemetra-svc:{service_password}@{broker.host}:{broker.port}",
-            "TELEMETRA_MQTT_DYNSEC_USERNAME": broker.admin_username,
-            "TELEMETRA_MQTT_DYNSEC_PASSWORD": broker.admin_password,
+            **broker.telemetra_env(),
             "TELEMETRA_LOG_LEVEL": "WARNING",
             **(env or {}),
         },
