@@ -107,7 +107,7 @@ class ClaimCodesCreate(_Strict):
     )
 
     count: int | None = Field(None, ge=1, le=1000, description="devices to create with generated ids")
-    device_ids: list[DeviceIdField] | None = Field(None, max_length=1000)
+    device_ids: list[DeviceIdField] | None = Field(None, min_length=1, max_length=1000)
     prefix: str = Field("dev", pattern=r"^[A-Za-z0-9_\-]{1,32}$")
     model: Name | None = None
     kind: Literal["device", "gateway"] = "device"
