@@ -37,6 +37,7 @@ from telemetra.api import (
     rules,
     storage,
     telemetry,
+    webhooks,
 )
 from telemetra.api.deps import warn_open_access
 from telemetra.api.errors import install_error_handlers
@@ -79,7 +80,9 @@ from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
 from telemetra.storage.retention import Days
 from telemetra.storage.rules import RuleRepository
+from telemetra.storage.webhooks import WebhookRepository
 from telemetra.supervise import Failures
+from telemetra.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +234,26 @@ def retention_from(services: Services) -> Retention:
     return retention
 
 
+def webhooks_from(services: Services) -> Webhooks:
+    """Webhooks (issue 10): committed events as signed POSTs, with retries and a delivery log."""
+    settings = services.settings
+    capability = Webhooks(
+        WebhookRepository(services.engine),
+        hub=services.hub,
+        metrics=services.metrics,
+        failures=services.failures,
+        timeout_s=settings.webhook_timeout_s,
+        max_attempts=settings.webhook_max_attempts,
+        retry_base_s=settings.webhook_retry_base_s,
+        retry_max_s=settings.webhook_retry_max_s,
+        concurrency=settings.webhook_concurrency,
+        log_days=settings.webhook_log_days,
+        database=services.database,
+    )
+    services.webhooks = capability
+    return capability
+
+
 def load_signer(key: SecretStr | None, path: Path | None) -> Signer | None:
     if path is not None:
         return Signer.from_text(path.read_text())
@@ -256,6 +279,7 @@ async def _started(app: FastAPI, settings: Settings, metrics: Metrics, database:
             services.streams,
             rules_from(services),
             retention_from(services),
+            webhooks_from(services),
         ]
         if services.ota is not None:  # after MQTT, so the first notifications can go out
             capabilities.append(services.ota)
@@ -310,7 +334,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, database)
     document_errors(app)
     # Then the seeds' own paths in the seeds' own shapes (CLIENTS.md).
-    own = (ingest, devices, telemetry, commands, alerts, rules, storage, health, firmware, ota, realtime, me)
+    own = (ingest, devices, telemetry, commands, alerts, rules, webhooks, storage, health, firmware, ota, realtime, me)
     for module in (*own, compat_iotmesh, compat_heatpump, compat_telemetry_app, compat_paku_ota):
         app.include_router(module.router)
     web.install(app)

@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     presence_sweep_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("PRESENCE_SWEEP_S"))
     # An offline alert for any device silent past its interval, even without an offline rule naming it.
     offline_alerts: bool = Field(True, validation_alias=_alias("OFFLINE_ALERTS"))
+    # Webhooks (issue 10): signed POSTs of alerts, presence, registry and rollout events.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, validation_alias=_alias("WEBHOOK_TIMEOUT_S"))
+    webhook_max_attempts: int = Field(12, ge=1, le=100, validation_alias=_alias("WEBHOOK_MAX_ATTEMPTS"))
+    webhook_retry_base_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("WEBHOOK_RETRY_BASE_S"))
+    webhook_retry_max_s: float = Field(3600.0, gt=0, le=86400, validation_alias=_alias("WEBHOOK_RETRY_MAX_S"))
+    webhook_concurrency: int = Field(4, ge=1, le=64, validation_alias=_alias("WEBHOOK_CONCURRENCY"))
+    webhook_log_days: float = Field(7.0, gt=0, le=3650, validation_alias=_alias("WEBHOOK_LOG_DAYS"))
     # Refused MQTT messages kept per device (or per topic root) and minute; the rest are only counted.
     rejected_per_minute: int = Field(10, ge=0, validation_alias=_alias("REJECTED_PER_MINUTE"))
 

@@ -80,6 +80,27 @@ class Metrics:
             "telemetra_alerts", "Alerts raised and cleared server-side", ["type", "change"], registry=r
         )
         self.presence_sweeps = Counter("telemetra_presence_sweeps", "Presence sweeps run", registry=r)
+        self.webhook_enqueued = Counter(
+            "telemetra_webhook_enqueued", "Webhook deliveries enqueued (one per event and webhook)", registry=r
+        )
+        self.webhook_attempts = Counter(
+            "telemetra_webhook_attempts",
+            "Webhook delivery attempts, by outcome (delivered, retry, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "telemetra_webhook_attempt_seconds",
+            "Time of one webhook delivery attempt",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.webhook_pending = Gauge("telemetra_webhook_pending", "Webhook deliveries waiting to be sent", registry=r)
+        self.webhook_events_missed = Counter(
+            "telemetra_webhook_events_missed",
+            "Committed events the webhook producer fell too far behind to see (never enqueued)",
+            registry=r,
+        )
         self.retention_deleted = Counter(
             "telemetra_retention_deleted_rows", "Rows retention deleted, by tier", ["tier"], registry=r
         )

@@ -35,6 +35,7 @@ from telemetra.storage.event_bridge import PgEventBridge, SqliteRegistryFollower
 from telemetra.storage.faults import DatabaseState
 from telemetra.storage.queries import TelemetryQueries
 from telemetra.supervise import Failures
+from telemetra.webhooks import Webhooks
 
 # Applies a registry change this process made, before its API answers (Mosquitto's accounts, the embedded
 # broker's sessions); the new secret comes with it when there is one — secrets never travel as events.
@@ -81,6 +82,7 @@ class Services:
     ota: Ota | None = None
     rules: RulesEngine | None = None  # set by the rules capability while it runs
     retention: Retention | None = None  # set by the retention capability while it runs
+    webhooks: Webhooks | None = None  # set by the webhooks capability while it runs
     # Set by the MQTT capability while it runs (the one in use; the other stays None).
     mqtt_broker: EmbeddedBroker | None = None
     mqtt_collector: Collector | None = None

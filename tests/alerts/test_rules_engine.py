@@ -5,7 +5,6 @@ sweep task's own period is an hour here), so nothing depends on a sleep."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,21 +15,10 @@ from telemetra.domain.timeutil import now_ms
 from telemetra.events import model
 from telemetra.storage.schema import Device, LatestRow
 from tests.conftest import ADMIN, AppFactory, Running, make_settings, running_app
+from tests.support.waiting import eventually
 
 T = TypeVar("T")
 QUIET = {"presence_sweep_s": 3600, "offline_after_s": 30}
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 15.0, what: str = "") -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    last = await check()
-    while not last:
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: last {last!r}")
-        await asyncio.sleep(0.05)
-        last = await check()
-    return last
 
 
 async def alerts(t: Running, **params: Any) -> list[dict[str, Any]]:

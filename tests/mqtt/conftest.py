@@ -42,6 +42,7 @@ import pytest
 from tests.conftest import ADMIN, ADMIN_KEY, Running, make_settings, postgres_database, running_app
 from tests.support.mosquitto import MosquittoInstance, PahoTestClient, free_port, start_mosquitto
 from tests.support.procs import clean_environ
+from tests.support.waiting import eventually as _eventually
 
 T = TypeVar("T")
 
@@ -167,16 +168,7 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 
 
 async def eventually(check: Callable[[], Awaitable[T]], *, within: float = EVENTUALLY_S, what: str = "") -> T:
-    """Poll ``check`` until it returns a truthy value; fail with the last value after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    last: T = await check()
-    while not last:
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what or check}: last {last!r}")
-        await asyncio.sleep(0.05)
-        last = await check()
-    return last
+    return await _eventually(check, within=within, what=what)
 
 
 @asynccontextmanager

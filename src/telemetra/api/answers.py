@@ -270,3 +270,51 @@ class FleetStats(BaseModel):
     series: int = Field(description="stored series (device and key)")
     ingest: IngestFigures
     timestamp: str
+
+
+class Webhook(BaseModel):
+    id: int
+    name: str
+    url: str
+    events: list[str] = Field(description="event names or patterns it receives")
+    enabled: bool
+    deliveries: dict[str, int] = Field(description="deliveries in the log per state: pending, delivered, failed")
+    created_at: str
+    updated_at: str
+
+
+class WebhookCreated(Webhook):
+    secret: str | None = Field(
+        None, description="the signing secret: in the answer that sets it, never again (keep it now)"
+    )
+
+
+class WebhookList(BaseModel):
+    webhooks: list[Webhook]
+
+
+class WebhookTestQueued(BaseModel):
+    delivery_id: int
+    event: str
+
+
+class WebhookDelivery(BaseModel):
+    id: int = Field(description="also the X-Telemetra-Delivery header")
+    event: str
+    device_id: str | None
+    status: str = Field(description="pending, delivered or failed")
+    attempts: int
+    response_status: int | None = Field(description="the receiver's HTTP status at the last attempt")
+    error: str | None = Field(description="why the last attempt failed")
+    duration_ms: int | None
+    created_at: str
+    last_attempt_at: str | None
+    next_attempt_at: str | None = Field(description="when a pending delivery is tried next")
+    delivered_at: str | None
+    body: str = Field(description="the JSON body, exactly as signed and sent")
+
+
+class WebhookDeliveries(BaseModel):
+    webhook_id: int
+    deliveries: list[WebhookDelivery]
+    next_before: int | None = Field(description="pass as `before` for the next page; null on the last")

@@ -338,3 +338,49 @@ class RetentionPolicyRow(Base):
     rollup_1m_days: Mapped[int | None] = mapped_column(Integer)
     rollup_1h_days: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookRow(Base):
+    """A subscription: ``events`` (names or patterns, ``domain.webhooks``) POSTed to ``url``, signed with
+    ``secret``. The secret is kept as given — signing needs it — and never shown again after creation."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[Any] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(256))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookDeliveryRow(Base):
+    """One event for one webhook, and how its delivery went (the delivery log). ``event_key`` identifies
+    the event whichever process saw it, so the same event enqueued by two processes is one delivery.
+    A delivery being attempted has ``next_attempt_at`` pushed a lease ahead, so a process that dies
+    mid-attempt leaves it to be tried again, by whoever is running, when the lease ends."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_key", name="uq_webhook_deliveries_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_log", "webhook_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(Integer)
+    event_key: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str | None] = mapped_column(ID)
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    last_attempt_at: Mapped[int | None] = mapped_column(BigInteger)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger)
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
