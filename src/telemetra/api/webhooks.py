@@ -69,6 +69,7 @@ WebhookName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x
 class WebhookSpec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -88,7 +89,7 @@ class WebhookSpec(BaseModel):
 
 
 class WebhookPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     url: Url | None = None
     events: EventList | None = None
