@@ -6,13 +6,13 @@ range (``domain.rollups.choose_resolution``). App layer: it wires storage and me
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.aio import every
 from telemetra.domain.rollups import TIERS
 from telemetra.domain.timeutil import now_ms
 from telemetra.metrics import Metrics
@@ -79,12 +79,10 @@ class Retention:
         self.policies = await self.repo.policies()
 
     async def _forever(self) -> None:
-        while True:
-            try:
-                await self.run_pass()
-            except Exception as exc:
-                report_failure(self._database, exc, "retention pass failed; trying again in %s s", self._interval_s)
-            await asyncio.sleep(self._interval_s)
+        def failed(exc: Exception) -> None:
+            report_failure(self._database, exc, "retention pass failed; trying again in %s s", self._interval_s)
+
+        await every(self._interval_s, self.run_pass, failed=failed)
 
     async def run_pass(self) -> PassResult:
         await self.reload()

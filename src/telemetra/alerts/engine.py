@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.aio import every
 from telemetra.alerts.rules_file import load_rules_file
 from telemetra.domain import rules as R
 from telemetra.domain.timeutil import now_ms
@@ -241,12 +242,10 @@ class RulesEngine:
             await self.announce([alert], "raised")
 
     async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception as exc:
-                report_failure(self._database, exc, "rules: presence sweep failed; trying again in %s s", self._sweep_s)
-            await asyncio.sleep(self._sweep_s)
+        def failed(exc: Exception) -> None:
+            report_failure(self._database, exc, "rules: presence sweep failed; trying again in %s s", self._sweep_s)
+
+        await every(self._sweep_s, self.sweep, failed=failed)
 
     async def sweep(self) -> None:
         """One pass: rules reloaded, silent devices marked offline, returned ones cleared, held breaches fired."""
