@@ -201,6 +201,7 @@ class Rule(BaseModel):
     severity: str
     devices: list[str] | None
     models: list[str] | None
+    kinds: list[str] | None = Field(description="device kinds watched (device, gateway); null: any")
     enabled: bool
     source: str = Field(description="api, or file (TELEMETRA_RULES_FILE)")
     created_at: str
