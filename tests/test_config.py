@@ -72,6 +72,8 @@ def test_defaults() -> None:
             ["http://a.local", "http://b.local"],
         ),
         ("TELEMETRA_REJECTED_PER_MINUTE", "3", "rejected_per_minute", 3),
+        ("TELEMETRA_STORAGE_WARN_FRACTION", "0.75", "storage_warn_fraction", 0.75),
+        ("TELEMETRA_STORAGE_WARN_DAYS", "30", "storage_warn_days", 30.0),
     ],
 )
 def test_environment_names(
@@ -171,6 +173,7 @@ def test_weak_admin_key_is_fine_in_development(monkeypatch: pytest.MonkeyPatch) 
         ("WS_HEARTBEAT_INTERVAL", "0"),
         ("TELEMETRA_INGEST_QUEUE_MAX_POINTS", "10"),
         ("TELEMETRA_MAX_PAYLOAD_BYTES", "100"),
+        ("TELEMETRA_STORAGE_WARN_FRACTION", "1.5"),
     ],
 )
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 
 from telemetra import __version__, web
+from telemetra.alerts.budget import BudgetAlerts
 from telemetra.alerts.engine import RulesEngine
 from telemetra.api import (
     alerts,
@@ -71,6 +72,7 @@ from telemetra.startup import (
     wait_for_broker,
     wait_for_database,
 )
+from telemetra.storage.budget_alerts import BudgetAlertRepository
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
@@ -216,8 +218,14 @@ def rules_from(services: Services) -> RulesEngine:
 
 
 def retention_from(services: Services) -> Retention:
-    """Retention (issue 10); ``/aggregate`` asks it how far back each tier still holds a device's data."""
+    """Retention (issue 10); ``/aggregate`` asks it how far back each tier still holds a device's data.
+    Its passes also settle the ``storage_budget`` alert, announced as the rules engine announces alerts."""
     settings = services.settings
+    rules = services.rules
+    budget_alerts = (
+        BudgetAlerts(BudgetAlertRepository(services.engine), announce=rules.announce) if rules is not None else None
+    )
+    services.budget_alerts = budget_alerts
     retention = Retention(
         services.engine,
         defaults=Days(settings.retention_raw_days, settings.retention_1m_days, settings.retention_1h_days),
@@ -227,6 +235,8 @@ def retention_from(services: Services) -> Retention:
         chunk=settings.retention_chunk_rows,
         budget_bytes=settings.storage_budget_bytes,
         warn_days=settings.storage_warn_days,
+        warn_fraction=settings.storage_warn_fraction,
+        on_budget=budget_alerts.check if budget_alerts is not None else None,
         database=services.database,
     )
     services.retention = retention

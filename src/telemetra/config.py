@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     retention_chunk_rows: int = Field(5000, ge=100, le=1_000_000, validation_alias=_alias("RETENTION_CHUNK_ROWS"))
     storage_budget_bytes: int = Field(0, ge=0, validation_alias=_alias("STORAGE_BUDGET_BYTES"))  # 0: none
     storage_warn_days: float = Field(14.0, ge=0, validation_alias=_alias("STORAGE_WARN_DAYS"))
+    # The storage_budget alert also warns once this share of the budget is used, whatever the growth (0: off).
+    storage_warn_fraction: float = Field(0.9, ge=0, le=1, validation_alias=_alias("STORAGE_WARN_FRACTION"))
     rules_file: Path | None = Field(None, validation_alias=_alias("RULES_FILE"))  # JSON or TOML, loaded at start
     presence_sweep_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("PRESENCE_SWEEP_S"))
     # An offline alert for any device silent past its interval, even without an offline rule naming it.
