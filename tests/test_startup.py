@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -64,12 +65,42 @@ def listening() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def test_http_port_in_use_names_the_setting_and_the_holder(tmp_path: Path, listening: int) -> None:
+@pytest.fixture
+def listening_pair() -> Iterator[int]:
+    """Ports p and p + 1, both listened on by this test process: the next port up is no free suggestion."""
+    for _ in range(50):
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        port = int(first.getsockname()[1])
+        second = socket.socket()
+        try:
+            second.bind(("127.0.0.1", port + 1))
+        except OSError:
+            first.close()
+            second.close()
+            continue
+        first.listen()
+        second.listen()
+        try:
+            yield port
+        finally:
+            first.close()
+            second.close()
+        return
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_http_port_in_use_names_the_setting_the_holder_and_a_free_port(tmp_path: Path, listening_pair: int) -> None:
+    listening = listening_pair
     result = serve(tmp_path, TELEMETRA_PORT=str(listening))
     assert result.returncode == startup.EXIT_HTTP_PORT
     line = error_line(result)
     assert f"port {listening} on 127.0.0.1 is already in use" in line
     assert f"(pid {os.getpid()})" in line and "TELEMETRA_PORT" in line
+    suggested = int(re.search(r"e\.g\. TELEMETRA_PORT=(\d+), free right now", line).group(1))  # type: ignore[union-attr]
+    assert suggested not in (listening, listening + 1)  # both taken: the suggestion skips them
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", suggested))  # and it really is free
     assert not (tmp_path / "data" / "admin.key").exists()  # no key for a server that never ran
 
 

@@ -100,12 +100,30 @@ def port_holder(port: int) -> str | None:
     return f"a process of user '{user}'"
 
 
+def free_port_near(host: str, port: int, *, tries: int = 50) -> int | None:
+    """A port that is free on ``host`` right now: the first of the next ``tries`` above ``port`` that can be
+    bound, else one the system picks. None when nothing can be bound there at all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = [p for p in range(port + 1, port + 1 + tries) if p <= 65535] + [0]
+    for candidate in candidates:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    return None
+
+
 def port_in_use_message(what: str, setting: str, host: str, port: int) -> str:
     holder = port_holder(port)
     held = f" by {holder}" if holder else ""
+    free = free_port_near(host, port)
+    suggestion = f" (e.g. {setting}={free}, free right now)" if free else ""
     return (
         f"{what}: port {port} on {host or '*'} is already in use{held}. "
-        f"Stop that process, or set {setting} to a free port (e.g. {setting}={port + 1})."
+        f"Stop that process, or set {setting} to a free port{suggestion}."
     )
 
 
