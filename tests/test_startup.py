@@ -272,3 +272,28 @@ async def test_serve_waits_for_a_database_that_comes_up_later(tmp_path: Path) ->
             process.terminate()
             process.wait(timeout=20)
             forwarder.close()
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_ready_line_gives_the_urls_and_the_log_has_no_colour_codes(tmp_path: Path, fmt: str) -> None:
+    env = base_env(tmp_path / "data", TELEMETRA_LOG_FORMAT=fmt)
+    base = f"http://127.0.0.1:{env['TELEMETRA_PORT']}"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*telemetra_binary(), "serve"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "Application startup complete" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        (ready,) = [line for line in log.read_text().splitlines() if " ready on sqlite" in line]
+        assert f"dashboard {base}/ " in ready and f"API docs {base}/docs" in ready, ready
+        assert httpx.get(f"{base}/docs").status_code == 200  # the URL it gives works
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    text = log.read_text()
+    assert "Finished server process" in text  # uvicorn's lines, which carry a coloured copy, are all in
+    assert "\x1b[" not in text and "color_message" not in text, text
