@@ -127,7 +127,7 @@ def test_database_unreachable_names_host_port_database_after_waiting(tmp_path: P
     assert "TELEMETRA_DATABASE_URL" in line and "TELEMETRA_STARTUP_WAIT_S" in line
     assert "pw" not in line.split("TELEMETRA")[0].replace("PostgreSQL", "")  # never the password
     # The wait is in the log: each retry with how long it waits.
-    assert result.stderr.count("not reachable") >= 2 and "retrying in" in result.stderr
+    assert result.stderr.count("not available") >= 2 and "retrying in" in result.stderr
     assert not (tmp_path / "data" / "admin.key").exists()
 
 
@@ -140,14 +140,56 @@ async def _pg_reachable() -> None:
         await conn.close()
 
 
-def test_missing_database_says_how_to_create_it(tmp_path: Path) -> None:
+def test_missing_database_is_waited_for_then_says_how_to_create_it(tmp_path: Path) -> None:
     asyncio.run(_pg_reachable())
     name = f"telemetra_absent_{uuid.uuid4().hex[:8]}"
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    result = serve(tmp_path, TELEMETRA_DATABASE_URL=url)
+    result = serve(tmp_path, TELEMETRA_DATABASE_URL=url, TELEMETRA_STARTUP_WAIT_S="2")
     assert result.returncode == startup.EXIT_DATABASE_MISSING
     line = error_line(result)
-    assert f"database '{name}': the database does not exist" in line and "createdb -h 127.0.0.1 -p 5432" in line
+    assert f"database '{name}': the database does not exist; waited" in line
+    assert "createdb -h 127.0.0.1 -p 5432" in line and "TELEMETRA_STARTUP_WAIT_S" in line
+    # While it waited, each retry said what is missing and how to create it.
+    hints = [entry for entry in result.stderr.splitlines() if "does not exist yet; create it: createdb" in entry]
+    assert len(hints) >= 2 and all("retrying in" in entry for entry in hints), result.stderr
+    assert not (tmp_path / "data" / "admin.key").exists()
+
+
+async def test_serve_waits_for_a_database_created_after_it_started(tmp_path: Path) -> None:
+    """Compose (or an operator) may create the database after Telemetra is up: it keeps retrying, then runs."""
+    await _pg_reachable()
+    name = f"telemetra_late_{uuid.uuid4().hex[:8]}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    env = base_env(tmp_path / "data", TELEMETRA_DATABASE_URL=url, TELEMETRA_ADMIN_KEYS="k" * 40)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(  # noqa: ASYNC220 - starts it, does not wait
+            [*telemetra_binary(), "serve"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        deadline = time.monotonic() + 30
+        while "does not exist yet; create it" not in log.read_text():  # waiting for it, and saying so
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.1)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['TELEMETRA_PORT']}") as client:
+            while True:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert " ready on postgresql" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 def test_external_broker_unreachable(tmp_path: Path) -> None:
