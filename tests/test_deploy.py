@@ -6,8 +6,12 @@ provisioned with a PostgreSQL data source and a dashboard."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import ssl
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +146,89 @@ def test_dev_compose() -> None:
     (telemetra,) = dev["services"].values()
     assert telemetra["healthcheck"]["start_period"]
     assert target_ports(telemetra) == {8000, 1883}
+
+
+MOSQUITTO_UID = 1883  # the eclipse-mosquitto image's user and group
+TELEMETRA_UID = 10001  # the Dockerfile's telemetra user
+
+
+def _run_make_secrets(deploy: Path, calls: Path) -> None:
+    """deploy/make-secrets.sh in a copy of deploy/, with a `docker` on PATH that only records its
+    arguments (no engine here): the dynamic-security state already exists, so only ownership changes a
+    non-root user cannot make go through it."""
+    bin_dir = deploy / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "docker"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PUBLIC_HOSTNAME": "telemetry.test", "HOME": str(deploy)}
+    python = shutil.which("python3")
+    assert python is not None
+    env["PATH"] += f":{Path(python).parent}"
+    done = subprocess.run(
+        ["sh", str(deploy / "make-secrets.sh")], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+def _can_read(path: Path, uid: int, gid: int) -> bool:
+    return subprocess.run(["cat", str(path)], user=uid, group=gid, extra_groups=[], capture_output=True).returncode == 0
+
+
+def test_make_secrets_modes_let_each_container_read_its_files_and_nobody_else(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        missing_service("openssl not installed")
+    # A directory other users can traverse (pytest's tmp_path is 0700), so the uid checks below are real.
+    root = Path(tempfile.mkdtemp(prefix="telemetra-deploy-"))
+    try:
+        root.chmod(0o755)
+        deploy = root / "deploy"
+        deploy.mkdir()
+        shutil.copy(DEPLOY / "make-secrets.sh", deploy)
+        (deploy / "mosquitto" / "data").mkdir(parents=True)
+        (deploy / "mosquitto" / "data" / "dynamic-security.json").write_text("{}")
+        calls = tmp_path / "docker-calls"
+        _run_make_secrets(deploy, calls)
+        secrets, certs = deploy / "secrets", deploy / "certs"
+        admin_key = (secrets / "admin_key").read_text()
+
+        def mode(path: Path) -> int:
+            return stat.S_IMODE(path.stat().st_mode)
+
+        assert mode(secrets) == 0o700  # this host's other users cannot reach the secrets
+        assert {p.name: mode(p) for p in secrets.iterdir()} == dict.fromkeys(
+            (
+                "postgres_password",
+                "admin_key",
+                "mqtt_dynsec_password",
+                "mqtt_service_password",
+                "grafana_db_password",
+                "grafana_admin_password",
+                "database_url",
+                "mqtt_url",
+            ),
+            0o644,
+        )  # bind-mounted into each container, read there by its own user
+        assert mode(certs) == 0o755
+        assert mode(certs / "server.crt") == mode(certs / "ca.crt") == 0o644
+        assert mode(certs / "server.key") == 0o640 and mode(deploy / "backups") == 0o700
+        ssl.create_default_context().load_cert_chain(certs / "server.crt", certs / "server.key")  # a usable pair
+
+        if os.getuid() == 0:
+            assert (certs / "server.key").stat().st_gid == MOSQUITTO_UID
+            assert (deploy / "backups").stat().st_uid == TELEMETRA_UID
+            # Mosquitto 2.0 loads the key after dropping to its user: that user can read it, another cannot.
+            assert _can_read(certs / "server.key", MOSQUITTO_UID, MOSQUITTO_UID)
+            assert _can_read(certs / "server.crt", 12345, 12345)
+            assert not _can_read(certs / "server.key", 12345, 12345)
+            assert not _can_read(secrets / "admin_key", 12345, 12345)
+            assert not calls.exists()  # root needs no container for it
+        else:
+            recorded = calls.read_text()
+            assert f"chgrp {MOSQUITTO_UID} server.key" in recorded and f"chown {TELEMETRA_UID} ." in recorded
+
+        _run_make_secrets(deploy, calls)  # again (after replacing a certificate): secrets kept, modes the same
+        assert (secrets / "admin_key").read_text() == admin_key
+        assert mode(secrets) == 0o700 and mode(certs / "server.key") == 0o640
+    finally:
+        shutil.rmtree(root)
