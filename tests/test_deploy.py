@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import ssl
 import stat
@@ -108,6 +109,32 @@ def test_mosquitto_with_tls_and_dynamic_security(prod: dict[str, Any]) -> None:
     assert "include_dir /mosquitto/config/conf.d" in conf and "mosquitto_dynamic_security.so" in conf
     tls = (DEPLOY / "mosquitto" / "conf.d" / "tls.conf").read_text()
     assert "listener 8883" in tls and "certfile /mosquitto/certs/server.crt" in tls
+
+
+def host_bindings(service: dict[str, Any]) -> dict[int, str]:
+    """Container port → the host address it is published on ("" for every interface)."""
+    bindings = {}
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            bindings[int(port["target"])] = port.get("host_ip", "")
+        else:
+            parts = str(port).split("/")[0].split(":")
+            bindings[int(parts[-1])] = parts[0] if len(parts) == 3 else ""
+    return bindings
+
+
+def test_plain_mqtt_and_websocket_stay_on_loopback_and_wss_goes_through_the_proxy(prod: dict[str, Any]) -> None:
+    mosquitto = prod["services"]["mosquitto"]
+    assert host_bindings(mosquitto) == {8883: "", 1883: "127.0.0.1", 9001: "127.0.0.1"}  # only TLS is public
+    nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    mqtt = re.search(r"location = /mqtt \{(.*?)\}", nginx, re.S)
+    assert mqtt, "nginx.conf: no location for wss://<host>/mqtt"
+    block = mqtt.group(1)
+    assert "http://mosquitto:9001" in block and "proxy_http_version 1.1" in block
+    assert "Upgrade $http_upgrade" in block and "Connection $connection_upgrade" in block
+    assert "mosquitto" in prod["services"]["proxy"]["depends_on"]
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    assert re.search(r"^listener 9001\nprotocol websockets$", conf, re.M)
 
 
 def test_postgres_volume_and_backups(prod: dict[str, Any]) -> None:
