@@ -9,10 +9,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +262,87 @@ def test_make_secrets_modes_let_each_container_read_its_files_and_nobody_else(tm
         assert mode(secrets) == 0o700 and mode(certs / "server.key") == 0o640
     finally:
         shutil.rmtree(root)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def _mqtt_over_wss(port: int, ca: Path, username: str, password: str) -> str:
+    """CONNECT through wss://localhost:<port>/mqtt, verifying the proxy's certificate: the CONNACK's reason."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    answered, reason = threading.Event(), []
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, transport="websockets",
+                         protocol=mqtt.MQTTv5, reconnect_on_failure=False)  # fmt: skip
+    client.ws_set_options(path="/mqtt")
+    client.tls_set(ca_certs=str(ca))
+    client.username_pw_set(username, password)
+    client.on_connect = lambda _c, _u, _f, rc, _p: (reason.append(str(rc)), answered.set())
+    client.connect("localhost", port, keepalive=30)
+    client.loop_start()
+    try:
+        assert answered.wait(15), "no CONNACK through the proxy"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return reason[0]
+
+
+def test_nginx_serves_mqtt_over_wss_from_mosquittos_websocket_listener(tmp_path: Path) -> None:
+    """deploy/nginx/nginx.conf in a real nginx (service names and ports pointed at this machine) in front of
+    deploy/mosquitto/mosquitto.conf's WebSocket listener: an MQTT client over wss://<host>/mqtt gets the
+    broker's CONNACK (accepted with the dynsec admin's password, refused with a wrong one)."""
+    from tests.support.mosquitto import deploy_mosquitto, free_port
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None or shutil.which("openssl") is None:
+        missing_service("nginx or openssl not installed (apt-get install nginx-light openssl)")
+        return
+    cert, key = _self_signed(tmp_path)
+    with deploy_mosquitto(admin_password="wss-admin-password") as broker:  # pragma: allowlist secret
+        http_port, https_port = free_port(), free_port()
+        conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+        for shipped, here in (
+            ("/etc/nginx/certs/server.crt", str(cert)),
+            ("/etc/nginx/certs/server.key", str(key)),
+            ("http://mosquitto:9001", f"http://127.0.0.1:{broker.ws_port}"),
+            ("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
+            ("listen 80;", f"listen 127.0.0.1:{http_port};"),
+        ):
+            assert shipped in conf, f"nginx.conf no longer has {shipped!r}"
+            conf = conf.replace(shipped, here)
+        version = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False).stderr
+        if tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < (1, 25):
+            conf = conf.replace("http2 on;", "")  # the image's nginx 1.27 has it; Debian 12's 1.22 does not
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "nginx.conf").write_text(conf)
+        args = [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "logs/error.log")]
+        globals_ = f"daemon off; pid {tmp_path}/nginx.pid;"
+        checked = subprocess.run([*args, "-t", "-g", globals_], capture_output=True, text=True, check=False)
+        assert checked.returncode == 0, checked.stderr
+        process = subprocess.Popen([*args, "-g", globals_], stderr=subprocess.PIPE, text=True)
+        try:
+            # Both listening (Mosquitto opens its WebSocket listener a moment after the MQTT one).
+            deadline = time.monotonic() + 15
+            for port in (broker.ws_port, https_port):
+                while True:
+                    assert process.poll() is None and time.monotonic() < deadline, (port, process.stderr)
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        break
+                    except OSError:
+                        time.sleep(0.05)
+            assert _mqtt_over_wss(https_port, cert, "admin", "wss-admin-password") == "Success"
+            assert _mqtt_over_wss(https_port, cert, "admin", "wrong") != "Success"  # the broker decides
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
