@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./telemetra-data"), validation_alias=_alias("DATA_DIR"))
     database_url: str | None = Field(None, validation_alias=_alias("DATABASE_URL", "DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_alias("DB_POOL_SIZE", "DB_POOL_SIZE"))
-    # How long `serve` waits at start for PostgreSQL and an external broker (bounded backoff, progress in the
-    # log), so that compose's start-up order does not matter.
+    # How long `serve` waits at start for PostgreSQL (and its database) and an external broker (bounded
+    # backoff, progress in the log), so that compose's start-up order does not matter.
     startup_wait_s: float = Field(60.0, ge=0, le=3600, validation_alias=_alias("STARTUP_WAIT_S"))
 
     # TLS (issue 11): with a certificate and key, HTTP is HTTPS (with HSTS) and the embedded broker adds an
