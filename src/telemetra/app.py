@@ -275,7 +275,7 @@ async def _started(app: FastAPI, settings: Settings, metrics: Metrics, database:
             )
         base = http_url(settings)
         log.info(
-            "telemetra %s ready on %s: dashboard %s/ , API docs %s%s",
+            "telemetra %s ready on %s: dashboard %s/ and API docs %s%s",
             __version__,
             services.engine.dialect.name,
             base,
