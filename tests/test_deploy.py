@@ -29,13 +29,14 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 GENERATED = ("secrets", "certs", "backups", "mosquitto/data")
 
 
-def compose_config(name: str) -> dict[str, Any]:
+def compose_config(name: str, env_file: Path | None = None) -> dict[str, Any]:
     binary = shutil.which("docker-compose")
     if binary is None:
         missing_service("docker-compose not installed (apt-get install docker-compose)")
         raise AssertionError("unreachable")
+    options = ["--env-file", str(env_file)] if env_file else []
     done = subprocess.run(
-        [binary, "-f", str(DEPLOY / name), "config"], capture_output=True, text=True, timeout=60, check=False
+        [binary, "-f", str(DEPLOY / name), *options, "config"], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
@@ -138,6 +139,14 @@ def test_plain_mqtt_and_websocket_stay_on_loopback_and_wss_goes_through_the_prox
     assert "mosquitto" in prod["services"]["proxy"]["depends_on"]
     conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
     assert re.search(r"^listener 9001\nprotocol websockets$", conf, re.M)
+
+
+def test_env_example_keeps_the_same_bindings() -> None:
+    """With deploy/.env.example (what the README copies to deploy/.env), the host bindings are the same."""
+    prod = compose_config("compose.prod.yaml", DEPLOY / ".env.example")
+    assert host_bindings(prod["services"]["mosquitto"]) == {8883: "", 1883: "127.0.0.1", 9001: "127.0.0.1"}
+    assert host_bindings(prod["services"]["grafana"]) == {3000: "127.0.0.1"}
+    assert int(prod["services"]["telemetra"]["deploy"]["replicas"]) == 2
 
 
 def test_postgres_volume_and_backups(prod: dict[str, Any]) -> None:
