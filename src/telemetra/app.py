@@ -49,6 +49,7 @@ from telemetra.api.security_headers import SecureHeaders
 from telemetra.bootstrap import admin_keys as find_admin_keys
 from telemetra.config import Settings
 from telemetra.core import Core
+from telemetra.endpoints import http_url
 from telemetra.events.hub import EventHub
 from telemetra.events.model import ChangeEvent
 from telemetra.ingest.normalize import Limits
@@ -306,7 +307,16 @@ async def _started(app: FastAPI, settings: Settings, metrics: Metrics, database:
                 f"\n  Generated an admin key (mode 0600, never printed): cat {keys.path}\n",
                 flush=True,
             )
-        log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
+        base = http_url(settings)
+        log.info(
+            "telemetra %s ready on %s: dashboard %s/ and API docs %s%s",
+            __version__,
+            services.engine.dialect.name,
+            base,
+            base,
+            web.DOCS,
+            extra={"dashboard_url": f"{base}/", "docs_url": f"{base}{web.DOCS}"},
+        )
         yield
 
 
