@@ -212,6 +212,9 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--postgres", action="store_true")
+    parser.add_argument(
+        "--compression", action="store_true", help="permessage-deflate on (TELEMETRA_WS_COMPRESSION; off by default)"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="telemetra-bench-rt-"))
@@ -224,6 +227,7 @@ def main() -> int:
         TELEMETRA_MQTT_PORT="0",
         TELEMETRA_LOG_LEVEL="WARNING",
         TELEMETRA_WS_QUEUE_SIZE="1000",
+        TELEMETRA_WS_COMPRESSION="true" if args.compression else "false",
     )
     pg_name = None
     if args.postgres:
@@ -269,7 +273,8 @@ def main() -> int:
         print(
             f"backend {'postgres' if args.postgres else 'sqlite'}; {args.devices} devices; "
             f"offered {args.rate:.0f} msg/s "
-            f"for {args.duration:.0f} s per phase, batches of {args.batch}; cpus {os.cpu_count()}"
+            f"for {args.duration:.0f} s per phase, batches of {args.batch}; cpus {os.cpu_count()}; "
+            f"WebSocket compression {'on' if args.compression else 'off'}"
         )
 
         def phase(label: str, note: str = "", rate: float = args.rate) -> dict[str, float]:
@@ -305,7 +310,10 @@ def main() -> int:
         parent.recv()
         health = httpx.get(f"http://127.0.0.1:{ws_port}/health").json()["checks"]["websocket"]
         parent.send("measure")
+        _, subs_cpu_before = rss_and_cpu(subs.pid)
         loaded = phase("with subscribers:")
+        _, subs_cpu_after = rss_and_cpu(subs.pid)
+        print(f"  subscriber process CPU {(subs_cpu_after - subs_cpu_before) / loaded['seconds']:.2f} cores")
         time.sleep(1.0)  # the last deliveries
         parent.send("pause")
         loaded_max = phase("subscribers, unpaced:", rate=0)
