@@ -304,12 +304,13 @@ class Stream:
     ) -> list[bytes]:
         out: list[bytes] = []
         for item in batch:
-            self._seen(item)
-            if fmt is not None and isinstance(item, ChangeEvent):
-                built = frame(item, fmt)
-                if built is not None:
+            if fmt is not None and type(item) is ChangeEvent:
+                self.last_id = item.id
+                built = item.frames.get(fmt) or frame(item, fmt)  # built by the first client of the format
+                if built:
                     out.append(built)
                 continue
+            self._seen(item)
             text = await render(item)
             if text is not None:
                 out.append(text_frame(text.encode()))

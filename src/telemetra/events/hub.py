@@ -84,17 +84,27 @@ class Subscription:
         wake-up for a whole batch rather than one await per event."""
         if self.closed:
             return []
-        out: list[ChangeEvent | Gap] = []
-        if self._missed:
-            out.append(Gap(self._missed))
-            self._missed = 0
         queue = self._queue
-        n = min(limit - len(out), len(queue))
-        if n > 0:
+        out: list[ChangeEvent | Gap]
+        if self._missed:
+            out = [Gap(self._missed)]
+            self._missed = 0
+        elif not queue:
+            self._ready.clear()
+            return []
+        else:
+            out = []
+        room = limit - len(out)
+        if len(queue) <= room:  # the usual case: everything (copied and cleared in C)
+            taken = len(queue)
+            out.extend(queue)
+            queue.clear()
+        else:
+            taken = room
             popleft = queue.popleft
-            out.extend(popleft() for _ in range(n))
-            self.delivered += n
-        if not queue and not self._missed:
+            out.extend([popleft() for _ in range(room)])
+        self.delivered += taken
+        if not queue:
             self._ready.clear()
         return out
 
