@@ -67,6 +67,7 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
 
     import uvicorn
 
+    from telemetra.api.ws_transport import uvicorn_options
     from telemetra.app import create_app
     from telemetra.logs import configure_logging
     from telemetra.startup import StartupError, bind_http, check_mqtt_port, check_tls_files
@@ -99,6 +100,7 @@ def serve(host: str | None = None, port: int | None = None, data_dir: str | None
         timeout_graceful_shutdown=10,
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
 
@@ -145,6 +147,7 @@ def _serve_workers(settings: Settings, workers: int, sock: Any) -> None:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from telemetra.api.ws_transport import uvicorn_options
     from telemetra.bootstrap import admin_keys
     from telemetra.mqtt.connection import parse_broker_url
     from telemetra.startup import StartupError, wait_for_broker, wait_for_database
@@ -179,6 +182,7 @@ def _serve_workers(settings: Settings, workers: int, sock: Any) -> None:
         timeout_graceful_shutdown=10,
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
+        **uvicorn_options(settings),
     )
     try:
         Multiprocess(config, sockets=[sock]).run()

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     ws_heartbeat_interval: float = Field(
         30.0, gt=0, validation_alias=_alias("WS_HEARTBEAT_INTERVAL", "WS_HEARTBEAT_INTERVAL")
     )
+    # permessage-deflate on the WebSockets: each message compressed per client (CPU per delivery), and the
+    # frames built once per event can no longer be shared. Off unless bandwidth matters more.
+    ws_compression: bool = Field(False, validation_alias=_alias("WS_COMPRESSION"))
     # Events kept per WebSocket client that reads too slowly; past it the oldest go (and it is told).
     ws_queue_size: int = Field(1000, ge=10, le=1_000_000, validation_alias=_alias("WS_QUEUE_SIZE"))
 

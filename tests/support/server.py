@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from telemetra.api.ws_transport import uvicorn_options
 from telemetra.app import create_app
 from telemetra.config import Settings
 from tests.support.procs import free_port
@@ -38,7 +39,10 @@ class Served:
 async def served(settings: Settings) -> AsyncIterator[Served]:
     app = create_app(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **uvicorn_options(settings)
+    )  # the WebSocket protocol and compression of ``telemetra serve``
+    server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     try:
         while not server.started:

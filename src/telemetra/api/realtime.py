@@ -28,7 +28,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from telemetra.api.deps import _presented_key, resolve_principal
-from telemetra.api.realtime_formats import encoded
+from telemetra.api.realtime_formats import encoded, frame
+from telemetra.api.ws_transport import FRAMES_EXTENSION, WriteFrames, text_frame
 from telemetra.domain.errors import Forbidden, NotFound, TelemetraError, Unauthorized
 from telemetra.domain.principal import Principal, Role
 from telemetra.domain.timeutil import ms_to_iso, now_ms
@@ -51,6 +52,7 @@ REVOKING = frozenset({"rotated", "claimed", "disabled", "deleted", "resync"})
 MAX_DEVICES = 1000  # in one ``devices=`` filter
 MAX_CLIENT_MESSAGE = 4096  # bytes; the clients send pings and subscribe actions
 APP_MOUNT = "/compat/telemetry-app"
+SEND_BATCH = 64  # messages a stream takes from its queue per wake-up, and hands to the connection at once
 
 # A handler of what the client sends: text in, the messages to answer with out.
 OnMessage = Callable[[str], Awaitable[None]]
@@ -129,6 +131,32 @@ def _may_read(principal: Principal, devices: frozenset[str] | None) -> None:
         raise Refused(CLOSE_FORBIDDEN, "this key may read only its own device's stream")
 
 
+class _Heartbeat:
+    """One timer per stream, on the clock: when a beat is due it marks it and wakes the stream, which
+    sends it between batches (busy or idle)."""
+
+    def __init__(self, stream: Stream, interval: float) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self.due = False
+        self._at = self._loop.time() + interval
+        self._timer = self._loop.call_at(self._at, self._fire)
+
+    def _fire(self) -> None:
+        self.due = True
+        if self._stream.sub is not None:
+            self._stream.sub.wake()
+        self._at += self._interval
+        now = self._loop.time()
+        if self._at <= now:  # fell behind (a blocked loop): one beat, then on the clock again
+            self._at = now + self._interval
+        self._timer = self._loop.call_at(self._at, self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class Stream:
     """One open WebSocket: its subscription, what it sends, and what it answers."""
 
@@ -193,53 +221,61 @@ class Stream:
     async def send(self, message: dict[str, Any]) -> None:
         await self.ws.send_text(orjson.dumps(message).decode())
 
+    def _frames_writer(self) -> WriteFrames | None:
+        """The server's way of taking prebuilt frames, when this connection has one (no compression)."""
+        extension = self.ws.scope.get("extensions", {}).get(FRAMES_EXTENSION)
+        return extension.get("write") if isinstance(extension, dict) else None
+
     async def run(
         self,
         render: Callable[[ChangeEvent | Gap], Awaitable[str | None]],
         on_message: OnMessage | None,
         *,
         heartbeat_s: float | None = None,
+        fmt: str | None = None,
     ) -> None:
-        """Send what the subscription yields until the client leaves (or the server stops)."""
+        """Send what the subscription yields until the client leaves (or the server stops).
+
+        Each wake-up takes up to ``SEND_BATCH`` items and hands their messages to the connection at once.
+        With ``fmt`` (a format of ``realtime_formats``) an event's message is that format's, framed once
+        for every client; ``render`` gives the rest (a gap; every item of a stream without ``fmt``).
+        A ``render`` that sends by itself (the device stream) must return None: what it returns goes out
+        after the batch."""
         streams = self.services.streams
         streams.opened(self.name)
         reader = asyncio.create_task(self._read(on_message), name=f"ws-read-{self.name}")
-        loop = asyncio.get_running_loop()
-        beat_at = loop.time() + heartbeat_s if heartbeat_s else None  # on the clock, busy or not
+        writer = self._frames_writer()
+        beat = _Heartbeat(self, heartbeat_s) if heartbeat_s else None
         try:
             while not reader.done():
                 sub = self.sub
                 assert sub is not None
-                try:
-                    if beat_at is not None and loop.time() >= beat_at:
-                        raise TimeoutError
-                    async with asyncio.timeout_at(beat_at):
-                        item = await sub.next()
-                except TimeoutError:
-                    await self.send({"type": "heartbeat", "ts": ms_to_iso(now_ms())})
-                    assert heartbeat_s is not None and beat_at is not None
-                    beat_at += heartbeat_s
-                    if beat_at <= loop.time():  # fell behind (a long send): one beat, then on the clock again
-                        beat_at = loop.time() + heartbeat_s
+                batch = sub.take_many(SEND_BATCH)
+                if not batch:
+                    if beat is not None and beat.due:
+                        await self._beat(beat, writer)
+                        continue
+                    if sub.closed:
+                        if sub is self.sub:  # closed by the server, not replaced by a subscribe action
+                            break
+                        continue
+                    await sub.wait()
                     continue
-                except StopAsyncIteration:
-                    if sub is self.sub:  # closed by the server, not replaced by a subscribe action
-                        break
-                    continue
-                if isinstance(item, ChangeEvent):
-                    self.last_id = item.id
-                else:
-                    streams.gaps += 1
                 try:
-                    text = await render(item)
+                    if writer is not None:
+                        await writer(await self._frames(batch, render, fmt))
+                    else:
+                        await self._send_texts(None, await self._texts(batch, render, fmt))
                 except Refused as refused:
                     self.end(refused)
                     break
-                if text is not None:
-                    await self.ws.send_text(text)
+                if beat is not None and beat.due:  # on the clock, busy or not
+                    await self._beat(beat, writer)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client went away mid-send
         finally:
+            if beat is not None:
+                beat.cancel()
             streams.closed(self.name)
             self.release()
             reader.cancel()
@@ -249,6 +285,57 @@ class Stream:
                 code, reason = (self.closing.code, self.closing.reason) if self.closing else (1001, "server stopping")
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                     await self.ws.close(code, _reason(reason))
+
+    async def _beat(self, beat: _Heartbeat, writer: WriteFrames | None) -> None:
+        beat.due = False
+        await self._send_texts(writer, [orjson.dumps({"type": "heartbeat", "ts": ms_to_iso(now_ms())}).decode()])
+
+    def _seen(self, item: ChangeEvent | Gap) -> None:
+        if isinstance(item, ChangeEvent):
+            self.last_id = item.id
+        else:
+            self.services.streams.gaps += 1
+
+    async def _frames(
+        self,
+        batch: list[ChangeEvent | Gap],
+        render: Callable[[ChangeEvent | Gap], Awaitable[str | None]],
+        fmt: str | None,
+    ) -> list[bytes]:
+        out: list[bytes] = []
+        for item in batch:
+            if fmt is not None and type(item) is ChangeEvent:
+                self.last_id = item.id
+                built = item.frames.get(fmt) or frame(item, fmt)  # built by the first client of the format
+                if built:
+                    out.append(built)
+                continue
+            self._seen(item)
+            text = await render(item)
+            if text is not None:
+                out.append(text_frame(text.encode()))
+        return out
+
+    async def _texts(
+        self,
+        batch: list[ChangeEvent | Gap],
+        render: Callable[[ChangeEvent | Gap], Awaitable[str | None]],
+        fmt: str | None,
+    ) -> list[str]:
+        out: list[str] = []
+        for item in batch:
+            self._seen(item)
+            text = encoded(item, fmt) if fmt is not None and isinstance(item, ChangeEvent) else await render(item)
+            if text is not None:
+                out.append(text)
+        return out
+
+    async def _send_texts(self, writer: WriteFrames | None, texts: list[str]) -> None:
+        if writer is not None:
+            await writer([text_frame(text.encode()) for text in texts])
+            return
+        for text in texts:  # the server's writes within one loop turn still leave together
+            await self.ws.send_text(text)
 
     async def _read(self, on_message: OnMessage | None) -> None:
         try:
@@ -269,6 +356,8 @@ class Stream:
 
 
 def _format(name: str) -> Callable[[ChangeEvent | Gap], Awaitable[str | None]]:
+    """The ``render`` of format ``name``'s streams (used with ``fmt=name``, which frames the events once)."""
+
     async def render(item: ChangeEvent | Gap) -> str | None:
         if isinstance(item, Gap):
             return orjson.dumps({"type": "gap", "missed": item.missed}).decode() if name == "telemetra" else None
@@ -300,7 +389,9 @@ async def realtime(ws: WebSocket) -> None:
     try:
         stream.watch_key(principal)
         stream.subscribe(types=types, devices=devices, since=since)
-        await stream.run(_format("telemetra"), None, heartbeat_s=services.settings.ws_heartbeat_interval)
+        await stream.run(
+            _format("telemetra"), None, heartbeat_s=services.settings.ws_heartbeat_interval, fmt="telemetra"
+        )
     finally:
         stream.release()
 
@@ -394,7 +485,7 @@ async def _telemetry_app_stream(
                 )
         await stream.send({"type": "ack", "message": f"{action}d {target}"})
 
-    await stream.run(_format("telemetry_app"), on_message)
+    await stream.run(_format("telemetry_app"), on_message, fmt="telemetry_app")
 
 
 @router.websocket("/api/v1/realtime/subscribe/{device_id}")
@@ -508,6 +599,6 @@ async def heatpump(ws: WebSocket) -> None:
 
     try:
         stream.subscribe(types=frozenset((model.TELEMETRY, model.ALERT)), devices=None, since=None)
-        await stream.run(_format("heatpump"), on_message)
+        await stream.run(_format("heatpump"), on_message, fmt="heatpump")
     finally:
         stream.release()

@@ -8,7 +8,8 @@
 - ``heatpump`` (smart-heat-pump's dashboard, CLIENTS.md §3.3): ``sensor_data`` with the device's own nested
   payload, and its ``alert`` message.
 
-Each message is encoded once per event and format (``ChangeEvent.encoded``), however many clients get it.
+Each message is encoded once per event and format (``ChangeEvent.encoded``), and framed once for the
+clients without compression (``ChangeEvent.frames``), however many clients get it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 
 from telemetra.api.alerts import alert_out
 from telemetra.api.compat_telemetry_app import reading_out
+from telemetra.api.ws_transport import text_frame
 from telemetra.domain.timeutil import ms_to_iso
 from telemetra.events import model
 from telemetra.events.model import ChangeEvent
@@ -83,6 +85,17 @@ def encoded(event: ChangeEvent, name: str) -> str | None:
         text = orjson.dumps(message).decode() if message is not None else ""
         event.encoded[name] = text
     return text or None
+
+
+def frame(event: ChangeEvent, name: str) -> bytes | None:
+    """The message of ``event`` in format ``name`` as one WebSocket text frame, or None when that format
+    has none. Built once: every client of the format is handed the same bytes."""
+    built = event.frames.get(name)
+    if built is None:
+        text = encoded(event, name)
+        built = text_frame(text.encode()) if text is not None else b""
+        event.frames[name] = built
+    return built or None
 
 
 def _as_published(event: ChangeEvent) -> Any:

@@ -78,6 +78,48 @@ class Subscription:
         self._ready.clear()
         return None
 
+    def take_many(self, limit: int) -> list[ChangeEvent | Gap]:
+        """Up to ``limit`` items at once (a ``Gap`` first when events were lost), oldest first; empty when
+        there is nothing now (or the subscription is closed). A stream drains its queue this way, one
+        wake-up for a whole batch rather than one await per event."""
+        if self.closed:
+            return []
+        queue = self._queue
+        out: list[ChangeEvent | Gap]
+        if self._missed:
+            out = [Gap(self._missed)]
+            self._missed = 0
+        elif not queue:
+            self._ready.clear()
+            return []
+        else:
+            out = []
+        room = limit - len(out)
+        if len(queue) <= room:  # the usual case: everything (copied and cleared in C)
+            taken = len(queue)
+            out.extend(queue)
+            queue.clear()
+        else:
+            taken = room
+            popleft = queue.popleft
+            out.extend([popleft() for _ in range(room)])
+        self.delivered += taken
+        if not queue:
+            self._ready.clear()
+        return out
+
+    async def wait(self) -> None:
+        """Until there is something to take, the subscription is closed, or someone calls ``wake()``."""
+        if self.closed or self._queue or self._missed:
+            return
+        await self._ready.wait()
+        if not (self.closed or self._queue or self._missed):
+            self._ready.clear()  # woken for something else (a heartbeat due): the next wait waits again
+
+    def wake(self) -> None:
+        """End a ``wait()`` now, with nothing to take (the stream has something of its own to send)."""
+        self._ready.set()
+
     async def next(self) -> ChangeEvent | Gap:
         while True:
             item = self.take_nowait()

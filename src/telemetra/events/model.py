@@ -32,6 +32,8 @@ class ChangeEvent:
     id: int = 0
     # Per stream format, the encoded message (built once, however many clients receive it).
     encoded: dict[str, str] = field(default_factory=dict, repr=False)
+    # Per stream format, that message as a WebSocket frame (the same bytes for every uncompressed client).
+    frames: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
