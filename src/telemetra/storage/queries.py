@@ -262,6 +262,11 @@ class TelemetryQueries:
             *(grouped.c[c] for c in ("key", "bucket", "min", "max", "sum", "count")), last_column.label("last_value")
         ).order_by(grouped.c.key, grouped.c.bucket)
         async with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # PostgreSQL guesses ~17 times too many answer buckets, so from about ten devices a year's
+                # answer costs past jit_above_cost and spends 70 ms compiling a query that runs in 20 ms.
+                # SET LOCAL: for this read's transaction only.
+                await conn.exec_driver_sql("SET LOCAL jit = off")
             rows = (await conn.execute(stmt)).all()
         shape = bucket_values(functions)
         buckets = []
