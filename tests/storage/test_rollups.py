@@ -17,7 +17,7 @@ from telemetra.config import Settings
 from telemetra.domain.records import Batch, Telemetry, Value, ValueType
 from telemetra.domain.rollups import HOUR, MINUTE, RAW, choose_resolution
 from telemetra.storage.database import create_engine, migrate
-from telemetra.storage.queries import AGGREGATES, TelemetryQueries
+from telemetra.storage.queries import AGGREGATES, TelemetryQueries, bucket_values
 from telemetra.storage.writes import write_batch
 
 BASE = 1_780_000_000_000 - 1_780_000_000_000 % 3_600_000  # an hour edge
@@ -89,6 +89,14 @@ class Checker:
                 got = await rolled.aggregate_at(device, **kwargs)
                 assert (expected.resolution, got.resolution) == (RAW, tier)
                 _same(expected.buckets, got.buckets)
+            # Some functions, in an order of the caller's (the answer keeps it), with and without ``last``.
+            for functions in (["count", "min"], ["last", "max"]):
+                kwargs = {"keys": ["t", "h"], "start": BASE, "end": BASE + SPAN, "functions": functions}
+                for interval in (3_600_000, 7_200_000):
+                    expected = await raw.aggregate_at(device, interval_ms=interval, **kwargs)
+                    got = await rolled.aggregate_at(device, interval_ms=interval, **kwargs)
+                    assert [list(b.values) for b in got.buckets] == [functions] * len(expected.buckets)
+                    assert [b.values for b in got.buckets] == [b.values for b in expected.buckets]
         finally:
             await engine.dispose()
 
@@ -178,3 +186,13 @@ async def test_the_migration_rolls_up_what_is_already_stored(database_url: str, 
             _same(expected.buckets, got.buckets)
     finally:
         await engine.dispose()
+
+
+def test_bucket_values_keep_the_functions_asked_in_their_order() -> None:
+    full = bucket_values(AGGREGATES)(1.0, 3.0, 2.0, 6.0, 3, 2.5)
+    assert full == {"min": 1.0, "max": 3.0, "avg": 2.0, "sum": 6.0, "count": 3, "last": 2.5}
+    assert list(full) == list(AGGREGATES)
+    some = bucket_values(["min", "avg", "last"])(1.0, 3.0, 2.0, 6.0, 3, 2.5)
+    assert list(some.items()) == [("min", 1.0), ("avg", 2.0), ("last", 2.5)]
+    reordered = bucket_values(["last", "min", "last"])(1.0, 3.0, 2.0, 6.0, 3, 2.5)
+    assert list(reordered.items()) == [("last", 2.5), ("min", 1.0)]

@@ -26,7 +26,7 @@ from telemetra.api.openapi import answers
 from telemetra.api.params import decode_cursor, encode_cursor, interval_ms, key_list, time_range
 from telemetra.api.present import point, series
 from telemetra.domain.errors import InvalidInput, NotFound
-from telemetra.domain.timeutil import ms_to_iso
+from telemetra.domain.timeutil import bucket_iso, ms_to_iso
 from telemetra.storage.queries import AGGREGATES
 
 router = APIRouter(prefix="/api/v1", tags=["telemetry"])
@@ -116,7 +116,7 @@ async def _aggregate(
     )
     out: dict[str, list[dict[str, Any]]] = {k: [] for k in wanted}
     for b in result.buckets:
-        out.setdefault(b.key, []).append({"start": ms_to_iso(b.start), **b.values})
+        out.setdefault(b.key, []).append({"start": bucket_iso(b.start), **b.values})
     return {
         "device_id": device_id,
         "interval": interval,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 _RANGE = re.compile(r"^(\d+)(ms|s|m|h|d|w)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
@@ -20,6 +21,11 @@ _EPOCH = datetime(1970, 1, 1)  # naive on purpose: adding to it skips the time z
 def ms_to_iso(ms: int) -> str:
     # Epoch + timedelta is ~2.5x faster than fromtimestamp + strftime (an aggregate answer has thousands).
     return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
+
+
+# Aggregate bucket edges repeat: every key of an answer has the same ones, and charts ask the same ranges
+# again. A hit is ~10x cheaper than formatting; 32,768 edges (a few MB) hold a year of hours three times.
+bucket_iso = lru_cache(maxsize=32_768)(ms_to_iso)
 
 
 def ms_to_datetime(ms: int) -> datetime:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, func, literal_column, select, tuple_
+from sqlalchemy import BigInteger, and_, bindparam, func, literal_column, null, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.domain.records import ValueType
@@ -57,6 +57,29 @@ def stored_value(num: float | None, text: str | None, vtype: int) -> float | boo
 
 
 _value = stored_value
+
+BucketValues = Callable[[Any, Any, Any, Any, int, Any], dict[str, Any]]
+
+
+def bucket_values(functions: Sequence[str]) -> BucketValues:
+    """``(min, max, avg, sum, count, last) -> {function: value}`` for the functions asked, in their order.
+
+    An answer has thousands of buckets: building all six and deleting the unwanted ones is ~4x faster
+    than a comprehension over the names, so that is the path when the names come in ``AGGREGATES``
+    order (as every client asks); any other order keeps the order asked."""
+    wanted = list(dict.fromkeys(functions))
+    unwanted = tuple(f for f in AGGREGATES if f not in wanted)
+    in_order = wanted == [f for f in AGGREGATES if f in wanted]
+
+    def values(lo: Any, hi: Any, avg: Any, total: Any, count: int, last: Any) -> dict[str, Any]:
+        out = {"min": lo, "max": hi, "avg": avg, "sum": total, "count": count, "last": last}
+        if not in_order:
+            return {f: out[f] for f in wanted}
+        for f in unwanted:
+            del out[f]
+        return out
+
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +221,12 @@ class TelemetryQueries:
             bucket: Any = r.bucket - r.bucket % iv
         else:
             bucket = literal_column(str(int(start)), BigInteger)
-        where = and_(r.device_id == device_id, r.key.in_(list(keys)), r.bucket >= start, r.bucket < end)
+        # The range rendered into the SQL at execution (the compiled form stays cached): asyncpg's prepared
+        # statements go to PostgreSQL's generic plan after five runs, which guesses a bound range holds 0.5 %
+        # of the rows and so sorts a year's 26,280 hour rows for a GroupAggregate; knowing the range it
+        # hashes them (~30 % less time).
+        lo, hi = (bindparam(None, int(v), BigInteger, literal_execute=True) for v in (start, end))
+        where = and_(r.device_id == device_id, r.key.in_(list(keys)), r.bucket >= lo, r.bucket < hi)
         group = [r.key, bucket] if interval_ms else [r.key]
         grouped = (
             select(
@@ -217,33 +245,35 @@ class TelemetryQueries:
             .subquery()
         )
         newest = ROLLUP_TABLES[tier].__table__.alias("newest_bucket")
-        stmt = (
-            select(grouped, newest.c.last_value)
-            .join(
-                newest,
-                and_(
-                    newest.c.device_id == device_id,
-                    newest.c.key == grouped.c.key,
-                    newest.c.bucket == grouped.c.newest,
-                ),
+        # A correlated primary-key lookup per answer bucket, not a join: PostgreSQL planned the join as a
+        # hash over every row of the device (a sequential scan, 80 ms of a year's 1-day answer at 3
+        # devices and growing with the fleet); the lookups are 1,095 index probes (~2 ms).
+        last_value = (
+            select(newest.c.last_value)
+            .where(
+                newest.c.device_id == device_id,
+                newest.c.key == grouped.c.key,
+                newest.c.bucket == grouped.c.newest,
             )
-            .order_by(grouped.c.key, grouped.c.bucket)
+            .scalar_subquery()
         )
+        last_column = last_value if "last" in functions else null()  # no lookups when ``last`` is not asked
+        stmt = select(
+            *(grouped.c[c] for c in ("key", "bucket", "min", "max", "sum", "count")), last_column.label("last_value")
+        ).order_by(grouped.c.key, grouped.c.bucket)
         async with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # PostgreSQL guesses ~17 times too many answer buckets, so from about ten devices a year's
+                # answer costs past jit_above_cost and spends 70 ms compiling a query that runs in 20 ms.
+                # SET LOCAL: for this read's transaction only.
+                await conn.exec_driver_sql("SET LOCAL jit = off")
             rows = (await conn.execute(stmt)).all()
+        shape = bucket_values(functions)
         buckets = []
-        for row in rows:
-            count = int(row.count)
-            total = row.sum
-            all_values: dict[str, Any] = {
-                "min": row.min,
-                "max": row.max,
-                "avg": (total / count) if count and total is not None else None,
-                "sum": total,
-                "count": count,
-                "last": row.last_value,
-            }
-            buckets.append(Bucket(row.key, int(row.bucket), {f: all_values[f] for f in functions}))
+        for key, bucket, lo, hi, total, count, last in rows:
+            count = int(count)
+            avg = total / count if count and total is not None else None
+            buckets.append(Bucket(key, int(bucket), shape(lo, hi, avg, total, count, last)))
         return buckets
 
     async def _read_rollup(
@@ -257,17 +287,12 @@ class TelemetryQueries:
         )
         async with self._engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
+        shape = bucket_values(functions)
         buckets = []
         for key, bucket, lo, hi, total, count, last in rows:
-            all_values: dict[str, Any] = {
-                "min": lo,
-                "max": hi,
-                "avg": total / count if count and total is not None else None,
-                "sum": total,
-                "count": int(count),
-                "last": last,
-            }
-            buckets.append(Bucket(key, int(bucket), {f: all_values[f] for f in functions}))
+            count = int(count)
+            avg = total / count if count and total is not None else None
+            buckets.append(Bucket(key, int(bucket), shape(lo, hi, avg, total, count, last)))
         return buckets
 
     async def _aggregate_raw(
@@ -313,17 +338,12 @@ class TelemetryQueries:
                         select(t.key, t.ts, t.value_num).where(t.device_id == device_id, tuple_(t.key, t.ts).in_(chunk))
                     )
                     last_values.update({(f.key, f.ts): f.value_num for f in found})
+        shape = bucket_values(functions)
         buckets = []
         for r in rows:
-            all_values: dict[str, Any] = {
-                "min": r.min,
-                "max": r.max,
-                "avg": float(r.avg) if r.avg is not None else None,
-                "sum": r.sum,
-                "count": int(r.count),
-                "last": last_values.get((r.key, r.last_ts)),
-            }
-            buckets.append(Bucket(r.key, int(r.bucket), {f: all_values[f] for f in functions}))
+            avg = float(r.avg) if r.avg is not None else None
+            last = last_values.get((r.key, r.last_ts))
+            buckets.append(Bucket(r.key, int(r.bucket), shape(r.min, r.max, avg, r.sum, int(r.count), last)))
         return buckets
 
     async def state(self, device_id: str | None = None) -> list[DeviceState]:
