@@ -89,7 +89,9 @@ def test_the_ota_page_follows_device_reports_over_the_stream_without_a_reload(br
     expect(row.locator("[data-node-progress]")).to_have_text("40 %")
 
     # The second, over MQTT event/ota: completed.
-    _publish(server, second, devices[second], f"telemetra/{second}/event/ota", {"update_id": uid, "status": "completed"})
+    _publish(
+        server, second, devices[second], f"telemetra/{second}/event/ota", {"update_id": uid, "status": "completed"}
+    )
     expect(counts.locator('[data-count="completed"]')).to_have_text("1 completed")
     expect(rollout.locator(f'tr[data-node="{second}"] [data-status]')).to_have_text("completed")
 
