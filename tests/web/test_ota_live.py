@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,7 +34,9 @@ def _publish(server: Server, device_id: str, secret: str, topic: str, payload: d
         client.disconnect()
 
 
-def test_the_ota_page_follows_device_reports_over_the_stream_without_a_reload(browsing: Browsing) -> None:
+def test_the_ota_page_follows_device_reports_over_the_stream_without_a_reload(
+    browsing: Browsing, artifacts: Path
+) -> None:
     server = browsing.server
     model = unique("live-model")
     devices = {unique(f"live{i}"): "" for i in range(2)}
@@ -94,6 +97,7 @@ def test_the_ota_page_follows_device_reports_over_the_stream_without_a_reload(br
     )
     expect(counts.locator('[data-count="completed"]')).to_have_text("1 completed")
     expect(rollout.locator(f'tr[data-node="{second}"] [data-status]')).to_have_text("completed")
+    page.screenshot(path=artifacts / "ota-live-light-desktop.png", full_page=True)  # a rollout half done
 
     # The first finishes too, and so does the rollout.
     r = server.http.post(

@@ -217,12 +217,14 @@ export async function renderDevice(root, { params, query }) {
   renderFacts(device);
   root.append(
     h("div", { class: "row" }, h("h1", {}, device.name ? `${device.name} (${id})` : id), h("span", { class: "spacer" }), liveBadge),
-    h("div", { class: "grid" },
+    // Facts and latest values share the first row between them; the chart takes the width under it.
+    h("div", { class: "grid stack" },
       h("section", { class: "panel" }, h("h2", {}, "Device"), facts),
-      h("section", { class: "panel", "aria-labelledby": "latest-h" }, h("h2", { id: "latest-h" }, "Latest values"), cards),
-      h("section", { class: "panel wide", "aria-labelledby": "chart-h" }, h("h2", { id: "chart-h" }, "History"),
-        h("div", { class: "row" }, h("label", { for: "range" }, "Range", rangeSel), keysBox, h("span", { class: "spacer" }), resetZoom),
-        chartBox, chartNote),
+      h("section", { class: "panel", "aria-labelledby": "latest-h" }, h("h2", { id: "latest-h" }, "Latest values"), cards)),
+    h("section", { class: "panel", "aria-labelledby": "chart-h" }, h("h2", { id: "chart-h" }, "History"),
+      h("div", { class: "row" }, h("label", { for: "range" }, "Range", rangeSel), keysBox, h("span", { class: "spacer" }), resetZoom),
+      chartBox, chartNote),
+    h("div", { class: "grid" },
       h("section", { class: "panel", "aria-labelledby": "cmd-h" }, h("h2", { id: "cmd-h" }, "Commands"), commandForm(), commandsBox),
       h("section", { class: "panel", "aria-labelledby": "cfg-h" }, h("h2", { id: "cfg-h" }, "Configuration"), configBox),
       h("section", { class: "panel", "aria-labelledby": "state-h" }, h("h2", { id: "state-h" }, "State"), stateBox),

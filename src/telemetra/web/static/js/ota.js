@@ -132,7 +132,7 @@ export async function renderOta(root) {
         h("span", { dataset: { count: "total" } }, `${p.total} devices`),
         job.paused_reason ? h("span", { class: "badge warn" }, job.paused_reason) : null),
       job.waves.length ? table(["Wave", "Devices", "Completed", "Failed", "Status"], job.waves.map((w, i) =>
-        h("tr", { dataset: { wave: i + 1 } }, h("td", {}, `${i + 1} (${w.percent} %)`), h("td", {}, w.devices), h("td", {}, w.completed), h("td", {}, w.failed), h("td", {}, statusBadge(w.status))))) : null,
+        h("tr", { dataset: { wave: i + 1 } }, h("td", { class: "nowrap" }, `${i + 1} (${w.percent} %)`), h("td", {}, w.devices), h("td", {}, w.completed), h("td", {}, w.failed), h("td", {}, statusBadge(w.status))))) : null,
       h("details", { open: open.has(job.id), ontoggle: (e) => {
         const was = open.has(job.id);
         if (e.target.open) open.add(job.id); else open.delete(job.id);
@@ -207,11 +207,13 @@ export async function renderOta(root) {
   const liveBadge = h("span", { class: "badge", id: "live-status", "aria-live": "polite" }, "connecting");
   root.append(
     h("div", { class: "row" }, h("h1", {}, "OTA"), h("span", { class: "spacer" }), liveBadge),
-    h("div", { class: "grid" },
+    // The two forms share the width between them (a grid with wide panels in it would keep a third,
+    // empty column beside them on a wide screen).
+    h("div", { class: "grid stack" },
       h("section", { class: "panel", "aria-labelledby": "up-h" }, h("h2", { id: "up-h" }, "Upload firmware"), uploadForm),
-      h("section", { class: "panel", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "New rollout"), rolloutForm),
-      h("section", { class: "panel wide", "aria-labelledby": "fw-h" }, h("h2", { id: "fw-h" }, "Firmware images"), firmwareList),
-      h("section", { class: "panel wide", "aria-labelledby": "rl-h" }, h("h2", { id: "rl-h" }, "Rollouts"), rollouts)),
+      h("section", { class: "panel", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "New rollout"), rolloutForm)),
+    h("section", { class: "panel", "aria-labelledby": "rl-h" }, h("h2", { id: "rl-h" }, "Rollouts"), rollouts),
+    h("section", { class: "panel", "aria-labelledby": "fw-h" }, h("h2", { id: "fw-h" }, "Firmware images"), firmwareList),
   );
   await Promise.all([loadFirmware(), loadRollouts()]);
 
