@@ -70,10 +70,12 @@ def test_the_ota_page_follows_device_reports_over_the_stream_without_a_reload(
     page.locator("#ro-firmware").select_option(label=f"{model} 3.1.0")
     page.get_by_label("Waves (cumulative %)").fill("100")
     page.get_by_role("button", name="Start rollout").click()
-    expect(page.get_by_role("status").filter(has_text="Rollout #")).to_contain_text("2 devices")
-    rollout = page.locator("article[data-rollout]").first
-    uid = int(rollout.get_attribute("data-rollout") or 0)
-    assert uid
+    started = page.get_by_role("status").filter(has_text="Rollout #")
+    expect(started).to_contain_text("2 devices")
+    found = re.search(r"Rollout #(\d+)", started.inner_text())
+    assert found, started.inner_text()
+    uid = int(found[1])  # the server is shared: earlier tests' rollouts are listed too
+    rollout = page.locator(f'article[data-rollout="{uid}"]')
     rollout.locator("summary").click()
     expect(rollout.locator("details tbody tr")).to_have_count(2)
     counts = rollout.locator("[data-progress]")

@@ -3,13 +3,17 @@
 import { api, ApiError, describe, onTrouble, session, Unreachable } from "./api.js";
 import { h, clear, tick } from "./ui.js";
 import { route } from "./nav.js";
-import { renderFleet } from "./fleet.js";
-import { renderDevice } from "./device.js";
-import { renderProvision } from "./provision.js";
-import { renderAlerts } from "./alerts.js";
-import { renderRules } from "./rules.js";
-import { renderOta } from "./ota.js";
-import { renderTest } from "./testconsole.js";
+
+// Each page's module is evaluated when the page is first shown (index.html preloads them all, so none is
+// fetched then): the fleet's first screen does not wait for the chart library and six other pages to run.
+const lazy = (load, name) => async (...args) => (await load())[name](...args);
+const renderFleet = lazy(() => import("./fleet.js"), "renderFleet");
+const renderDevice = lazy(() => import("./device.js"), "renderDevice");
+const renderProvision = lazy(() => import("./provision.js"), "renderProvision");
+const renderAlerts = lazy(() => import("./alerts.js"), "renderAlerts");
+const renderRules = lazy(() => import("./rules.js"), "renderRules");
+const renderOta = lazy(() => import("./ota.js"), "renderOta");
+const renderTest = lazy(() => import("./testconsole.js"), "renderTest");
 
 const main = document.getElementById("main");
 const banner = document.getElementById("banner");

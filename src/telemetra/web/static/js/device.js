@@ -244,7 +244,10 @@ export async function renderDevice(root, { params, query }) {
   await loadLatest(firstLatest);
   renderCards();
   renderKeyPicker();
-  await Promise.all([drawChart(), loadState(), loadEvents(), loadAlerts(), loadCommands(), loadConfig()].map((p) => p.catch((error) => root.append(errorMessage(error)))));
+  // The chart first: its aggregate requests have the server to themselves, then the panels below it.
+  const shown = (p) => p.catch((error) => root.append(errorMessage(error)));
+  await shown(drawChart());
+  await Promise.all([loadState(), loadEvents(), loadAlerts(), loadCommands(), loadConfig()].map(shown));
 
   // -- live --------------------------------------------------------------------------------------
   let live = false;
