@@ -116,5 +116,8 @@ def test_the_ota_page_follows_device_reports_over_the_stream_without_a_reload(
     streamed = [m for m in streamed if m["update_id"] == uid]  # the server is shared with other tests
     assert {"downloading", "completed"} <= {m["status"] for m in streamed if m["device_id"] == first}, streamed
     assert any(m["device_id"] is None and m["status"] == "completed" for m in streamed), streamed
+    # A finished rollout deleted elsewhere leaves the page too.
+    assert server.http.delete(f"/api/v1/ota/updates/{uid}", headers=ADMIN).status_code == 200
+    expect(rollout).to_have_count(0)
     expect(page.locator("#live-status")).to_have_text("live")
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1

@@ -167,15 +167,19 @@ export async function renderOta(root) {
     await Promise.all(jobs.filter((j) => open.has(j.id)).map((j) => refreshRollout(j.id)));
   }
 
+  function forget(id) {
+    articles.delete(id);
+    order = order.filter((x) => x !== id);
+    place();
+  }
+
   async function refreshRollout(id) {
     let job;
     try {
       job = await api(`/api/v1/ota/updates/${id}`, { query: { nodes_limit: open.has(id) ? NODES_SHOWN : 0 } });
     } catch (error) {
       if (error?.status === 404) {
-        articles.delete(id);
-        order = order.filter((x) => x !== id);
-        place();
+        forget(id);
         return;
       }
       throw error;
@@ -223,7 +227,9 @@ export async function renderOta(root) {
     types: ["ota"],
     onMessage: (msg) => {
       if (msg.type !== "ota" || msg.update_id == null) return;
-      changed(Number(msg.update_id));
+      const id = Number(msg.update_id);
+      if (msg.status === "deleted" && msg.device_id == null) forget(id); // nothing left to fetch (a 404)
+      else changed(id);
     },
     onGap: () => loadRollouts().catch(() => {}), // missed events: everything may have moved
     onStatus: (status) => {
