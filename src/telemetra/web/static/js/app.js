@@ -6,7 +6,8 @@ import { route } from "./nav.js";
 
 // Each page's module is evaluated when the page is first shown (index.html preloads them all, so none is
 // fetched then): the fleet's first screen does not wait for the chart library and six other pages to run.
-const lazy = (load, name) => async (...args) => (await load())[name](...args);
+// ``preload`` starts that while the shell still waits for /api/v1/me.
+const lazy = (load, name) => Object.assign(async (...args) => (await load())[name](...args), { preload: () => load().catch(() => {}) });
 const renderFleet = lazy(() => import("./fleet.js"), "renderFleet");
 const renderDevice = lazy(() => import("./device.js"), "renderDevice");
 const renderProvision = lazy(() => import("./provision.js"), "renderProvision");
@@ -91,7 +92,10 @@ function showSignIn(note) {
 
 async function render() {
   if (!session.key) return showSignIn();
+  const { path, query } = route();
+  const page = PAGES.find((p) => p.path.test(path)) ?? PAGES[0];
   if (!session.me) {
+    page.render.preload();
     try {
       session.me = await api("/api/v1/me");
     } catch (error) {
@@ -99,8 +103,6 @@ async function render() {
       return showSignIn(error instanceof ApiError && error.status === 401 ? "Your key was refused; sign in again." : describe(error));
     }
   }
-  const { path, query } = route();
-  const page = PAGES.find((p) => p.path.test(path)) ?? PAGES[0];
   document.getElementById("top").hidden = false;
   const role = document.getElementById("role");
   role.textContent = session.me.role;
