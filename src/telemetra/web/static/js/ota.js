@@ -108,6 +108,7 @@ export async function renderOta(root) {
   function renderRollout(job, nodes) {
     const p = job.progress;
     const done = p.completed + p.failed + p.timed_out;
+    const ended = !ACTIVE.has(job.status);
     const act = (to, label) => writeButton(label, async () => {
       try {
         await api(`/api/v1/ota/updates/${job.id}/${to}`, { method: "POST" });
@@ -127,12 +128,15 @@ export async function renderOta(root) {
       h("p", { class: "small", dataset: { progress: "" } },
         h("span", { dataset: { count: "completed" } }, `${p.completed} completed`), " · ",
         h("span", { dataset: { count: "failed" } }, `${p.failed + p.timed_out} failed`), " · ",
-        h("span", { dataset: { count: "active" } }, `${p.notified + p.downloading + p.installing} in progress`), " · ",
-        h("span", { dataset: { count: "pending" } }, `${p.pending} waiting`), " · ",
+        // A rollout that ended (cancelled, failed) leaves its unfinished devices where they were: they
+        // are no longer "in progress" or "waiting", so the page does not say so.
+        ended ? [h("span", { dataset: { count: "unfinished" } }, `${p.notified + p.downloading + p.installing + p.pending} not updated`), " · "] : [
+          h("span", { dataset: { count: "active" } }, `${p.notified + p.downloading + p.installing} in progress`), " · ",
+          h("span", { dataset: { count: "pending" } }, `${p.pending} waiting`), " · "],
         h("span", { dataset: { count: "total" } }, `${p.total} devices`),
         job.paused_reason ? h("span", { class: "badge warn" }, job.paused_reason) : null),
       job.waves.length ? table(["Wave", "Devices", "Completed", "Failed", "Status"], job.waves.map((w, i) =>
-        h("tr", { dataset: { wave: i + 1 } }, h("td", { class: "nowrap" }, `${i + 1} (${w.percent} %)`), h("td", {}, w.devices), h("td", {}, w.completed), h("td", {}, w.failed), h("td", {}, statusBadge(w.status))))) : null,
+        h("tr", { dataset: { wave: i + 1 } }, h("td", { class: "nowrap" }, `${i + 1} (${w.percent} %)`), h("td", {}, w.devices), h("td", {}, w.completed), h("td", {}, w.failed), h("td", {}, statusBadge(ended && w.status !== "completed" ? "stopped" : w.status))))) : null,
       h("details", { open: open.has(job.id), ontoggle: (e) => {
         const was = open.has(job.id);
         if (e.target.open) open.add(job.id); else open.delete(job.id);

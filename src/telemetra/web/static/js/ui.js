@@ -84,7 +84,7 @@ export function errorMessage(error) {
 export function statusBadge(status) {
   const tone = { acked: "ok", completed: "ok", cleared: "ok", active: "bad", failed: "bad", expired: "bad",
     timed_out: "bad", cancelled: "warn", paused: "warn", acknowledged: "warn", queued: "", sent: "warn",
-    distributing: "warn", notified: "warn", downloading: "warn", installing: "warn", running: "warn", pending: "" }[status] ?? "";
+    distributing: "warn", notified: "warn", downloading: "warn", installing: "warn", running: "warn", stopped: "warn", pending: "" }[status] ?? "";
   return h("span", { class: `badge ${tone}`, dataset: { status } }, status);
 }
 
