@@ -3,13 +3,18 @@
 import { api, ApiError, describe, onTrouble, session, Unreachable } from "./api.js";
 import { h, clear, tick } from "./ui.js";
 import { route } from "./nav.js";
-import { renderFleet } from "./fleet.js";
-import { renderDevice } from "./device.js";
-import { renderProvision } from "./provision.js";
-import { renderAlerts } from "./alerts.js";
-import { renderRules } from "./rules.js";
-import { renderOta } from "./ota.js";
-import { renderTest } from "./testconsole.js";
+
+// Each page's module is evaluated when the page is first shown (index.html preloads them all, so none is
+// fetched then): the fleet's first screen does not wait for the chart library and six other pages to run.
+// ``preload`` starts that while the shell still waits for /api/v1/me.
+const lazy = (load, name) => Object.assign(async (...args) => (await load())[name](...args), { preload: () => load().catch(() => {}) });
+const renderFleet = lazy(() => import("./fleet.js"), "renderFleet");
+const renderDevice = lazy(() => import("./device.js"), "renderDevice");
+const renderProvision = lazy(() => import("./provision.js"), "renderProvision");
+const renderAlerts = lazy(() => import("./alerts.js"), "renderAlerts");
+const renderRules = lazy(() => import("./rules.js"), "renderRules");
+const renderOta = lazy(() => import("./ota.js"), "renderOta");
+const renderTest = lazy(() => import("./testconsole.js"), "renderTest");
 
 const main = document.getElementById("main");
 const banner = document.getElementById("banner");
@@ -87,7 +92,10 @@ function showSignIn(note) {
 
 async function render() {
   if (!session.key) return showSignIn();
+  const { path, query } = route();
+  const page = PAGES.find((p) => p.path.test(path)) ?? PAGES[0];
   if (!session.me) {
+    page.render.preload();
     try {
       session.me = await api("/api/v1/me");
     } catch (error) {
@@ -95,8 +103,6 @@ async function render() {
       return showSignIn(error instanceof ApiError && error.status === 401 ? "Your key was refused; sign in again." : describe(error));
     }
   }
-  const { path, query } = route();
-  const page = PAGES.find((p) => p.path.test(path)) ?? PAGES[0];
   document.getElementById("top").hidden = false;
   const role = document.getElementById("role");
   role.textContent = session.me.role;

@@ -217,12 +217,14 @@ export async function renderDevice(root, { params, query }) {
   renderFacts(device);
   root.append(
     h("div", { class: "row" }, h("h1", {}, device.name ? `${device.name} (${id})` : id), h("span", { class: "spacer" }), liveBadge),
-    h("div", { class: "grid" },
+    // Facts and latest values share the first row between them; the chart takes the width under it.
+    h("div", { class: "grid stack" },
       h("section", { class: "panel" }, h("h2", {}, "Device"), facts),
-      h("section", { class: "panel", "aria-labelledby": "latest-h" }, h("h2", { id: "latest-h" }, "Latest values"), cards),
-      h("section", { class: "panel wide", "aria-labelledby": "chart-h" }, h("h2", { id: "chart-h" }, "History"),
-        h("div", { class: "row" }, h("label", { for: "range" }, "Range", rangeSel), keysBox, h("span", { class: "spacer" }), resetZoom),
-        chartBox, chartNote),
+      h("section", { class: "panel", "aria-labelledby": "latest-h" }, h("h2", { id: "latest-h" }, "Latest values"), cards)),
+    h("section", { class: "panel", "aria-labelledby": "chart-h" }, h("h2", { id: "chart-h" }, "History"),
+      h("div", { class: "row" }, h("label", { for: "range" }, "Range", rangeSel), keysBox, h("span", { class: "spacer" }), resetZoom),
+      chartBox, chartNote),
+    h("div", { class: "grid" },
       h("section", { class: "panel", "aria-labelledby": "cmd-h" }, h("h2", { id: "cmd-h" }, "Commands"), commandForm(), commandsBox),
       h("section", { class: "panel", "aria-labelledby": "cfg-h" }, h("h2", { id: "cfg-h" }, "Configuration"), configBox),
       h("section", { class: "panel", "aria-labelledby": "state-h" }, h("h2", { id: "state-h" }, "State"), stateBox),
@@ -242,7 +244,10 @@ export async function renderDevice(root, { params, query }) {
   await loadLatest(firstLatest);
   renderCards();
   renderKeyPicker();
-  await Promise.all([drawChart(), loadState(), loadEvents(), loadAlerts(), loadCommands(), loadConfig()].map((p) => p.catch((error) => root.append(errorMessage(error)))));
+  // The chart first: its aggregate requests have the server to themselves, then the panels below it.
+  const shown = (p) => p.catch((error) => root.append(errorMessage(error)));
+  await shown(drawChart());
+  await Promise.all([loadState(), loadEvents(), loadAlerts(), loadCommands(), loadConfig()].map(shown));
 
   // -- live --------------------------------------------------------------------------------------
   let live = false;

@@ -99,7 +99,7 @@ export async function renderFleet(root, { query }) {
         h("td", { class: "hide-phone" }, d.kind),
       ),
     );
-    return table(headers, rows, { "aria-label": "Devices" });
+    return table(headers, rows, { "aria-label": "Devices", stack: false });
   }
 
   function changed(field, el, delay = 0) {

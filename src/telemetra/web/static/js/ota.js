@@ -2,9 +2,13 @@
 // resume / cancel.
 
 import { api, upload } from "./api.js";
+import { Live } from "./live.js";
 import { clear, errorMessage, every, exact, h, statusBadge, table, writeButton } from "./ui.js";
 
 const ACTIVE = new Set(["pending", "distributing", "paused"]);
+const NODES_SHOWN = 500; // devices listed under an open rollout (the counts cover all of them)
+const COALESCE_MS = 200; // events arriving this close together are one refresh
+const POLL_MS = 3000; // while the stream is down
 
 export async function renderOta(root) {
   const firmwareList = h("div", { id: "firmware" });
@@ -94,51 +98,156 @@ export async function renderOta(root) {
       h("label", { for: "ro-fail" }, "Pause at failures (%)", failPct), h("label", { for: "ro-min" }, "…after finished", minFinished)),
     h("p", {}, h("button", { type: "submit", class: "primary" }, "Start rollout")), rolloutOut);
 
+  // Each rollout is one <article>, replaced on its own when that rollout changes: an ``ota`` event on the
+  // stream names the rollout (``update_id``), and only it is fetched again (a button in another rollout
+  // keeps its focus, an open device list stays open).
   const open = new Set(); // rollouts whose device list is shown
-  async function loadRollouts() {
-    const jobs = await api("/api/v1/ota/updates", { query: { limit: 50 } });
-    const items = await Promise.all(jobs.map(async (job) => {
-      const p = job.progress;
-      const done = p.completed + p.failed + p.timed_out;
-      const act = (to, label) => writeButton(label, async () => {
-        try {
-          await api(`/api/v1/ota/updates/${job.id}/${to}`, { method: "POST" });
-        } catch (error) {
-          rolloutOut.replaceChildren(errorMessage(error));
-        }
-        await loadRollouts();
-      });
-      const nodes = open.has(job.id) ? await api(`/api/v1/ota/updates/${job.id}`) : null;
-      return h("article", { class: "panel", dataset: { rollout: job.id }, "aria-label": `Rollout ${job.id}` },
-        h("div", { class: "row" }, h("h3", {}, `#${job.id} ${job.name ?? ""} ${job.node_type ?? ""} → ${job.version ?? ""}`), statusBadge(job.status),
-          h("span", { class: "spacer" }),
-          job.status === "distributing" ? act("pause", "Pause") : null,
-          job.status === "paused" ? act("resume", "Resume") : null,
-          ACTIVE.has(job.status) ? act("cancel", "Cancel") : null),
-        h("progress", { max: Math.max(1, p.total), value: done, "aria-label": `Rollout ${job.id} progress` }),
-        h("p", { class: "small" }, `${p.completed} completed · ${p.failed + p.timed_out} failed · ${p.notified + p.downloading + p.installing} in progress · ${p.pending} waiting · ${p.total} devices`,
-          job.paused_reason ? h("span", { class: "badge warn" }, job.paused_reason) : null),
-        job.waves.length ? table(["Wave", "Devices", "Completed", "Failed", "Status"], job.waves.map((w, i) =>
-          h("tr", {}, h("td", {}, `${i + 1} (${w.percent} %)`), h("td", {}, w.devices), h("td", {}, w.completed), h("td", {}, w.failed), h("td", {}, statusBadge(w.status))))) : null,
-        h("details", { open: open.has(job.id), ontoggle: (e) => {
-          const was = open.has(job.id);
-          if (e.target.open) open.add(job.id); else open.delete(job.id);
-          if (e.target.open && !was) loadRollouts();
-        } }, h("summary", {}, "Devices"),
-          nodes ? table(["Device", "Status", "Wave", "Progress", "Updated"], nodes.nodes.map((n) => h("tr", {}, h("td", {}, n.node_id), h("td", {}, statusBadge(n.status)),
-            h("td", {}, n.wave + 1), h("td", {}, n.progress != null ? `${n.progress} %` : "—"), h("td", {}, exact(n.updated_at))))) : h("p", { class: "muted" }, "Loading…")));
-    }));
-    clear(rollouts, items.length ? items : h("p", { class: "muted" }, "No rollouts yet."));
+  const articles = new Map(); // rollout id → its <article>
+  let order = []; // rollout ids as listed, newest first
+
+  function renderRollout(job, nodes) {
+    const p = job.progress;
+    const done = p.completed + p.failed + p.timed_out;
+    const ended = !ACTIVE.has(job.status);
+    const act = (to, label) => writeButton(label, async () => {
+      try {
+        await api(`/api/v1/ota/updates/${job.id}/${to}`, { method: "POST" });
+      } catch (error) {
+        rolloutOut.replaceChildren(errorMessage(error));
+      }
+      await refreshRollout(job.id);
+    });
+    const title = `#${job.id} ${job.name ?? ""} ${job.node_type ?? job.target_model ?? ""} → ${job.version ?? ""}`.replace(/\s+/g, " ");
+    return h("article", { class: "panel", dataset: { rollout: job.id, status: job.status }, "aria-label": `Rollout ${job.id}` },
+      h("div", { class: "row" }, h("h3", {}, title), statusBadge(job.status),
+        h("span", { class: "spacer" }),
+        job.status === "distributing" ? act("pause", "Pause") : null,
+        job.status === "paused" ? act("resume", "Resume") : null,
+        ACTIVE.has(job.status) ? act("cancel", "Cancel") : null),
+      h("progress", { max: Math.max(1, p.total), value: done, "aria-label": `Rollout ${job.id} progress` }),
+      h("p", { class: "small", dataset: { progress: "" } },
+        h("span", { dataset: { count: "completed" } }, `${p.completed} completed`), " · ",
+        h("span", { dataset: { count: "failed" } }, `${p.failed + p.timed_out} failed`), " · ",
+        // A rollout that ended (cancelled, failed) leaves its unfinished devices where they were: they
+        // are no longer "in progress" or "waiting", so the page does not say so.
+        ended ? [h("span", { dataset: { count: "unfinished" } }, `${p.notified + p.downloading + p.installing + p.pending} not updated`), " · "] : [
+          h("span", { dataset: { count: "active" } }, `${p.notified + p.downloading + p.installing} in progress`), " · ",
+          h("span", { dataset: { count: "pending" } }, `${p.pending} waiting`), " · "],
+        h("span", { dataset: { count: "total" } }, `${p.total} devices`),
+        job.paused_reason ? h("span", { class: "badge warn" }, job.paused_reason) : null),
+      job.waves.length ? table(["Wave", "Devices", "Completed", "Failed", "Status"], job.waves.map((w, i) =>
+        h("tr", { dataset: { wave: i + 1 } }, h("td", { class: "nowrap" }, `${i + 1} (${w.percent} %)`), h("td", {}, w.devices), h("td", {}, w.completed), h("td", {}, w.failed), h("td", {}, statusBadge(ended && w.status !== "completed" ? "stopped" : w.status))))) : null,
+      h("details", { open: open.has(job.id), ontoggle: (e) => {
+        const was = open.has(job.id);
+        if (e.target.open) open.add(job.id); else open.delete(job.id);
+        if (e.target.open && !was) refreshRollout(job.id);
+      } }, h("summary", {}, `Devices (${p.total})`),
+        nodes ? h("div", {}, table(["Device", "Status", "Wave", "Progress", "Updated"], nodes.map((n) => h("tr", { dataset: { node: n.node_id } }, h("td", { class: "mono" }, n.node_id), h("td", {}, statusBadge(n.status)),
+          h("td", {}, n.wave + 1), h("td", { dataset: { nodeProgress: "" } }, n.progress != null ? `${n.progress} %` : "—"), h("td", {}, exact(n.updated_at))))),
+        nodes.length < p.total ? h("p", { class: "muted small" }, `The first ${nodes.length} of ${p.total} devices.`) : null) : h("p", { class: "muted" }, "Loading…")));
   }
 
+  function place() {
+    clear(rollouts, order.length ? order.map((id) => articles.get(id)) : h("p", { class: "muted" }, "No rollouts yet."));
+  }
+
+  function put(job, nodes) {
+    const fresh = renderRollout(job, nodes);
+    const old = articles.get(job.id);
+    articles.set(job.id, fresh);
+    if (old?.isConnected) old.replaceWith(fresh);
+    else {
+      if (!order.includes(job.id)) order = [job.id, ...order].sort((a, b) => b - a);
+      place();
+    }
+  }
+
+  async function loadRollouts() {
+    const jobs = await api("/api/v1/ota/updates", { query: { limit: 50 } });
+    order = jobs.map((j) => j.id);
+    for (const id of articles.keys()) if (!order.includes(id)) articles.delete(id);
+    for (const job of jobs) articles.set(job.id, renderRollout(job, null));
+    place();
+    await Promise.all(jobs.filter((j) => open.has(j.id)).map((j) => refreshRollout(j.id)));
+  }
+
+  function forget(id) {
+    articles.delete(id);
+    order = order.filter((x) => x !== id);
+    place();
+  }
+
+  async function refreshRollout(id) {
+    let job;
+    try {
+      job = await api(`/api/v1/ota/updates/${id}`, { query: { nodes_limit: open.has(id) ? NODES_SHOWN : 0 } });
+    } catch (error) {
+      if (error?.status === 404) {
+        forget(id);
+        return;
+      }
+      throw error;
+    }
+    put(job, open.has(id) ? job.nodes : null);
+  }
+
+  // One fetch at a time per rollout, and at most one more queued behind it however many events arrive:
+  // a rollout of 10,000 devices sends an event per device change, and the page asks once per burst.
+  const busy = new Map(); // rollout id → "running" | "again"
+  function changed(id) {
+    if (busy.has(id)) {
+      busy.set(id, "again");
+      return;
+    }
+    busy.set(id, "running");
+    setTimeout(async () => {
+      try {
+        await refreshRollout(id);
+      } catch (error) {
+        console.warn("rollout refresh failed:", error?.message ?? error);
+      }
+      const again = busy.get(id) === "again";
+      busy.delete(id);
+      if (again) changed(id);
+    }, COALESCE_MS);
+  }
+
+  const liveBadge = h("span", { class: "badge", id: "live-status", "aria-live": "polite" }, "connecting");
   root.append(
-    h("h1", {}, "OTA"),
-    h("div", { class: "grid" },
+    h("div", { class: "row" }, h("h1", {}, "OTA"), h("span", { class: "spacer" }), liveBadge),
+    // The two forms share the width between them (a grid with wide panels in it would keep a third,
+    // empty column beside them on a wide screen).
+    h("div", { class: "grid stack" },
       h("section", { class: "panel", "aria-labelledby": "up-h" }, h("h2", { id: "up-h" }, "Upload firmware"), uploadForm),
-      h("section", { class: "panel", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "New rollout"), rolloutForm),
-      h("section", { class: "panel wide", "aria-labelledby": "fw-h" }, h("h2", { id: "fw-h" }, "Firmware images"), firmwareList),
-      h("section", { class: "panel wide", "aria-labelledby": "rl-h" }, h("h2", { id: "rl-h" }, "Rollouts"), rollouts)),
+      h("section", { class: "panel", "aria-labelledby": "ro-h" }, h("h2", { id: "ro-h" }, "New rollout"), rolloutForm)),
+    h("section", { class: "panel", "aria-labelledby": "rl-h" }, h("h2", { id: "rl-h" }, "Rollouts"), rollouts),
+    h("section", { class: "panel", "aria-labelledby": "fw-h" }, h("h2", { id: "fw-h" }, "Firmware images"), firmwareList),
   );
   await Promise.all([loadFirmware(), loadRollouts()]);
-  return every(3000, () => loadRollouts().catch(() => {}));
+
+  // -- live: WS /api/v1/realtime?types=ota -----------------------------------------------------------
+  let live = false;
+  const stream = new Live({
+    types: ["ota"],
+    onMessage: (msg) => {
+      if (msg.type !== "ota" || msg.update_id == null) return;
+      const id = Number(msg.update_id);
+      if (msg.status === "deleted" && msg.device_id == null) forget(id); // nothing left to fetch (a 404)
+      else changed(id);
+    },
+    onGap: () => loadRollouts().catch(() => {}), // missed events: everything may have moved
+    onStatus: (status) => {
+      const was = live;
+      live = status === "live";
+      liveBadge.textContent = { live: "live", reconnecting: "polling (stream reconnecting)", refused: "polling (stream refused)" }[status] ?? status;
+      liveBadge.className = `badge ${live ? "ok" : "warn"}`;
+      // Back after a drop: what changed meanwhile was not streamed to us.
+      if (live && !was) loadRollouts().catch(() => {});
+    },
+  }).start();
+  const poll = every(POLL_MS, () => (live ? null : loadRollouts().catch(() => {})));
+  return () => {
+    stream.stop();
+    poll();
+  };
 }

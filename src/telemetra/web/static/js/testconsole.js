@@ -9,7 +9,7 @@ export async function renderTest(root, { query }) {
   const out = h("div", { id: "test-result", "aria-live": "polite" });
   const device = h("input", { id: "test-device", required: true, list: "test-devices", value: query.get("device") ?? "", autocomplete: "off" });
   const devices = h("datalist", { id: "test-devices" });
-  const deviceKey = h("input", { id: "test-key", type: "password", autocomplete: "off", placeholder: "optional: post with the device's own key" });
+  const deviceKey = h("input", { id: "test-key", type: "password", autocomplete: "off", placeholder: "optional" });
   const body = h("textarea", { id: "test-body", rows: 5 }, '{"temperature": 21.5, "humidity": 40}');
   let stream = null;
 
@@ -17,7 +17,9 @@ export async function renderTest(root, { query }) {
     for (const d of page.devices) devices.append(h("option", { value: d.id }));
   }, () => {});
 
+  const nothing = h("p", { class: "muted" }, "Nothing yet: what the device sends appears here as it arrives.");
   function show(ts, values, how) {
+    nothing.hidden = true;
     arrived.prepend(h("li", {}, h("strong", {}, how), " ", h("span", { class: "muted small" }, exact(ts)), " ",
       Object.entries(values).map(([k, v]) => h("code", { class: "mono" }, `${k}=${formatValue(v)} `))));
   }
@@ -55,6 +57,7 @@ export async function renderTest(root, { query }) {
     }
   } },
     h("div", { class: "row" }, h("label", { for: "test-device" }, "Device id", device, devices), h("label", { for: "test-key" }, "Device key", deviceKey)),
+    h("p", { class: "muted small" }, "With the device's own key the message is posted as that device; without one, with yours, naming the device id."),
     h("label", { for: "test-body" }, "Message (JSON, any shape Telemetra accepts)", body),
     h("p", {}, h("button", { type: "submit", class: "primary" }, "Send test message")), out);
 
@@ -62,7 +65,7 @@ export async function renderTest(root, { query }) {
     h("h1", {}, "Test telemetry"),
     h("div", { class: "grid" },
       h("section", { class: "panel", "aria-labelledby": "t-h" }, h("h2", { id: "t-h" }, canPost ? "Send" : "Watch"), form ?? postForm),
-      h("section", { class: "panel", "aria-labelledby": "a-h" }, h("h2", { id: "a-h" }, "Arrived"), arrived)),
+      h("section", { class: "panel", "aria-labelledby": "a-h" }, h("h2", { id: "a-h" }, "Arrived"), nothing, arrived)),
   );
   return () => stream?.stop();
 }

@@ -84,7 +84,7 @@ export function errorMessage(error) {
 export function statusBadge(status) {
   const tone = { acked: "ok", completed: "ok", cleared: "ok", active: "bad", failed: "bad", expired: "bad",
     timed_out: "bad", cancelled: "warn", paused: "warn", acknowledged: "warn", queued: "", sent: "warn",
-    distributing: "warn", pending: "" }[status] ?? "";
+    distributing: "warn", notified: "warn", downloading: "warn", installing: "warn", running: "warn", stopped: "warn", pending: "" }[status] ?? "";
   return h("span", { class: `badge ${tone}`, dataset: { status } }, status);
 }
 
@@ -103,11 +103,24 @@ export function json(value) {
   return JSON.stringify(value, null, 2);
 }
 
-export function table(headers, rows, attrs = {}) {
+// On a phone a table of this kind becomes one block per row, each cell under its header's name
+// (``data-label``), instead of a strip scrolled sideways with its last columns out of sight.
+// ``stack: false`` keeps it a table (the fleet list, which drops columns on a phone instead).
+export function table(headers, rows, { stack = true, ...attrs } = {}) {
+  const labels = headers.map((x) => (x instanceof Node ? x.textContent : String(x ?? "")).trim());
+  if (stack) {
+    for (const row of [rows].flat(Infinity)) {
+      if (!(row instanceof Element)) continue;
+      [...row.children].forEach((cell, i) => {
+        if (labels[i] && cell.dataset.label === undefined) cell.dataset.label = labels[i];
+      });
+    }
+  }
+  const cls = [attrs.class, stack ? "stack" : null].filter(Boolean).join(" ");
   return h(
     "div",
     { class: "table-wrap" },
-    h("table", attrs, h("thead", {}, h("tr", {}, headers.map((x) => (x instanceof Node ? x : h("th", { scope: "col" }, x))))), h("tbody", {}, rows)),
+    h("table", { ...attrs, class: cls || undefined }, h("thead", {}, h("tr", {}, headers.map((x) => (x instanceof Node ? x : h("th", { scope: "col" }, x))))), h("tbody", {}, rows)),
   );
 }
 
