@@ -8,6 +8,7 @@ import { renderDevice } from "./device.js";
 import { renderProvision } from "./provision.js";
 import { renderAlerts } from "./alerts.js";
 import { renderRules } from "./rules.js";
+import { renderWebhooks } from "./webhooks.js";
 import { renderOta } from "./ota.js";
 import { renderTest } from "./testconsole.js";
 
@@ -21,6 +22,7 @@ const PAGES = [
   { name: "provision", path: /^\/provision$/, render: renderProvision, nav: "/provision", label: "Provision", admin: true },
   { name: "alerts", path: /^\/alerts$/, render: renderAlerts, nav: "/alerts", label: "Alerts" },
   { name: "rules", path: /^\/rules$/, render: renderRules, nav: "/rules", label: "Rules" },
+  { name: "webhooks", path: /^\/webhooks$/, render: renderWebhooks, nav: "/webhooks", label: "Webhooks", operator: true },
   { name: "ota", path: /^\/ota$/, render: renderOta, nav: "/ota", label: "OTA", admin: true },
   { name: "test", path: /^\/test$/, render: renderTest, nav: "/test", label: "Test telemetry" },
 ];
@@ -38,8 +40,13 @@ function applyTheme(theme) {
   window.dispatchEvent(new Event("themechange"));
 }
 
+// Only what to show: the server checks every request.
+function allowed(page) {
+  return (!page.admin || session.admin) && (!page.operator || session.operates);
+}
+
 function renderNav(current) {
-  const items = PAGES.filter((p) => p.label && (!p.admin || session.admin)).map((p) =>
+  const items = PAGES.filter((p) => p.label && allowed(p)).map((p) =>
     h("li", {}, h("a", { href: `#${p.nav}`, "aria-current": p.nav === current ? "page" : null }, p.label)),
   );
   items.push(h("li", {}, h("a", { href: "/docs" }, "API docs")));
@@ -109,8 +116,8 @@ async function render() {
   delete main.dataset.ready;
   main.dataset.page = page.name;
   clear(main, root);
-  if (page.admin && !session.admin) {
-    root.append(h("h1", {}, page.label), h("p", { class: "message" }, "This page needs an admin key."));
+  if (!allowed(page)) {
+    root.append(h("h1", {}, page.label), h("p", { class: "message" }, page.admin ? "This page needs an admin key." : "This page needs an admin or operator key."));
     main.dataset.ready = "true";
     return;
   }
