@@ -128,7 +128,7 @@ export async function renderWebhooks(root, { query }) {
         } catch (error) {
           clear(logOut, errorMessage(error));
         }
-        await Promise.all([loadLog(), load()]);
+        await loadLog(); // failed → pending: the counts follow
       })
       : null;
     return h("tr", { dataset: { delivery: d.id, status: d.status } },
@@ -160,9 +160,12 @@ export async function renderWebhooks(root, { query }) {
     try {
       const answer = await api(`/api/v1/webhooks/${hook.id}/deliveries`, { query: { status: logStatus.value, limit: LOG_PAGE, before } });
       if (hook.id !== shownId) return; // another log was opened meanwhile
+      const was = new Map(logShown.map((d) => [d.id, d.status]));
       logShown = before ? [...logShown, ...answer.deliveries] : answer.deliveries;
       logRead = Date.now();
       drawLog(answer.next_before);
+      // A delivery that changed state changes the list's counts: read them after the log, never older.
+      if (answer.deliveries.some((d) => was.has(d.id) && was.get(d.id) !== d.status)) await loadList();
     } catch (error) {
       clear(logBox, errorMessage(error));
     }
@@ -190,7 +193,7 @@ export async function renderWebhooks(root, { query }) {
     await load();
   }
 
-  async function load() {
+  async function loadList() {
     try {
       hooks = (await api("/api/v1/webhooks")).webhooks;
     } catch (error) {
@@ -219,6 +222,10 @@ export async function renderWebhooks(root, { query }) {
             clear(listOut, message("ok", `Webhook ${w.name} deleted.`));
           }), { class: "danger" }) : null)))), { "aria-label": "Webhooks" }) :
       h("p", { class: "muted" }, admin ? "No webhooks yet: create one below." : "No webhooks yet."));
+  }
+
+  async function load() {
+    await loadList();
     await loadLog();
   }
 
@@ -237,7 +244,7 @@ export async function renderWebhooks(root, { query }) {
   // Fast while a delivery is pending (a test on its way, a retry waiting), slow otherwise.
   const stopLog = every(PENDING_REFRESH_MS, () => {
     const pending = logShown.some((d) => d.status === "pending");
-    if (pending) return load(); // the counts change with it; load() reads the log too
+    if (pending) return loadLog();
     return Date.now() - logRead > IDLE_REFRESH_MS ? loadLog() : null;
   });
   return () => {
