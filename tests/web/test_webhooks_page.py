@@ -132,7 +132,7 @@ def test_a_webhook_made_in_the_browser_signs_a_test_that_the_receiver_gets_and_t
     expect(row.locator('[data-count="failed"]')).to_have_text("0 failed")
     page.screenshot(path=artifacts / "webhooks-light-desktop.png", full_page=True)
     phone = browsing.signed_in(viewport=PHONE, color_scheme="dark")
-    phone.goto("/#/webhooks")
+    phone.goto(f"/#/webhooks?log={row.get_attribute('data-webhook')}")  # its log, not the first webhook's
     phone.locator('main[data-page="webhooks"][data-ready]').wait_for()
     phone.locator("#deliveries tr[data-delivery]").first.wait_for()
     phone.screenshot(path=artifacts / "webhooks-log-dark-phone.png", full_page=True)

@@ -65,7 +65,7 @@ export async function renderWebhooks(root, { query }) {
   let shownId = Number(query.get("log")) || null; // whose delivery log is open
 
   // -- the create form (admin) ---------------------------------------------------------------------
-  const urlIn = h("input", { id: "webhook-url", type: "url", required: true, maxlength: 2048, autocomplete: "off", placeholder: "https://hooks.example.com/telemetra" });
+  const urlIn = h("input", { id: "webhook-url", type: "url", required: true, maxlength: 2048, autocomplete: "off", placeholder: "the receiver's http or https URL" });
   const nameIn = h("input", { id: "webhook-name", maxlength: 128, autocomplete: "off", placeholder: "the URL's host" });
   const eventsIn = h("input", { id: "webhook-events", required: true, autocomplete: "off", value: "alert.*", placeholder: "alert.*, device.offline" });
   const enabledIn = h("input", { id: "webhook-enabled", type: "checkbox", checked: true });
@@ -204,11 +204,11 @@ export async function renderWebhooks(root, { query }) {
     const headers = ["Webhook", "Events", "State", "Deliveries", "Actions"];
     clear(listBox, hooks.length ? table(headers, hooks.map((w) =>
       h("tr", { dataset: { webhook: w.id }, class: w.id === shownId ? "selected" : null },
-        h("td", {}, h("strong", {}, w.name), h("div", { class: "muted small" }, `#${w.id}`), h("div", { class: "mono small break" }, w.url)),
+        h("td", { class: "hook" }, h("strong", {}, w.name), h("div", { class: "muted small" }, `#${w.id}`), h("div", { class: "mono small break" }, w.url)),
         h("td", { class: "mono small" }, w.events.join(", ")),
         h("td", {}, h("span", { class: `badge ${w.enabled ? "ok" : ""}`, dataset: { enabled: String(w.enabled) } }, w.enabled ? "enabled" : "disabled")),
         h("td", {}, counts(w)),
-        h("td", {}, h("div", { class: "row" },
+        h("td", {}, h("div", { class: "row actions" },
           h("button", { type: "button", "aria-pressed": String(w.id === shownId), onclick: () => showLog(w.id) }, "Log"),
           session.operates ? writeButton("Send test", (e) => act(e, async () => {
             const queued = await api(`/api/v1/webhooks/${w.id}/test`, { method: "POST" });
