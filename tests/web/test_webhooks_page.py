@@ -16,7 +16,7 @@ from playwright.sync_api import expect
 
 from telemetra.domain import webhooks as W
 from tests.conftest import ADMIN
-from tests.web.conftest import PHONE, OPERATOR_KEY, VIEWER_KEY, Browsing, eventually
+from tests.web.conftest import OPERATOR_KEY, PHONE, VIEWER_KEY, Browsing, eventually
 from tests.webhooks.receiver import Receiver
 
 
@@ -166,7 +166,9 @@ def test_an_operator_sends_tests_but_cannot_change_webhooks_and_a_viewer_is_told
     expect(operator.get_by_role("button", name="Create webhook")).to_have_count(0)
     expect(row.get_by_role("button", name=re.compile("^(Enable|Disable|Delete)$"))).to_have_count(0)
     delivery = send_test(operator, row)  # an operator's: the server allows it
-    expect(operator.locator(f'#deliveries tr[data-delivery="{delivery}"]')).to_have_attribute("data-status", "delivered")
+    expect(operator.locator(f'#deliveries tr[data-delivery="{delivery}"]')).to_have_attribute(
+        "data-status", "delivered"
+    )
     eventually(lambda: of_delivery(receiver, delivery), what="the operator's test at the receiver")
 
     viewer = browsing.signed_in(VIEWER_KEY)
