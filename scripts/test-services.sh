@@ -2,7 +2,7 @@
 # Make sure what the test suite talks to is installed and running: PostgreSQL (the tests create and
 # drop their own databases), the mosquitto binary (tests start their own brokers on free ports) and
 # Debian's chromium (the dashboard's browser tests drive it through Playwright, which never downloads one)
-# and docker-compose (to validate deploy/'s compose files).
+# docker-compose (to validate deploy/'s compose files) and nginx (deploy/'s proxy, tested in front of Mosquitto).
 # On a fresh Debian/Ubuntu machine this installs them with apt (needs root or sudo).
 set -euo pipefail
 
@@ -14,10 +14,19 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 [ -x "${TELEMETRA_TEST_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
 # tests/test_deploy.py validates the compose files with `docker-compose config` (no Docker engine needed).
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+# tests/test_deploy.py puts deploy/'s nginx config in front of Mosquitto (wss://…/mqtt); openssl makes its certs.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  # Only the binary is wanted: RUNLEVEL=1 keeps the package from starting a server on port 80.
+  echo "installing: nginx-light"
+  $SUDO apt-get update -qq
+  RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light >/dev/null \
+    || echo "nginx-light did not install cleanly; tests/test_deploy.py needs /usr/sbin/nginx" >&2
 fi
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import AliasChoices, ValidationError
 
-from telemetra.config import MIN_ADMIN_KEY_LENGTH, Settings
+from telemetra.config import MIN_ADMIN_KEY_LENGTH, Settings, settings_errors
 
 STRONG = secrets.token_urlsafe(MIN_ADMIN_KEY_LENGTH)  # made at run time: no key in the repository
 
@@ -72,6 +72,8 @@ def test_defaults() -> None:
             ["http://a.local", "http://b.local"],
         ),
         ("TELEMETRA_REJECTED_PER_MINUTE", "3", "rejected_per_minute", 3),
+        ("TELEMETRA_STORAGE_WARN_FRACTION", "0.75", "storage_warn_fraction", 0.75),
+        ("TELEMETRA_STORAGE_WARN_DAYS", "30", "storage_warn_days", 30.0),
     ],
 )
 def test_environment_names(
@@ -129,7 +131,7 @@ def test_empty_database_url_means_the_default(monkeypatch: pytest.MonkeyPatch) -
 )
 def test_unknown_database_scheme_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("DATABASE_URL", url)
-    with pytest.raises(ValidationError, match="DATABASE_URL must be"):
+    with pytest.raises(ValidationError, match="must be a postgresql:// or sqlite://"):
         load()
 
 
@@ -171,6 +173,7 @@ def test_weak_admin_key_is_fine_in_development(monkeypatch: pytest.MonkeyPatch) 
         ("WS_HEARTBEAT_INTERVAL", "0"),
         ("TELEMETRA_INGEST_QUEUE_MAX_POINTS", "10"),
         ("TELEMETRA_MAX_PAYLOAD_BYTES", "100"),
+        ("TELEMETRA_STORAGE_WARN_FRACTION", "1.5"),
     ],
 )
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -184,6 +187,33 @@ def test_unknown_preset_message_lists_the_known_ones(monkeypatch: pytest.MonkeyP
     with pytest.raises(ValidationError, match="zigbee") as exc:
         load()
     assert "heatpump" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"DATABASE_URL": "mysql://u@db/t"}, "DATABASE_URL: must be a postgresql:// or sqlite:// URL"),
+        ({"TELEMETRA_PORT": "http"}, "TELEMETRA_PORT: input should be a valid integer"),
+        ({"PORT": "70000"}, "PORT: input should be less than or equal to 65535 (got '70000')"),  # as it was set
+        ({"TELEMETRA_MQTT_PREFIX": "a/b"}, "TELEMETRA_MQTT_PREFIX: must be one topic level"),
+        ({"TELEMETRA_MQTT_PRESETS": "paku,paku-iot"}, "TELEMETRA_MQTT_PRESETS / TELEMETRA_MQTT_ROUTES: MQTT routes"),
+        (
+            {"TELEMETRA_ENV": "production", "TELEMETRA_ADMIN_KEYS": "weak-0xA1"},
+            "TELEMETRA_ADMIN_KEYS / TELEMETRA_OPERATOR_KEYS / TELEMETRA_VIEWER_KEYS: keys must be at least",
+        ),
+    ],
+)
+def test_refusals_read_as_the_setting_and_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    """What the CLI prints: the variable's name and the reason, not pydantic's "Value error, …"."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as exc:
+        load()
+    (message,) = settings_errors(exc.value, env)
+    assert message.startswith(line), message
+    assert "Value error" not in message and "weak-0xA1" not in message
 
 
 def test_env_file_is_read_when_asked(tmp_path: Path) -> None:

@@ -120,3 +120,13 @@ def test_readme_examples_run_verbatim_in_order(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_readme_stands_alone() -> None:
+    """For a reader who never saw this repository's history: no internal "issue N" / "seed N" notes, and
+    the production admin key is found where the deploy puts it."""
+    text = README.read_text()
+    internal = re.findall(r"\b(?:issues?|seeds?) #?\d+\b", text, re.I)
+    assert not internal, f"internal references in README.md: {sorted(set(internal))}"
+    assert "deploy/secrets/admin_key" in text and "TELEMETRA_ADMIN_KEYS_FILE" in text
+    assert "**Where the admin key lives.**" in text

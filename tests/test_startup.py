@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -64,12 +65,42 @@ def listening() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def test_http_port_in_use_names_the_setting_and_the_holder(tmp_path: Path, listening: int) -> None:
+@pytest.fixture
+def listening_pair() -> Iterator[int]:
+    """Ports p and p + 1, both listened on by this test process: the next port up is no free suggestion."""
+    for _ in range(50):
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        port = int(first.getsockname()[1])
+        second = socket.socket()
+        try:
+            second.bind(("127.0.0.1", port + 1))
+        except OSError:
+            first.close()
+            second.close()
+            continue
+        first.listen()
+        second.listen()
+        try:
+            yield port
+        finally:
+            first.close()
+            second.close()
+        return
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_http_port_in_use_names_the_setting_the_holder_and_a_free_port(tmp_path: Path, listening_pair: int) -> None:
+    listening = listening_pair
     result = serve(tmp_path, TELEMETRA_PORT=str(listening))
     assert result.returncode == startup.EXIT_HTTP_PORT
     line = error_line(result)
     assert f"port {listening} on 127.0.0.1 is already in use" in line
     assert f"(pid {os.getpid()})" in line and "TELEMETRA_PORT" in line
+    suggested = int(re.search(r"e\.g\. TELEMETRA_PORT=(\d+), free right now", line).group(1))  # type: ignore[union-attr]
+    assert suggested not in (listening, listening + 1)  # both taken: the suggestion skips them
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", suggested))  # and it really is free
     assert not (tmp_path / "data" / "admin.key").exists()  # no key for a server that never ran
 
 
@@ -96,7 +127,7 @@ def test_database_unreachable_names_host_port_database_after_waiting(tmp_path: P
     assert "TELEMETRA_DATABASE_URL" in line and "TELEMETRA_STARTUP_WAIT_S" in line
     assert "pw" not in line.split("TELEMETRA")[0].replace("PostgreSQL", "")  # never the password
     # The wait is in the log: each retry with how long it waits.
-    assert result.stderr.count("not reachable") >= 2 and "retrying in" in result.stderr
+    assert result.stderr.count("not available") >= 2 and "retrying in" in result.stderr
     assert not (tmp_path / "data" / "admin.key").exists()
 
 
@@ -109,14 +140,56 @@ async def _pg_reachable() -> None:
         await conn.close()
 
 
-def test_missing_database_says_how_to_create_it(tmp_path: Path) -> None:
+def test_missing_database_is_waited_for_then_says_how_to_create_it(tmp_path: Path) -> None:
     asyncio.run(_pg_reachable())
     name = f"telemetra_absent_{uuid.uuid4().hex[:8]}"
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    result = serve(tmp_path, TELEMETRA_DATABASE_URL=url)
+    result = serve(tmp_path, TELEMETRA_DATABASE_URL=url, TELEMETRA_STARTUP_WAIT_S="2")
     assert result.returncode == startup.EXIT_DATABASE_MISSING
     line = error_line(result)
-    assert f"database '{name}': the database does not exist" in line and "createdb -h 127.0.0.1 -p 5432" in line
+    assert f"database '{name}': the database does not exist; waited" in line
+    assert "createdb -h 127.0.0.1 -p 5432" in line and "TELEMETRA_STARTUP_WAIT_S" in line
+    # While it waited, each retry said what is missing and how to create it.
+    hints = [entry for entry in result.stderr.splitlines() if "does not exist yet; create it: createdb" in entry]
+    assert len(hints) >= 2 and all("retrying in" in entry for entry in hints), result.stderr
+    assert not (tmp_path / "data" / "admin.key").exists()
+
+
+async def test_serve_waits_for_a_database_created_after_it_started(tmp_path: Path) -> None:
+    """Compose (or an operator) may create the database after Telemetra is up: it keeps retrying, then runs."""
+    await _pg_reachable()
+    name = f"telemetra_late_{uuid.uuid4().hex[:8]}"
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    env = base_env(tmp_path / "data", TELEMETRA_DATABASE_URL=url, TELEMETRA_ADMIN_KEYS="k" * 40)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(  # noqa: ASYNC220 - starts it, does not wait
+            [*telemetra_binary(), "serve"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        deadline = time.monotonic() + 30
+        while "does not exist yet; create it" not in log.read_text():  # waiting for it, and saying so
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.1)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['TELEMETRA_PORT']}") as client:
+            while True:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert " ready on postgresql" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 def test_external_broker_unreachable(tmp_path: Path) -> None:
@@ -241,3 +314,28 @@ async def test_serve_waits_for_a_database_that_comes_up_later(tmp_path: Path) ->
             process.terminate()
             process.wait(timeout=20)
             forwarder.close()
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_ready_line_gives_the_urls_and_the_log_has_no_colour_codes(tmp_path: Path, fmt: str) -> None:
+    env = base_env(tmp_path / "data", TELEMETRA_LOG_FORMAT=fmt)
+    base = f"http://127.0.0.1:{env['TELEMETRA_PORT']}"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*telemetra_binary(), "serve"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "Application startup complete" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        (ready,) = [line for line in log.read_text().splitlines() if " ready on sqlite" in line]
+        assert f"dashboard {base}/ " in ready and f"API docs {base}/docs" in ready, ready
+        assert httpx.get(f"{base}/docs").status_code == 200  # the URL it gives works
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    text = log.read_text()
+    assert "Finished server process" in text  # uvicorn's lines, which carry a coloured copy, are all in
+    assert "\x1b[" not in text and "color_message" not in text, text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 
 async def wait_set(event: asyncio.Event, seconds: float) -> bool:
@@ -19,3 +20,16 @@ async def wait_set(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def every(seconds: float, step: Callable[[], Awaitable[object]], *, failed: Callable[[Exception], None]) -> None:
+    """Run ``step`` now and then every ``seconds`` (counted from the end of each run), until cancelled.
+
+    A run that raises is handed to ``failed`` (which logs it, or notes a database outage) and the loop
+    goes on: one bad round must not end a background task that is meant to run for as long as the app."""
+    while True:
+        try:
+            await step()
+        except Exception as exc:
+            failed(exc)
+        await asyncio.sleep(seconds)

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.cors import CORSMiddleware
 
 from telemetra import __version__, web
+from telemetra.alerts.budget import BudgetAlerts
 from telemetra.alerts.engine import RulesEngine
 from telemetra.api import (
     alerts,
@@ -48,6 +49,7 @@ from telemetra.api.security_headers import SecureHeaders
 from telemetra.bootstrap import admin_keys as find_admin_keys
 from telemetra.config import Settings
 from telemetra.core import Core
+from telemetra.endpoints import http_url
 from telemetra.events.hub import EventHub
 from telemetra.events.model import ChangeEvent
 from telemetra.ingest.normalize import Limits
@@ -71,6 +73,7 @@ from telemetra.startup import (
     wait_for_broker,
     wait_for_database,
 )
+from telemetra.storage.budget_alerts import BudgetAlertRepository
 from telemetra.storage.commands import AlertRepository, CommandRepository
 from telemetra.storage.database import create_engine, database_location, migrate
 from telemetra.storage.devices import DeviceRepository
@@ -216,8 +219,14 @@ def rules_from(services: Services) -> RulesEngine:
 
 
 def retention_from(services: Services) -> Retention:
-    """Retention (issue 10); ``/aggregate`` asks it how far back each tier still holds a device's data."""
+    """Retention (issue 10); ``/aggregate`` asks it how far back each tier still holds a device's data.
+    Its passes also settle the ``storage_budget`` alert, announced as the rules engine announces alerts."""
     settings = services.settings
+    rules = services.rules
+    budget_alerts = (
+        BudgetAlerts(BudgetAlertRepository(services.engine), announce=rules.announce) if rules is not None else None
+    )
+    services.budget_alerts = budget_alerts
     retention = Retention(
         services.engine,
         defaults=Days(settings.retention_raw_days, settings.retention_1m_days, settings.retention_1h_days),
@@ -227,6 +236,8 @@ def retention_from(services: Services) -> Retention:
         chunk=settings.retention_chunk_rows,
         budget_bytes=settings.storage_budget_bytes,
         warn_days=settings.storage_warn_days,
+        warn_fraction=settings.storage_warn_fraction,
+        on_budget=budget_alerts.check if budget_alerts is not None else None,
         database=services.database,
     )
     services.retention = retention
@@ -296,7 +307,16 @@ async def _started(app: FastAPI, settings: Settings, metrics: Metrics, database:
                 f"\n  Generated an admin key (mode 0600, never printed): cat {keys.path}\n",
                 flush=True,
             )
-        log.info("telemetra %s ready on %s", __version__, services.engine.dialect.name)
+        base = http_url(settings)
+        log.info(
+            "telemetra %s ready on %s: dashboard %s/ and API docs %s%s",
+            __version__,
+            services.engine.dialect.name,
+            base,
+            base,
+            web.DOCS,
+            extra={"dashboard_url": f"{base}/", "docs_url": f"{base}{web.DOCS}"},
+        )
         yield
 
 

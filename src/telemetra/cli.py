@@ -24,7 +24,7 @@ def load_settings(**overrides: Any) -> Settings:
     import os
     from pathlib import Path
 
-    from telemetra.config import file_values, read_env_file, unknown_settings
+    from telemetra.config import file_values, read_env_file, settings_errors, unknown_settings
 
     for warning in unknown_settings(os.environ, read_env_file(Path(".env"))):
         click.echo(f"Warning: {warning}", err=True)
@@ -32,7 +32,7 @@ def load_settings(**overrides: Any) -> Settings:
         values = file_values(os.environ) | {k: v for k, v in overrides.items() if v is not None}
         return Settings(**values)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        lines = [f"  {line}" for line in settings_errors(exc, os.environ)]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
     except ValueError as exc:
         raise click.ClickException(f"invalid settings: {exc}") from None

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from telemetra.domain.principal import parse_networks
@@ -36,6 +36,9 @@ def _split_commas(value: object) -> object:
     return value
 
 
+_KEY_SETTINGS = "TELEMETRA_ADMIN_KEYS / TELEMETRA_OPERATOR_KEYS / TELEMETRA_VIEWER_KEYS"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True, validate_default=True)
 
@@ -47,8 +50,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./telemetra-data"), validation_alias=_alias("DATA_DIR"))
     database_url: str | None = Field(None, validation_alias=_alias("DATABASE_URL", "DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_alias("DB_POOL_SIZE", "DB_POOL_SIZE"))
-    # How long `serve` waits at start for PostgreSQL and an external broker (bounded backoff, progress in the
-    # log), so that compose's start-up order does not matter.
+    # How long `serve` waits at start for PostgreSQL (and its database) and an external broker (bounded
+    # backoff, progress in the log), so that compose's start-up order does not matter.
     startup_wait_s: float = Field(60.0, ge=0, le=3600, validation_alias=_alias("STARTUP_WAIT_S"))
 
     # TLS (issue 11): with a certificate and key, HTTP is HTTPS (with HSTS) and the embedded broker adds an
@@ -111,6 +114,8 @@ class Settings(BaseSettings):
     retention_chunk_rows: int = Field(5000, ge=100, le=1_000_000, validation_alias=_alias("RETENTION_CHUNK_ROWS"))
     storage_budget_bytes: int = Field(0, ge=0, validation_alias=_alias("STORAGE_BUDGET_BYTES"))  # 0: none
     storage_warn_days: float = Field(14.0, ge=0, validation_alias=_alias("STORAGE_WARN_DAYS"))
+    # The storage_budget alert also warns once this share of the budget is used, whatever the growth (0: off).
+    storage_warn_fraction: float = Field(0.9, ge=0, le=1, validation_alias=_alias("STORAGE_WARN_FRACTION"))
     rules_file: Path | None = Field(None, validation_alias=_alias("RULES_FILE"))  # JSON or TOML, loaded at start
     presence_sweep_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("PRESENCE_SWEEP_S"))
     # An offline alert for any device silent past its interval, even without an offline rule naming it.
@@ -194,14 +199,14 @@ class Settings(BaseSettings):
             if url.startswith(plain):
                 url = async_ + url[len(plain) :]
         if not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
-            raise ValueError("DATABASE_URL must be a postgresql:// or sqlite:// URL (async drivers asyncpg/aiosqlite)")
+            raise ValueError("must be a postgresql:// or sqlite:// URL (async drivers asyncpg/aiosqlite)")
         return url
 
     @field_validator("mqtt_prefix")
     @classmethod
     def _plain_prefix(cls, value: str) -> str:
         if not value or any(c in value for c in "+#/") or value.startswith("$"):
-            raise ValueError("MQTT prefix must be one topic level without '+', '#', '/' or a leading '$'")
+            raise ValueError("must be one topic level without '+', '#', '/' or a leading '$'")
         return value
 
     @field_validator("mqtt_share_group", mode="before")
@@ -210,7 +215,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = value.strip() or None
             if value is not None and any(c in value for c in "+#/"):
-                raise ValueError("MQTT share group must be one topic level without '+', '#' or '/'")
+                raise ValueError("must be one topic level without '+', '#' or '/'")
         return value
 
     @field_validator("mqtt_presets")
@@ -234,13 +239,16 @@ class Settings(BaseSettings):
         if not value:
             return None
         if not value.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
-            raise ValueError("MQTT URL must look like mqtt://user:password@host:1883 or mqtts://…")
+            raise ValueError("must look like mqtt://user:password@host:1883 or mqtts://…")
         return value
 
     @model_validator(mode="after")
     def _routes_consistent(self) -> Settings:
         # Refused here, at start, rather than when MQTT comes up: conflicting presets or a bad extra route.
-        build_table(self.mqtt_prefix, self.mqtt_presets, self.mqtt_routes)
+        try:
+            build_table(self.mqtt_prefix, self.mqtt_presets, self.mqtt_routes)
+        except ValueError as exc:
+            raise ValueError(f"TELEMETRA_MQTT_PRESETS / TELEMETRA_MQTT_ROUTES: {exc}") from None
         return self
 
     @model_validator(mode="after")
@@ -259,13 +267,15 @@ class Settings(BaseSettings):
     def _admin_keys_strong(self) -> Settings:
         roles = (set(self.all_admin_keys), set(self.operator_keys), set(self.viewer_keys))
         if (roles[0] & roles[1]) or (roles[0] & roles[2]) or (roles[1] & roles[2]):
-            raise ValueError("a key is listed for two roles (admin, operator, viewer); give each role its own keys")
+            raise ValueError(
+                f"{_KEY_SETTINGS}: a key is listed for two roles (admin, operator, viewer); give each role its own keys"
+            )
         staff = [k for keys in roles for k in keys]
         if self.env != "development":
             weak = [k for k in staff if len(k) < MIN_ADMIN_KEY_LENGTH]
             if weak:
                 raise ValueError(
-                    f"admin, operator and viewer keys must be at least {MIN_ADMIN_KEY_LENGTH} characters "
+                    f"{_KEY_SETTINGS}: keys must be at least {MIN_ADMIN_KEY_LENGTH} characters "
                     "outside development "
                     f"({len(weak)} too short); generate one with: python -c 'import secrets; "
                     "print(secrets.token_urlsafe(32))'"
@@ -411,3 +421,41 @@ def file_values(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def process_environ() -> Mapping[str, str]:
     return os.environ
+
+
+_SECRET_WORDS = ("KEY", "PASSWORD", "SECRET", "TOKEN", "URL")
+
+
+def settings_errors(exc: ValidationError, environ: Mapping[str, str]) -> list[str]:
+    """One line per refused setting, ``NAME: what is wrong``, naming the variable as it was set (``PORT`` or
+    ``TELEMETRA_PORT``) — not pydantic's ``Value error, …`` wording; a secret's value is never echoed."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        if error["type"] == "value_error":
+            message = str(error.get("ctx", {}).get("error", error["msg"]))
+        else:
+            message = error["msg"]
+            message = message[:1].lower() + message[1:]
+        if not loc:
+            lines.append(message)  # a check across settings: its message names them
+            continue
+        name = _as_set(loc[0], environ)
+        if error["type"] != "value_error" and not any(word in name.upper() for word in _SECRET_WORDS):
+            given = error.get("input")
+            if isinstance(given, str | int | float) and len(str(given)) <= 80:
+                message += f" (got {str(given)!r})"
+        lines.append(f"{name}: {message}")
+    return lines
+
+
+def _as_set(name: str, environ: Mapping[str, str]) -> str:
+    """The name among a setting's aliases that the environment really sets (the seeds' ``PORT`` …)."""
+    names = known_names()
+    field = names.get(name.upper())
+    if field is None or name in environ:
+        return name
+    for other in environ:
+        if names.get(other.upper()) == field and not other.upper().endswith("_FILE"):
+            return other
+    return name

@@ -19,12 +19,20 @@ def _drop_secrets(_logger: object, _name: str, event: dict[str, object]) -> dict
     return event
 
 
+def _drop_colour(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+    # uvicorn passes a copy of some messages with ANSI colour codes as the extra ``color_message`` (for its
+    # own coloured formatter); in our log it would be a field full of escape sequences.
+    event.pop("color_message", None)
+    return event
+
+
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),
+        _drop_colour,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_secrets,
     ]

@@ -2,17 +2,21 @@
 policy keeps no longer (``storage.retention``), with its progress in the metrics; and the storage
 figures (``storage.usage``) refreshed after each pass. It also tells ``/aggregate`` how far back each
 tier still holds a device's data, so an answer never silently mixes in a tier that lost part of the
-range (``domain.rollups.choose_resolution``). App layer: it wires storage and metrics."""
+range (``domain.rollups.choose_resolution``). After each pass the figures go to ``on_budget`` with where
+the database stands against its budget (``domain.budget``): the ``storage_budget`` alert's cadence.
+App layer: it wires storage and metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.aio import every
+from telemetra.domain.budget import BudgetState, budget_state
 from telemetra.domain.rollups import TIERS
 from telemetra.domain.timeutil import now_ms
 from telemetra.metrics import Metrics
@@ -22,6 +26,8 @@ from telemetra.storage.usage import Usage, UsageQueries
 from telemetra.supervise import Failures, Supervisor
 
 log = logging.getLogger(__name__)
+
+OnBudget = Callable[[Usage, BudgetState | None], Awaitable[None]]
 
 
 class Retention:
@@ -38,6 +44,8 @@ class Retention:
         chunk: int = 5000,
         budget_bytes: int = 0,
         warn_days: float = 14.0,
+        warn_fraction: float = 0.0,
+        on_budget: OnBudget | None = None,
         database: DatabaseState | None = None,
     ) -> None:
         self._database = database
@@ -49,6 +57,8 @@ class Retention:
         self._chunk = chunk
         self._budget = budget_bytes or None
         self._warn_days = warn_days
+        self._warn_fraction = warn_fraction
+        self._on_budget = on_budget
         self.policies = Policies(defaults)
         self.last: PassResult | None = None
         self.passes = 0
@@ -79,12 +89,10 @@ class Retention:
         self.policies = await self.repo.policies()
 
     async def _forever(self) -> None:
-        while True:
-            try:
-                await self.run_pass()
-            except Exception as exc:
-                report_failure(self._database, exc, "retention pass failed; trying again in %s s", self._interval_s)
-            await asyncio.sleep(self._interval_s)
+        def failed(exc: Exception) -> None:
+            report_failure(self._database, exc, "retention pass failed; trying again in %s s", self._interval_s)
+
+        await every(self._interval_s, self.run_pass, failed=failed)
 
     async def run_pass(self) -> PassResult:
         await self.reload()
@@ -99,7 +107,9 @@ class Retention:
         self._metrics.retention_seconds.set(result.seconds)
         if any(result.deleted.values()):
             log.info("retention deleted %s in %.1f s", result.deleted, result.seconds)
-        await self.usage()
+        usage = await self.usage()
+        if self._on_budget is not None:
+            await self._on_budget(usage, self.budget_state(usage))
         return result
 
     async def usage(self, top: int = 10) -> Usage:
@@ -109,10 +119,16 @@ class Retention:
             self._metrics.storage_rows.labels(tier).set(figures.rows)
         if usage.days_left is not None:
             self._metrics.storage_days_left.set(usage.days_left)
-            if usage.days_left <= self._warn_days:
-                log.warning("storage: %.1f days left until the budget of %d bytes", usage.days_left, self._budget)
+        state = self.budget_state(usage)
+        if state is not None:
+            log.warning("%s", state.message)
         return usage
 
-    @property
-    def warn_days(self) -> float:
-        return self._warn_days
+    def budget_state(self, usage: Usage) -> BudgetState | None:
+        return budget_state(
+            budget_bytes=usage.budget_bytes,
+            used_bytes=usage.database_bytes,
+            days_left=usage.days_left,
+            warn_days=self._warn_days,
+            warn_fraction=self._warn_fraction,
+        )

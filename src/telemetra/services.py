@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.alerts.budget import BudgetAlerts
 from telemetra.alerts.engine import RulesEngine
 from telemetra.config import Settings
 from telemetra.domain.principal import AccessPolicy, Role, parse_networks
@@ -83,6 +84,7 @@ class Services:
     rules: RulesEngine | None = None  # set by the rules capability while it runs
     retention: Retention | None = None  # set by the retention capability while it runs
     webhooks: Webhooks | None = None  # set by the webhooks capability while it runs
+    budget_alerts: BudgetAlerts | None = None  # the storage_budget alert, settled by each retention pass
     # Set by the MQTT capability while it runs (the one in use; the other stays None).
     mqtt_broker: EmbeddedBroker | None = None
     mqtt_collector: Collector | None = None

@@ -100,12 +100,30 @@ def port_holder(port: int) -> str | None:
     return f"a process of user '{user}'"
 
 
+def free_port_near(host: str, port: int, *, tries: int = 50) -> int | None:
+    """A port that is free on ``host`` right now: the first of the next ``tries`` above ``port`` that can be
+    bound, else one the system picks. None when nothing can be bound there at all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = [p for p in range(port + 1, port + 1 + tries) if p <= 65535] + [0]
+    for candidate in candidates:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    return None
+
+
 def port_in_use_message(what: str, setting: str, host: str, port: int) -> str:
     holder = port_holder(port)
     held = f" by {holder}" if holder else ""
+    free = free_port_near(host, port)
+    suggestion = f" (e.g. {setting}={free}, free right now)" if free else ""
     return (
         f"{what}: port {port} on {host or '*'} is already in use{held}. "
-        f"Stop that process, or set {setting} to a free port (e.g. {setting}={port + 1})."
+        f"Stop that process, or set {setting} to a free port{suggestion}."
     )
 
 
@@ -181,7 +199,7 @@ async def wait_until(
             if waited + delay > wait_s:
                 raise on_give_up(reason, waited) from None
             log.warning(
-                "%s not reachable (%s); retrying in %.1f s (waited %.0f s of %.0f s, TELEMETRA_STARTUP_WAIT_S)",
+                "%s not available (%s); retrying in %.1f s (waited %.0f s of %.0f s, TELEMETRA_STARTUP_WAIT_S)",
                 what,
                 reason,
                 delay,
@@ -247,8 +265,9 @@ def check_tls_files(setting_prefix: str, cert: Path | None, key: Path | None, ca
 
 
 async def wait_for_database(database_url: str, wait_s: float) -> None:
-    """PostgreSQL answers and the database exists (waiting for it to come up); SQLite's directory is usable.
-    A missing database or refused credentials are not waited for: they will not fix themselves."""
+    """PostgreSQL answers and the database exists (waiting for both: in compose the server, or whoever
+    creates the database, may come up after Telemetra); SQLite's directory is usable. Refused credentials
+    are not waited for: they will not fix themselves."""
     from sqlalchemy import make_url
 
     url = make_url(database_url)
@@ -259,18 +278,18 @@ async def wait_for_database(database_url: str, wait_s: float) -> None:
 
     host, port, name = url.host or "localhost", url.port or 5432, url.database or url.username or "postgres"
     where = f"PostgreSQL at {host}:{port}, database '{name}'"
+    create = f"createdb -h {host} -p {port} -U {url.username or 'postgres'} {name}"
+    missing = False  # what the last try found: the server up, but no such database
 
     async def attempt() -> None:
+        nonlocal missing
         try:
             conn = await asyncpg.connect(
                 host=host, port=port, user=url.username, password=url.password, database=name, timeout=5
             )
         except asyncpg.InvalidCatalogNameError:
-            raise StartupError(
-                f"{where}: the database does not exist. Create it (createdb -h {host} -p {port} "
-                f"-U {url.username or 'postgres'} {name}) or fix the database name in TELEMETRA_DATABASE_URL.",
-                EXIT_DATABASE_MISSING,
-            ) from None
+            missing = True
+            raise Retry(f"the database does not exist yet; create it: {create}") from None
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
             raise StartupError(
                 f"{where}: login refused for user '{url.username}' ({exc}). Fix the user or password in "
@@ -278,10 +297,18 @@ async def wait_for_database(database_url: str, wait_s: float) -> None:
                 EXIT_DATABASE_UNREACHABLE,
             ) from None
         except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+            missing = False
             raise Retry(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) from None
         await conn.close()
 
     def give_up(reason: str, waited: float) -> StartupError:
+        if missing:
+            return StartupError(
+                f"{where}: the database does not exist; waited {waited:.0f} s for it. Create it ({create}) or "
+                "fix the database name in TELEMETRA_DATABASE_URL; Telemetra waits for it at start for up to "
+                f"TELEMETRA_STARTUP_WAIT_S seconds (now {wait_s:g}).",
+                EXIT_DATABASE_MISSING,
+            )
         return StartupError(
             f"cannot reach {where} ({reason}); waited {waited:.0f} s. Start PostgreSQL or fix the host and port "
             "in TELEMETRA_DATABASE_URL; Telemetra waits for it at start for up to TELEMETRA_STARTUP_WAIT_S seconds "

@@ -148,6 +148,7 @@ class Webhooks:
         self._in_flight = 0
         self._throttle = Throttle(60.0)
         self.enqueued = 0
+        self.pending = 0  # deliveries waiting, as last counted (every RELOAD_S)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class Webhooks:
         return {
             "status": "ok" if alive else "down",
             "webhooks": sum(1 for w in self._webhooks.values() if w.enabled),
-            "pending": int(self._metrics.webhook_pending._value.get()),
+            "pending": self.pending,
             "in_flight": self._in_flight,
         }
 
@@ -320,7 +321,8 @@ class Webhooks:
             try:
                 claimed = await self.repo.claim(now_ms=now_ms(), limit=self._concurrency * 4, lease_ms=self._lease_ms)
                 if time.monotonic() - last_count > RELOAD_S:
-                    self._metrics.webhook_pending.set(await self.repo.pending())
+                    self.pending = await self.repo.pending()
+                    self._metrics.webhook_pending.set(self.pending)
                     last_count = time.monotonic()
                 if time.monotonic() - last_prune > PRUNE_EVERY_S:
                     await self.repo.prune(before_ms=now_ms() - int(self._log_days * 86_400_000))

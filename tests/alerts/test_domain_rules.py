@@ -71,6 +71,21 @@ def test_the_most_specific_offline_rule_sets_the_interval() -> None:
     assert offline_after_s("d3", "pump", [], 120) == 120
 
 
+def test_a_kinds_filter_narrows_a_rule_and_ranks_below_a_model() -> None:
+    gateways = Rule(id=1, name="gw", kind=OFFLINE, severity="info", for_s=30, kinds=("gateway",))
+    assert gateways.applies_to("g1", None, "gateway") and not gateways.applies_to("d1", None, "device")
+    assert not gateways.applies_to("g1", None, None)  # an unknown device's kind is no gateway
+    both = Rule(id=2, name="hub gw", kind=OFFLINE, severity="info", for_s=900, models=("hub",), kinds=("gateway",))
+    assert both.applies_to("g1", "hub", "gateway")
+    assert not both.applies_to("g2", "other", "gateway") and not both.applies_to("d1", "hub", "device")
+    hubs = Rule(id=3, name="hubs", kind=OFFLINE, severity="info", for_s=600, models=("hub",))
+    rules = [gateways, both, hubs]
+    assert offline_after_s("g1", "hub", rules, 120, "gateway") == 900  # model and kind: the most specific
+    assert offline_after_s("d1", "hub", rules, 120, "device") == 600  # model only
+    assert offline_after_s("g2", "other", rules, 120, "gateway") == 30  # kind only
+    assert offline_after_s("d2", "other", rules, 120, "device") == 120
+
+
 @pytest.mark.parametrize(
     ("values", "field"),
     [
@@ -79,6 +94,7 @@ def test_the_most_specific_offline_rule_sets_the_interval() -> None:
         ({"kind": "threshold", "key": "t", "op": ">"}, "value"),
         ({"kind": "threshold", "key": "t", "op": ">", "value": 1, "devices": ["a"], "models": ["m"]}, "models"),
         ({"kind": "offline", "for_s": 0}, "for_s"),
+        ({"kind": "offline", "for_s": 5, "devices": ["a"], "kinds": ["gateway"]}, "kinds"),
     ],
 )
 def test_incomplete_rules_are_refused_naming_the_field(values: dict[str, object], field: str) -> None:

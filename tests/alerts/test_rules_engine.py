@@ -214,13 +214,16 @@ async def test_rules_from_the_rules_file_are_loaded_at_start(database_url: str, 
         [rule] = r.json()["rules"]
         assert (rule["name"], rule["value"], rule["source"]) == ("hot", 30.0, "file")
         await make_rule(t, name="mine", key="h", op="<", value=1)
-    path.write_text('[[rules]]\nname = "hot"\nkey = "t"\nop = ">"\nvalue = 35\nseverity = "critical"\n')
+    path.write_text(
+        '[[rules]]\nname = "hot"\nkey = "t"\nop = ">"\nvalue = 35\nseverity = "critical"\nkinds = ["gateway"]\n'
+    )
     async with running_app(settings) as t:
         r = await t.client.get("/api/v1/rules", headers=ADMIN)
         assert sorted((x["name"], x["value"], x["source"]) for x in r.json()["rules"]) == [
             ("hot", 35.0, "file"),
             ("mine", 1.0, "api"),
         ]
+        assert [x["kinds"] for x in r.json()["rules"] if x["name"] == "hot"] == [["gateway"]]
     path.write_text("[]")
     path = path.rename(tmp_path / "rules.json")
     async with running_app(settings.model_copy(update={"rules_file": path})) as t:
@@ -239,6 +242,9 @@ async def test_rules_from_the_rules_file_are_loaded_at_start(database_url: str, 
         ({"name": "r", "key": "t", "op": ">", "value": 1, "devices": ["bad id!"]}, "devices.0"),
         ({"name": "", "key": "t", "op": ">", "value": 1}, "name"),
         ({"name": "r", "kind": "offline"}, "for_s"),
+        ({"name": "r", "key": "t", "op": ">", "value": 1, "kinds": ["hub"]}, "kinds.0"),
+        ({"name": "r", "key": "t", "op": ">", "value": 1, "kinds": []}, "kinds"),
+        ({"name": "r", "key": "t", "op": ">", "value": 1, "devices": ["a"], "kinds": ["gateway"]}, "kinds"),
     ],
 )
 async def test_bad_rules_are_refused_naming_the_field(api: Running, body: dict[str, Any], field: str) -> None:
@@ -258,6 +264,28 @@ async def test_rules_crud(api: Running) -> None:
     assert (await api.client.delete(f"/api/v1/rules/{rule['id']}", headers=ADMIN)).status_code == 204
     assert (await api.client.get(f"/api/v1/rules/{rule['id']}", headers=ADMIN)).status_code == 404
     assert (await api.client.delete(f"/api/v1/rules/{rule['id']}", headers=ADMIN)).status_code == 404
+
+
+async def test_a_kinds_filter_watches_only_that_kind_of_device(app_factory: AppFactory) -> None:
+    async with app_factory(**QUIET) as t:
+        gateway = await t.create_device("gw-1", kind="gateway", model="hub")
+        device = await t.create_device("dev-1", model="hub")
+        other = await t.create_device("gw-2", kind="gateway", model="other")
+        rule = await make_rule(t, name="hot gateways", key="temp", op=">", value=50, kinds=["gateway"], models=["hub"])
+        assert (rule["kinds"], rule["models"]) == (["gateway"], ["hub"])
+        ts = now_ms() - 5_000
+        await post(t, device, {"ts": ts, "temp": 70})
+        await post(t, other, {"ts": ts, "temp": 70})
+        await post(t, gateway, {"ts": ts, "temp": 70})
+        [alert] = await eventually(lambda: alerts(t, rule=rule["id"]), what="the gateway's alert")
+        assert alert["device_id"] == "gw-1"
+        # The positive control: a second reading of the gateway is evaluated, the others never were.
+        before = evaluations(t)
+        await post(t, gateway, {"ts": ts + 1, "temp": 71})
+        await eventually(lambda: asyncio.sleep(0, evaluations(t) > before), what="the gateway's second reading")
+        assert evaluations(t) == 2 and [a["device_id"] for a in await alerts(t, rule=rule["id"])] == ["gw-1"]
+        r = await t.client.patch(f"/api/v1/rules/{rule['id']}", json={"kinds": None, "models": None}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["kinds"] is None, r.text
 
 
 async def test_a_rate_of_change_rule(app_factory: AppFactory) -> None:

@@ -486,7 +486,13 @@ def deploy_mosquitto(
             certs.mkdir()
             for source, name in zip(tls, ("ca.crt", "server.crt", "server.key"), strict=True):
                 shutil.copyfile(source, certs / name)
-                (certs / name).chmod(0o644)  # the broker's dropped-privilege user reads them (test keys only)
+                (certs / name).chmod(0o644)
+            # The modes deploy/make-secrets.sh gives them: the key readable by the broker's group only (the
+            # broker loads it after dropping to its user).
+            certs.chmod(0o755)
+            if os.geteuid() == 0:
+                (certs / "server.key").chmod(0o640)
+                os.chown(certs / "server.key", 0, pwd.getpwnam("mosquitto").pw_gid)
             tls_conf = (DEPLOY_CONF.parent / "conf.d" / "tls.conf").read_text()
             tls_conf = tls_conf.replace("/mosquitto/certs", str(certs))
             tls_conf = tls_conf.replace("\nlistener 8883\n", f"\nlistener {tls_port} 127.0.0.1\n")

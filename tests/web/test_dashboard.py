@@ -136,6 +136,7 @@ def test_a_rule_made_in_the_browser_raises_an_alert_acknowledged_then_cleared_th
     page.get_by_label("Severity").select_option("critical")
     page.get_by_label("Applies to").select_option("devices")  # this device only: the server is shared
     page.get_by_label("Models or devices").fill(device_id)
+    expect(page.get_by_label("Device kind")).to_be_hidden()  # devices names them: no kind besides
     page.get_by_role("button", name="Create rule").click()
     rule = page.locator("#rules tr", has_text=name)
     expect(rule).to_contain_text("temperature > 30")
@@ -165,12 +166,18 @@ def test_a_rule_made_in_the_browser_raises_an_alert_acknowledged_then_cleared_th
     expect(page.get_by_label("Models or devices")).to_have_value(device_id)
     page.get_by_label("Value", exact=True).fill("40")
     page.get_by_label("Clears at (optional)").fill("35")
+    page.get_by_label("Applies to").select_option("models")
+    page.get_by_label("Models or devices").fill("hub-v2")
+    page.get_by_label("Device kind").select_option("gateway")
     page.get_by_role("button", name="Save rule").click()
     expect(rule).to_contain_text("temperature > 40; clears at 35")
+    expect(rule).to_contain_text("models: hub-v2; kinds: gateway")
     rule.get_by_role("button", name="Disable").click()
     expect(rule.locator("[data-enabled]")).to_have_text("disabled")
     stored = server.http.get("/api/v1/rules", headers=ADMIN).json()["rules"]
-    assert [(r["value"], r["clear_value"], r["enabled"]) for r in stored if r["name"] == name] == [(40, 35, False)]
+    assert [(r["value"], r["clear_value"], r["enabled"], r["kinds"]) for r in stored if r["name"] == name] == [
+        (40, 35, False, ["gateway"])
+    ]
     page.once("dialog", lambda dialog: dialog.accept())
     rule.get_by_role("button", name="Delete").click()
     expect(rule).to_have_count(0)

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.aio import every
 from telemetra.alerts.rules_file import load_rules_file
 from telemetra.domain import rules as R
 from telemetra.domain.timeutil import now_ms
@@ -81,7 +82,7 @@ class RulesEngine:
         self._offline_rules: list[R.Rule] = []
         self._standings: dict[tuple[int, str], R.Standing] = {}
         self._previous: dict[tuple[int, str], tuple[int, float]] = {}  # last reading (ts, value) per rule and device
-        self._models: dict[str, str | None] = {}
+        self._devices: dict[str, tuple[str | None, str | None]] = {}  # id → (model, kind), for the filters
         self._has_thresholds = asyncio.Event()
         self.sweeps = 0
 
@@ -155,8 +156,8 @@ class RulesEngine:
             if not rules or isinstance(value, str) or value is None:
                 continue
             for rule in rules:
-                device_model = await self._model(device_id) if rule.devices is None and rule.models else None
-                if not rule.applies_to(device_id, device_model):
+                device_model, device_kind = await self._device(device_id) if rule.needs_device else (None, None)
+                if not rule.applies_to(device_id, device_model, device_kind):
                     continue
                 self._metrics.rule_evaluations.inc()
                 await self.evaluate(rule, device_id, float(value), event.ts)
@@ -205,12 +206,13 @@ class RulesEngine:
         else:
             self._standings[slot] = standing
 
-    async def _model(self, device_id: str) -> str | None:
-        if device_id not in self._models:
+    async def _device(self, device_id: str) -> tuple[str | None, str | None]:
+        """The device's model and kind (None, None: no such device)."""
+        if device_id not in self._devices:
             async with self._engine.connect() as conn:
-                found = await conn.execute(select(Device.model).where(Device.id == device_id))
-                self._models[device_id] = found.scalar_one_or_none()
-        return self._models[device_id]
+                found = (await conn.execute(select(Device.model, Device.kind).where(Device.id == device_id))).first()
+                self._devices[device_id] = (found[0], found[1]) if found is not None else (None, None)
+        return self._devices[device_id]
 
     # --- presence -------------------------------------------------------------------------------------
 
@@ -229,7 +231,8 @@ class RulesEngine:
                     report_failure(self._database, exc, "rules: presence of %s failed", event.device_id)
 
     async def _said_offline(self, device_id: str) -> None:
-        rule = R.offline_rule_for(device_id, await self._model(device_id), self._offline_rules)
+        device_model, device_kind = await self._device(device_id)
+        rule = R.offline_rule_for(device_id, device_model, self._offline_rules, device_kind)
         alert = await self.repo.raise_offline(
             device_id,
             rule=rule,
@@ -241,23 +244,23 @@ class RulesEngine:
             await self.announce([alert], "raised")
 
     async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception as exc:
-                report_failure(self._database, exc, "rules: presence sweep failed; trying again in %s s", self._sweep_s)
-            await asyncio.sleep(self._sweep_s)
+        def failed(exc: Exception) -> None:
+            report_failure(self._database, exc, "rules: presence sweep failed; trying again in %s s", self._sweep_s)
+
+        await every(self._sweep_s, self.sweep, failed=failed)
 
     async def sweep(self) -> None:
         """One pass: rules reloaded, silent devices marked offline, returned ones cleared, held breaches fired."""
         await self.reload()
-        self._models.clear()
+        self._devices.clear()
         now = now_ms()
         if self._offline_alerts or self._offline_rules:
             shortest = min([self._offline_after_s, *(r.for_s for r in self._offline_rules)])
-            for device_id, device_model, last_seen in await self.repo.silent_devices(before=now - shortest * 1000):
-                self._models[device_id] = device_model
-                rule = R.offline_rule_for(device_id, device_model, self._offline_rules)
+            for device_id, device_model, device_kind, last_seen in await self.repo.silent_devices(
+                before=now - shortest * 1000
+            ):
+                self._devices[device_id] = (device_model, device_kind)
+                rule = R.offline_rule_for(device_id, device_model, self._offline_rules, device_kind)
                 interval = rule.for_s if rule else self._offline_after_s
                 cutoff = now - interval * 1000
                 if last_seen > cutoff or (rule is None and not self._offline_alerts):
@@ -291,8 +294,8 @@ class RulesEngine:
     async def _sweep_nodata(self, rule: R.Rule, now: int) -> None:
         assert rule.key is not None
         cutoff = now - rule.for_s * 1000
-        for device_id, device_model, last_ts in await self.repo.last_readings(rule.key):
-            if not rule.applies_to(device_id, device_model) or last_ts > cutoff:
+        for device_id, device_model, device_kind, last_ts in await self.repo.last_readings(rule.key):
+            if not rule.applies_to(device_id, device_model, device_kind) or last_ts > cutoff:
                 continue
             standing = R.Standing(R.FIRING, last_ts, None)
             message = f"{rule.name}: no {rule.key} for {rule.for_s} s"

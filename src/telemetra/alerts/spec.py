@@ -24,6 +24,8 @@ ModelList = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]], Field(max_length=1000)
 ]
 ForS = Annotated[int, Field(ge=0, le=MAX_FOR_S)]
+# domain.rules.DEVICE_KINDS; "device" or "gateway", each at most once.
+KindList = Annotated[list[Literal["device", "gateway"]], Field(min_length=1, max_length=2)]
 
 
 class RuleSpec(BaseModel):
@@ -54,6 +56,7 @@ class RuleSpec(BaseModel):
     severity: Severity = "warning"
     devices: DeviceList | None = None
     models: ModelList | None = None
+    kinds: KindList | None = None
     enabled: bool = True
 
     def checked(self) -> dict[str, Any]:
@@ -79,4 +82,5 @@ class RulePatch(BaseModel):
     severity: Severity | None = None
     devices: DeviceList | None = None
     models: ModelList | None = None
+    kinds: KindList | None = None
     enabled: bool | None = None

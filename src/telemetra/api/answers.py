@@ -201,6 +201,7 @@ class Rule(BaseModel):
     severity: str
     devices: list[str] | None
     models: list[str] | None
+    kinds: list[str] | None = Field(description="device kinds watched (device, gateway); null: any")
     enabled: bool
     source: str = Field(description="api, or file (TELEMETRA_RULES_FILE)")
     created_at: str
@@ -251,7 +252,11 @@ class StorageUsage(BaseModel):
     growth_bytes_per_day: float
     budget_bytes: int | None
     days_left: float | None
-    warning: bool = Field(description="days_left is within TELEMETRA_STORAGE_WARN_DAYS")
+    warning: bool = Field(
+        description="past the budget, over TELEMETRA_STORAGE_WARN_FRACTION of it, or days_left within"
+        " TELEMETRA_STORAGE_WARN_DAYS: what raises the storage_budget alert"
+    )
+    budget_alert: str | None = Field(description="the storage_budget alert's severity now: warning, critical or null")
     retention: StorageRetention
 
 

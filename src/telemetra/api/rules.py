@@ -18,18 +18,18 @@ from telemetra.domain.errors import StorageUnavailable
 from telemetra.domain.rules import check_rule
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.ingest.documents import INT64_MAX
+from telemetra.storage.rules import RULE_FIELDS
 from telemetra.storage.schema import RuleRow
 
 router = APIRouter(prefix="/api/v1", tags=["rules"])
 
 RuleIdPath = Annotated[int, Path(ge=1, le=INT64_MAX)]
-_FIELDS = ("name", "kind", "key", "op", "value", "for_s", "clear_value", "severity", "devices", "models", "enabled")
 
 
 def rule_out(row: RuleRow) -> dict[str, Any]:
     return {
         "id": row.id,
-        **{f: getattr(row, f) for f in _FIELDS},
+        **{f: getattr(row, f) for f in RULE_FIELDS},
         "enabled": bool(row.enabled),
         "source": row.source,
         "created_at": ms_to_iso(row.created_at),
@@ -66,7 +66,7 @@ async def get_rule(rule_id: RuleIdPath, services: ServicesDep, _: Viewer) -> dic
 async def update_rule(rule_id: RuleIdPath, body: RulePatch, services: ServicesDep, _: Operator) -> dict[str, Any]:
     engine = _engine(services)
     current = await engine.repo.get(rule_id)
-    values = {f: getattr(current, f) for f in _FIELDS} | body.model_dump(exclude_unset=True)
+    values = {f: getattr(current, f) for f in RULE_FIELDS} | body.model_dump(exclude_unset=True)
     if values.get("enabled") is None:
         values["enabled"] = True
     if values.get("for_s") is None:

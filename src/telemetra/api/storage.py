@@ -48,6 +48,7 @@ def _days(days: Days) -> dict[str, int | None]:
 async def storage(services: ServicesDep, _: Viewer, top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
     retention = _retention(services)
     usage = await retention.usage(top=top)
+    state = retention.budget_state(usage)
     last = retention.last
     return {
         "tiers": {t: {"rows": usage.tiers[t].rows, "bytes": usage.tiers[t].bytes} for t in TIERS},
@@ -59,7 +60,8 @@ async def storage(services: ServicesDep, _: Viewer, top: Annotated[int, Query(ge
         "growth_bytes_per_day": usage.growth_bytes_per_day,
         "budget_bytes": usage.budget_bytes,
         "days_left": usage.days_left,
-        "warning": usage.days_left is not None and usage.days_left <= retention.warn_days,
+        "warning": state is not None,
+        "budget_alert": state.severity if state else None,
         "retention": {
             "defaults": _days(retention.policies.defaults),
             "last_pass": {"deleted": last.deleted, "seconds": last.seconds} if last else None,

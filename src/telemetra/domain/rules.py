@@ -8,9 +8,13 @@ and clears when a reading *clears* it: ``value op clear_value`` no longer holds 
 ``> 30`` with ``clear_value`` 25 fires above 30 and clears only at 25 or below). Without a clear value
 the threshold itself clears it. Between the two (above 25, not above 30, while firing) nothing changes.
 
+A rule watches every device unless it names ``devices`` (ids), or ``models`` (model names) and/or
+``kinds`` (``device`` or ``gateway``); given both, a device must match both.
+
 An **offline** rule says how long a device may stay silent (``for_s``) before it counts as offline; the
-most specific one applies to a device (one naming the device, then its model, then every device; the
-shortest among equals), and without one the ``offline_after_s`` setting does (``domain.presence``).
+most specific one applies to a device (one naming the device, then its model — with its kind before
+without —, then its kind, then every device; the shortest among equals), and without one the
+``offline_after_s`` setting does (``domain.presence``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ OFFLINE: Final = "offline"
 KINDS: Final = (THRESHOLD, RATE, NODATA, OFFLINE)
 VALUED: Final = (THRESHOLD, RATE)  # the kinds that compare a value with op and value
 SEVERITIES: Final = ("info", "warning", "critical")
+DEVICE_KINDS: Final = ("device", "gateway")  # what a rule's ``kinds`` filter names (a device's ``kind``)
 OPS: Final[dict[str, Callable[[float, float], bool]]] = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -55,13 +60,19 @@ class Rule:
     devices: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
     enabled: bool = True
+    kinds: tuple[str, ...] | None = None
 
-    def applies_to(self, device_id: str, model: str | None) -> bool:
+    def applies_to(self, device_id: str, model: str | None, kind: str | None = None) -> bool:
         if self.devices is not None:
             return device_id in self.devices
-        if self.models is not None:
-            return model is not None and model in self.models
-        return True
+        if self.models is not None and (model is None or model not in self.models):
+            return False
+        return self.kinds is None or (kind is not None and kind in self.kinds)
+
+    @property
+    def needs_device(self) -> bool:
+        """Whether deciding ``applies_to`` takes the device's model or kind (not its id alone)."""
+        return self.devices is None and (self.models is not None or self.kinds is not None)
 
     def breaches(self, value: float) -> bool:
         assert self.op is not None and self.value is not None
@@ -112,19 +123,21 @@ def held_long_enough(rule: Rule, standing: Standing, now: int) -> bool:
     return standing.status == PENDING and now - standing.since >= rule.for_s * 1000
 
 
-def offline_after_s(device_id: str, model: str | None, rules: Sequence[Rule], default_s: int) -> int:
-    rule = offline_rule_for(device_id, model, rules)
+def offline_after_s(
+    device_id: str, model: str | None, rules: Sequence[Rule], default_s: int, kind: str | None = None
+) -> int:
+    rule = offline_rule_for(device_id, model, rules, kind)
     return default_s if rule is None else rule.for_s
 
 
-def offline_rule_for(device_id: str, model: str | None, rules: Sequence[Rule]) -> Rule | None:
+def offline_rule_for(device_id: str, model: str | None, rules: Sequence[Rule], kind: str | None = None) -> Rule | None:
     """The offline rule that decides ``device_id``'s interval (None: the setting's default)."""
     chosen: Rule | None = None
-    best: tuple[int, int] | None = None
+    best: tuple[int, int, int, int] | None = None
     for rule in rules:
-        if rule.kind != OFFLINE or not rule.enabled or not rule.applies_to(device_id, model):
+        if rule.kind != OFFLINE or not rule.enabled or not rule.applies_to(device_id, model, kind):
             continue
-        candidate = (2 if rule.devices is not None else 1 if rule.models is not None else 0, -rule.for_s)
+        candidate = (rule.devices is not None, rule.models is not None, rule.kinds is not None, -rule.for_s)
         if best is None or candidate > best:
             best, chosen = candidate, rule
     return chosen
@@ -138,6 +151,8 @@ def check_rule(values: dict[str, object]) -> None:
     kind = values.get("kind") or THRESHOLD
     if values.get("devices") is not None and values.get("models") is not None:
         raise InvalidInput("give devices or models, not both", field="models")
+    if values.get("devices") is not None and values.get("kinds") is not None:
+        raise InvalidInput("give devices or kinds, not both: devices names the devices", field="kinds")
     if kind in VALUED:
         for name in ("key", "op", "value"):
             if values.get(name) is None:

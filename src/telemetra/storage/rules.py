@@ -21,7 +21,21 @@ from telemetra.domain.rules import FIRING, OFFLINE, PENDING, Rule, Standing
 from telemetra.storage.schema import AlertRow, Device, LatestRow, RuleRow, RuleStateRow
 
 OPEN = ("active", "acknowledged")
-_FIELDS = ("name", "kind", "key", "op", "value", "for_s", "clear_value", "severity", "devices", "models", "enabled")
+# A rule's own fields, as the API and the rules file write them.
+RULE_FIELDS = (
+    "name",
+    "kind",
+    "key",
+    "op",
+    "value",
+    "for_s",
+    "clear_value",
+    "severity",
+    "devices",
+    "models",
+    "kinds",
+    "enabled",
+)
 
 
 def rule_of(row: RuleRow) -> Rule:
@@ -37,6 +51,7 @@ def rule_of(row: RuleRow) -> Rule:
         clear_value=row.clear_value,
         devices=tuple(row.devices) if row.devices is not None else None,
         models=tuple(row.models) if row.models is not None else None,
+        kinds=tuple(row.kinds) if row.kinds is not None else None,
         enabled=bool(row.enabled),
     )
 
@@ -65,7 +80,7 @@ class RuleRepository:
         return RuleRow(**row._mapping)
 
     async def create(self, values: dict[str, Any], *, now_ms: int, source: str = "api") -> RuleRow:
-        row = {f: values.get(f) for f in _FIELDS} | {"source": source, "created_at": now_ms, "updated_at": now_ms}
+        row = {f: values.get(f) for f in RULE_FIELDS} | {"source": source, "created_at": now_ms, "updated_at": now_ms}
         row["for_s"] = row["for_s"] or 0
         row["enabled"] = True if row["enabled"] is None else row["enabled"]
         async with self._engine.begin() as conn:
@@ -107,7 +122,7 @@ class RuleRepository:
                 for r in (await conn.execute(select(RuleRow.id, RuleRow.name).where(RuleRow.source == "file"))).all()
             }
             for values in rules:
-                fields = {f: values.get(f) for f in _FIELDS}
+                fields = {f: values.get(f) for f in RULE_FIELDS}
                 fields["for_s"] = fields["for_s"] or 0
                 fields["enabled"] = True if fields["enabled"] is None else fields["enabled"]
                 rule_id = existing.pop(values["name"], None)
@@ -117,7 +132,7 @@ class RuleRepository:
                     )
                 else:
                     current = (await conn.execute(select(RuleRow.__table__).where(RuleRow.id == rule_id))).one()
-                    if any(current._mapping[f] != fields[f] for f in _FIELDS):
+                    if any(current._mapping[f] != fields[f] for f in RULE_FIELDS):
                         await conn.execute(
                             update(RuleRow).where(RuleRow.id == rule_id).values(**fields, updated_at=now_ms)
                         )
@@ -216,25 +231,25 @@ class RuleRepository:
             rows = (await conn.execute(select(RuleStateRow.__table__).where(RuleStateRow.status == PENDING))).all()
         return [(r.rule_id, r.device_id, Standing(r.status, r.since, r.value)) for r in rows]
 
-    async def last_readings(self, key: str) -> list[tuple[str, str | None, int]]:
-        """Every device's newest reading time of ``key``: (device, model, ts)."""
+    async def last_readings(self, key: str) -> list[tuple[str, str | None, str | None, int]]:
+        """Every device's newest reading time of ``key``: (device, model, kind, ts)."""
         stmt = (
-            select(LatestRow.device_id, Device.model, LatestRow.ts)
+            select(LatestRow.device_id, Device.model, Device.kind, LatestRow.ts)
             .join(Device, Device.id == LatestRow.device_id)
             .where(LatestRow.key == key)
         )
         async with self._engine.connect() as conn:
-            return [(r[0], r[1], int(r[2])) for r in (await conn.execute(stmt)).all()]
+            return [(r[0], r[1], r[2], int(r[3])) for r in (await conn.execute(stmt)).all()]
 
     # --- presence -------------------------------------------------------------------------------------
 
-    async def silent_devices(self, *, before: int) -> list[tuple[str, str | None, int]]:
-        """Devices flagged online and not heard from since ``before``: (id, model, last seen)."""
-        stmt = select(Device.id, Device.model, Device.last_seen_at).where(
+    async def silent_devices(self, *, before: int) -> list[tuple[str, str | None, str | None, int]]:
+        """Devices flagged online and not heard from since ``before``: (id, model, kind, last seen)."""
+        stmt = select(Device.id, Device.model, Device.kind, Device.last_seen_at).where(
             Device.online.is_(True), Device.last_seen_at <= before
         )
         async with self._engine.connect() as conn:
-            return [(r[0], r[1], int(r[2])) for r in (await conn.execute(stmt)).all()]
+            return [(r[0], r[1], r[2], int(r[3])) for r in (await conn.execute(stmt)).all()]
 
     async def mark_offline(
         self, device_id: str, *, cutoff: int, rule: Rule | None, severity: str, now_ms: int, message: str

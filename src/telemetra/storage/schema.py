@@ -292,7 +292,8 @@ class Rollup1h(_Rollup, Base):
 
 class RuleRow(Base):
     """A server-side rule (``domain.rules``): a threshold on a key, or "offline" (not heard from for
-    ``for_s``). ``devices`` / ``models``: lists of ids / model names; neither = every device."""
+    ``for_s``). ``devices`` / ``models`` / ``kinds``: lists of ids / model names / device kinds; none =
+    every device."""
 
     __tablename__ = "rules"
 
@@ -307,6 +308,7 @@ class RuleRow(Base):
     severity: Mapped[str] = mapped_column(String(16))
     devices: Mapped[Any] = mapped_column(JSON, nullable=True)
     models: Mapped[Any] = mapped_column(JSON, nullable=True)
+    kinds: Mapped[Any] = mapped_column(JSON, nullable=True)  # device kinds ("device", "gateway"); null: any
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     source: Mapped[str] = mapped_column(String(16), default="api")  # "api" or "file" (TELEMETRA_RULES_FILE)
     created_at: Mapped[int] = mapped_column(BigInteger)

@@ -18,7 +18,8 @@ export function alertRows(alerts, reload, { device = true } = {}) {
   const headers = [device ? "Device" : null, "Alert", "Severity", "Status", "Raised", session.operates ? "Actions" : null].filter(Boolean);
   return table(headers, alerts.map((a) =>
     h("tr", { dataset: { alert: a.id } },
-      device ? h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(a.device_id)}` }, a.device_id)) : null,
+      // An empty device_id: an alert about the server itself (storage_budget), not a device.
+      device ? h("td", {}, a.device_id ? h("a", { href: `#/devices/${encodeURIComponent(a.device_id)}` }, a.device_id) : h("span", { class: "muted" }, "server")) : null,
       h("td", {}, h("strong", {}, a.type), a.message ? h("div", { class: "small" }, a.message) : null, a.count > 1 ? h("span", { class: "muted small" }, `×${a.count}`) : null),
       h("td", {}, a.severity ?? "—"),
       h("td", {}, statusBadge(a.status)),

@@ -25,8 +25,9 @@ function condition(r) {
 
 function scope(r) {
   if (r.devices) return `devices: ${r.devices.join(", ")}`;
-  if (r.models) return `models: ${r.models.join(", ")}`;
-  return "every device";
+  const kinds = r.kinds ? `kinds: ${r.kinds.join(", ")}` : "";
+  if (r.models) return `models: ${r.models.join(", ")}${kinds ? `; ${kinds}` : ""}`;
+  return kinds || "every device";
 }
 
 const list = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
@@ -49,6 +50,7 @@ export async function renderRules(root) {
   severity.value = "warning";
   const scopeSel = h("select", { id: "rule-scope" }, h("option", { value: "all" }, "every device"), h("option", { value: "models" }, "models"), h("option", { value: "devices" }, "devices"));
   const targets = h("input", { id: "rule-targets", autocomplete: "off", placeholder: "comma separated" });
+  const deviceKind = h("select", { id: "rule-device-kind" }, ["any", "device", "gateway"].map((k) => h("option", { value: k }, k)));
   const enabled = h("input", { id: "rule-enabled", type: "checkbox", checked: true });
   const title = h("h2", { id: "rule-form-h" }, "New rule");
   const submit = h("button", { type: "submit", class: "primary" }, "Create rule");
@@ -60,6 +62,7 @@ export async function renderRules(root) {
   const clearField = field(clearValue, "Clears at (optional)");
   const forField = field(forS, "Held for (s)");
   const targetsField = field(targets, "Models or devices");
+  const deviceKindField = field(deviceKind, "Device kind");
 
   function syncFields() {
     const k = kind.value;
@@ -70,6 +73,7 @@ export async function renderRules(root) {
     value.required = VALUED.has(k);
     targetsField.hidden = scopeSel.value === "all";
     targets.required = scopeSel.value !== "all";
+    deviceKindField.hidden = scopeSel.value === "devices"; // devices names them: no kind besides
   }
   kind.addEventListener("change", syncFields);
   scopeSel.addEventListener("change", syncFields);
@@ -86,6 +90,7 @@ export async function renderRules(root) {
       for_s: Number(forS.value || 0),
       devices: scopeSel.value === "devices" ? chosen : null,
       models: scopeSel.value === "models" ? chosen : null,
+      kinds: scopeSel.value === "devices" || deviceKind.value === "any" ? null : [deviceKind.value],
     };
   }
 
@@ -105,6 +110,7 @@ export async function renderRules(root) {
     severity.value = r.severity ?? "warning";
     scopeSel.value = r.devices ? "devices" : r.models ? "models" : "all";
     targets.value = (r.devices ?? r.models ?? []).join(", ");
+    deviceKind.value = r.kinds?.length === 1 ? r.kinds[0] : "any";
     enabled.checked = r.enabled ?? true;
     syncFields();
     if (rule) name.focus();
@@ -128,7 +134,7 @@ export async function renderRules(root) {
   } },
     h("div", { class: "row" }, field(name, "Name"), field(kind, "Kind"), field(severity, "Severity")),
     h("div", { class: "row" }, keyField, opField, valueField, clearField, forField),
-    h("div", { class: "row" }, field(scopeSel, "Applies to"), targetsField, h("label", { class: "check", for: "rule-enabled" }, enabled, "enabled")),
+    h("div", { class: "row" }, field(scopeSel, "Applies to"), targetsField, deviceKindField, h("label", { class: "check", for: "rule-enabled" }, enabled, "enabled")),
     h("p", { class: "row" }, submit, cancel), out);
 
   // -- the list ------------------------------------------------------------------------------------
