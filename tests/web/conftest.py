@@ -85,6 +85,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         viewer_keys=[VIEWER_KEY],
         mqtt_port=mqtt_port,
         mqtt_host="127.0.0.1",
+        # A webhook that fails is given up (failed, with a Retry button) after two quick attempts.
+        webhook_max_attempts=2,
+        webhook_retry_base_s=0.05,
+        webhook_retry_max_s=0.2,
     )
     app = create_app(settings)
     port = free_port()

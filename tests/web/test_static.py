@@ -74,3 +74,12 @@ def test_a_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch: pyte
         require_chromium(absent)
     if Path(CHROMIUM).is_file():  # the positive control: the real one passes
         require_chromium(CHROMIUM)
+
+
+def test_the_webhooks_page_lists_the_servers_event_names() -> None:
+    from telemetra.domain.webhooks import EVENT_NAMES
+
+    text = (web.STATIC / "js" / "webhooks.js").read_text()
+    block = re.search(r"export const EVENT_NAMES = \[(.*?)\];", text, re.S)
+    assert block, "webhooks.js declares EVENT_NAMES"
+    assert tuple(re.findall(r'"([^"]+)"', block.group(1))) == EVENT_NAMES

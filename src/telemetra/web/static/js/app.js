@@ -13,6 +13,7 @@ const renderDevice = lazy(() => import("./device.js"), "renderDevice");
 const renderProvision = lazy(() => import("./provision.js"), "renderProvision");
 const renderAlerts = lazy(() => import("./alerts.js"), "renderAlerts");
 const renderRules = lazy(() => import("./rules.js"), "renderRules");
+const renderWebhooks = lazy(() => import("./webhooks.js"), "renderWebhooks");
 const renderOta = lazy(() => import("./ota.js"), "renderOta");
 const renderTest = lazy(() => import("./testconsole.js"), "renderTest");
 
@@ -26,6 +27,7 @@ const PAGES = [
   { name: "provision", path: /^\/provision$/, render: renderProvision, nav: "/provision", label: "Provision", admin: true },
   { name: "alerts", path: /^\/alerts$/, render: renderAlerts, nav: "/alerts", label: "Alerts" },
   { name: "rules", path: /^\/rules$/, render: renderRules, nav: "/rules", label: "Rules" },
+  { name: "webhooks", path: /^\/webhooks$/, render: renderWebhooks, nav: "/webhooks", label: "Webhooks", operator: true },
   { name: "ota", path: /^\/ota$/, render: renderOta, nav: "/ota", label: "OTA", admin: true },
   { name: "test", path: /^\/test$/, render: renderTest, nav: "/test", label: "Test telemetry" },
 ];
@@ -43,8 +45,13 @@ function applyTheme(theme) {
   window.dispatchEvent(new Event("themechange"));
 }
 
+// Only what to show: the server checks every request.
+function allowed(page) {
+  return (!page.admin || session.admin) && (!page.operator || session.operates);
+}
+
 function renderNav(current) {
-  const items = PAGES.filter((p) => p.label && (!p.admin || session.admin)).map((p) =>
+  const items = PAGES.filter((p) => p.label && allowed(p)).map((p) =>
     h("li", {}, h("a", { href: `#${p.nav}`, "aria-current": p.nav === current ? "page" : null }, p.label)),
   );
   items.push(h("li", {}, h("a", { href: "/docs" }, "API docs")));
@@ -115,8 +122,8 @@ async function render() {
   delete main.dataset.ready;
   main.dataset.page = page.name;
   clear(main, root);
-  if (page.admin && !session.admin) {
-    root.append(h("h1", {}, page.label), h("p", { class: "message" }, "This page needs an admin key."));
+  if (!allowed(page)) {
+    root.append(h("h1", {}, page.label), h("p", { class: "message" }, page.admin ? "This page needs an admin key." : "This page needs an admin or operator key."));
     main.dataset.ready = "true";
     return;
   }

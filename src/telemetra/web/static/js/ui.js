@@ -82,10 +82,40 @@ export function errorMessage(error) {
 }
 
 export function statusBadge(status) {
-  const tone = { acked: "ok", completed: "ok", cleared: "ok", active: "bad", failed: "bad", expired: "bad",
+  const tone = { acked: "ok", delivered: "ok", completed: "ok", cleared: "ok", active: "bad", failed: "bad", expired: "bad",
     timed_out: "bad", cancelled: "warn", paused: "warn", acknowledged: "warn", queued: "", sent: "warn",
     distributing: "warn", notified: "warn", downloading: "warn", installing: "warn", running: "warn", stopped: "warn", pending: "" }[status] ?? "";
   return h("span", { class: `badge ${tone}`, dataset: { status } }, status);
+}
+
+// A place under an input for the server's word about it (a 422 naming that field); see markField.
+export function fieldNote(input) {
+  const note = h("div", { class: "field-error", id: `${input.id}-error`, hidden: true });
+  input.setAttribute("aria-describedby", note.id);
+  return note;
+}
+
+// Say an ApiError next to the field it names (its first part: "events.0" is the events field), clearing
+// the others; true when it was said there, false when no note belongs to that field (say it elsewhere).
+export function markField(notes, error) {
+  const name = error?.field?.split(".")[0];
+  let said = false;
+  for (const [key, note] of Object.entries(notes)) {
+    const input = document.getElementById(note.id.replace(/-error$/, ""));
+    const mine = key === name;
+    note.hidden = !mine;
+    note.textContent = mine ? describeField(error) : "";
+    if (mine) input?.setAttribute("aria-invalid", "true");
+    else input?.removeAttribute("aria-invalid");
+    if (mine) input?.focus();
+    said ||= mine;
+  }
+  return said;
+}
+
+function describeField(error) {
+  // "events.0: Value error, 'x' matches no event…" reads better without the field name and pydantic's prefix.
+  return error.message.replace(/^[\w.]+: /, "").replace(/^Value error, /, "");
 }
 
 export function onlineBadge(online) {
