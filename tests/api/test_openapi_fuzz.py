@@ -161,6 +161,18 @@ def _aim(case: Any, caller: str) -> None:
             query["wait"] = MAX_WAIT_S
 
 
+def _checks(case: Any) -> list[Any]:
+    """Every check, except that an object or array generated for a query value is not judged as invalid
+    data: a query string holds only text, so it goes out as the same parameter repeated (``?keys=a&keys=b``
+    for ``{"a": …, "b": …}``), of which the server reads the last — a valid text, the same request as a
+    positive case's. Every documented query value is a scalar; such a case is still checked for no 5xx and
+    an answer as documented."""
+    negative = case.meta is not None and case.meta.generation.mode is GenerationMode.NEGATIVE
+    if negative and any(isinstance(value, dict | list) for value in (case.query or {}).values()):
+        return [check for check in CHECKS if check is not checks.negative_data_rejection]
+    return CHECKS
+
+
 @pytest.mark.parametrize("label", LABELS)
 def test_operation_answers_as_documented(target: Target, schema: Any, caller: str, label: str) -> None:
     operation = schema.find_operation_by_label(label)
@@ -168,7 +180,7 @@ def test_operation_answers_as_documented(target: Target, schema: Any, caller: st
 
     def run(case: Any) -> None:
         _aim(case, caller)
-        case.call_and_validate(checks=CHECKS)
+        case.call_and_validate(checks=_checks(case))
         if case.method in ("DELETE", "POST") and (case.path_parameters or {}).get("device_id") == TARGET_ID:
             with asgi.get_client(target.app) as client:
                 if client.get(f"/api/v1/devices/{TARGET_ID}", headers=ADMIN).status_code == 404:
