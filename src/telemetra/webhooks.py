@@ -36,6 +36,7 @@ import httpx
 import orjson
 
 from telemetra import __version__
+from telemetra.aio import wait_set
 from telemetra.domain import webhooks as W
 from telemetra.domain.timeutil import ms_to_iso, now_ms
 from telemetra.events import model
@@ -233,8 +234,7 @@ class Webhooks:
 
     async def _wait_for_webhooks(self) -> None:
         self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), RELOAD_S)
+        await wait_set(self._changed, RELOAD_S)
         await self._reload_quietly()
 
     async def _reload_quietly(self) -> None:
@@ -250,7 +250,10 @@ class Webhooks:
     async def _take(self, events: Subscription) -> list[ChangeEvent]:
         """The events waiting (at least one, or none after ``RELOAD_S``, when the webhooks are re-read)."""
         try:
-            first = await asyncio.wait_for(events.next(), RELOAD_S)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns an event that arrives as the
+            # task is cancelled and drops the cancellation, and this loop then outlives its shutdown.
+            async with asyncio.timeout(RELOAD_S):
+                first = await events.next()
         except TimeoutError:
             await self._reload_quietly()
             return []
@@ -337,9 +340,7 @@ class Webhooks:
                 await self._send_all(claimed)
                 continue
             self._due.clear()
-            idle_s = await self._idle_for()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._due.wait(), idle_s)
+            await wait_set(self._due, await self._idle_for())
 
     async def _idle_for(self) -> float:
         """Until the next retry is due, at most ``POLL_S``."""
