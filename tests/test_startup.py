@@ -155,6 +155,26 @@ def test_missing_database_is_waited_for_then_says_how_to_create_it(tmp_path: Pat
     assert not (tmp_path / "data" / "admin.key").exists()
 
 
+async def _log_says(process: subprocess.Popen[bytes], log: Path, text: str, deadline: float) -> None:
+    """Until the server's log holds ``text``; fails if the server exits or the deadline passes first."""
+    while text not in log.read_text():  # noqa: ASYNC240 - a small log, read between sleeps
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()  # noqa: ASYNC240
+        await asyncio.sleep(0.1)
+
+
+async def _healthy(process: subprocess.Popen[bytes], log: Path, port: str, deadline: float) -> None:
+    """Until the server answers ``/health`` with 200; fails if it exits or the deadline passes first."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()  # noqa: ASYNC240
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+
 async def test_serve_waits_for_a_database_created_after_it_started(tmp_path: Path) -> None:
     """Compose (or an operator) may create the database after Telemetra is up: it keeps retrying, then runs."""
     await _pg_reachable()
@@ -169,19 +189,9 @@ async def test_serve_waits_for_a_database_created_after_it_started(tmp_path: Pat
     admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
     try:
         deadline = time.monotonic() + 30
-        while "does not exist yet; create it" not in log.read_text():  # waiting for it, and saying so
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.1)
+        await _log_says(process, log, "does not exist yet; create it", deadline)  # waiting for it, and saying so
         await admin.execute(f'CREATE DATABASE "{name}"')
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['TELEMETRA_PORT']}") as client:
-            while True:
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
+        await _healthy(process, log, env["TELEMETRA_PORT"], deadline)
         assert " ready on postgresql" in log.read_text()
     finally:
         process.terminate()
@@ -296,19 +306,9 @@ async def test_serve_waits_for_a_database_that_comes_up_later(tmp_path: Path) ->
             )
         try:
             deadline = time.monotonic() + 30
-            while "retrying in" not in log.read_text():  # it is waiting, and says so
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.1)
+            await _log_says(process, log, "retrying in", deadline)  # it is waiting, and says so
             forwarder.open()
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['TELEMETRA_PORT']}") as client:
-                while True:
-                    assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
+            await _healthy(process, log, env["TELEMETRA_PORT"], deadline)
             assert f"127.0.0.1:{forwarder.port}" in log.read_text()  # the progress names where it waits
         finally:
             process.terminate()
