@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from telemetra.events import model
-from telemetra.events.hub import UNKNOWN, EventHub
+from telemetra.events.hub import ID_STRIDE, UNKNOWN, EventHub
 from telemetra.events.model import ChangeEvent, Gap
 
 
@@ -58,8 +58,9 @@ def test_resume_within_the_window_replays_exactly_what_was_missed() -> None:
 
 def test_resume_from_before_the_window_says_how_many_are_gone() -> None:
     hub = EventHub(history=5)
+    everything = hub.subscribe(maxsize=100)
     hub.publish(telemetry("a", n) for n in range(20))
-    first = hub.last_id - 19
+    first = drain(everything)[0].id
     got = drain(hub.subscribe(since=first))  # saw only the first event
     assert isinstance(got[0], Gap) and got[0].missed == 14  # 2nd … 15th are no longer kept
     assert len(got) == 6
@@ -83,3 +84,31 @@ async def test_a_waiting_subscriber_wakes_on_publish_and_ends_on_close() -> None
         raise AssertionError("a closed subscription must end")
     except StopAsyncIteration:
         pass
+
+
+def test_an_id_another_process_issued_is_an_unknown_gap_not_a_replay_from_a_wrong_place() -> None:
+    """Behind a load balancer a client's reconnect may reach another process: both saw the same events
+    (the event bridge) but numbered them each their own way, so the other's id says nothing here."""
+    here, there = EventHub(history=100, tag=1), EventHub(history=100, tag=2)
+    for hub in (here, there):
+        hub.publish(telemetry("a", n) for n in range(10))
+    seen_there, seen_here = there.last_id, here.last_id
+    for hub in (here, there):
+        hub.publish(telemetry("a", n) for n in range(10, 13))
+    got = drain(here.subscribe(since=seen_there))
+    assert isinstance(got[0], Gap) and got[0].missed == UNKNOWN
+    assert [e.data["values"]["n"] for e in got[1:]] == list(range(13))  # all it still keeps, after the gap
+    # Positive control: the id this process issued resumes exactly, with no gap.
+    assert [e.data["values"]["n"] for e in drain(here.subscribe(since=seen_here))] == [10, 11, 12]
+    # An id of this process that it has not issued yet (a client that saw a later run? a forged one) is
+    # not taken for "nothing missed" either.
+    future = drain(here.subscribe(since=here.last_id + 1_000_000 * ID_STRIDE))
+    assert isinstance(future[0], Gap) and future[0].missed == UNKNOWN
+
+
+def test_before_any_event_the_last_id_resumes_without_a_gap() -> None:
+    hub = EventHub()
+    sub = hub.subscribe(since=hub.last_id)  # what a resubscribe asks for when nothing was seen yet
+    hub.publish([telemetry("a", 1)])
+    got = drain(sub)
+    assert len(got) == 1 and not isinstance(got[0], Gap)

@@ -5,12 +5,22 @@ subscriber that falls behind loses its oldest events and is told how many (a ``G
 one it gets. Subscribers filter by event type and by device; the hub indexes them by device, so a
 per-device subscriber costs nothing for other devices' events. The last ``history`` events are kept, so
 a client that reconnects with the last id it saw gets what it missed — or a ``Gap`` when that is gone.
+
+Event ids are this process's: every process numbers the events it hands out (its own and, through the
+event bridge, the others'), so behind a load balancer a client's reconnect may reach a process to which
+its id means nothing. An id therefore says which run of which process issued it — ``sequence ×
+ID_STRIDE + tag``, the tag drawn at random when the hub is made, the sequence starting at the start
+time in ms — and an id this run did not issue (another process's, an earlier run's, one not issued yet)
+is answered with ``Gap(UNKNOWN)`` instead of a replay from a wrong place. Two processes draw the same tag
+once in ``ID_STRIDE``; the start-time range still tells their ids apart unless they started within
+moments of each other. Ids stay below 2**53, exact in JavaScript.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -23,7 +33,8 @@ DEFAULT_QUEUE = 1_000
 # After the last subscriber of a type leaves, its events are still built (and kept) this long, so a
 # client that reconnects can resume from the last one it saw.
 RESUME_WINDOW_S = 600.0
-UNKNOWN = -1  # Gap.missed when the count cannot be known (a resume from before this process started)
+UNKNOWN = -1  # Gap.missed when the count cannot be known (a resume with an id this run did not issue)
+ID_STRIDE = 1_000  # an event id is sequence * ID_STRIDE + the hub's tag
 
 
 class Subscription:
@@ -151,10 +162,15 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, *, history: int = DEFAULT_HISTORY) -> None:
-        # Ids start at the start time in µs: a restarted process never reuses an id a client still holds.
-        self._start_id = now_ms() * 1000 + 1
-        self._ids = itertools.count(self._start_id)
+    def __init__(self, *, history: int = DEFAULT_HISTORY, tag: int | None = None) -> None:
+        """``tag``: the low part of every id (0 ≤ tag < ID_STRIDE); drawn at random when not given."""
+        # The sequence starts at the start time in ms, so a restarted process (even one that drew the same
+        # tag) does not issue again an id that a client of its earlier run still holds.
+        self._tag = secrets.randbelow(ID_STRIDE) if tag is None else tag
+        if not 0 <= self._tag < ID_STRIDE:
+            raise ValueError(f"tag must be in [0, {ID_STRIDE})")
+        self._start_id = now_ms() * ID_STRIDE + self._tag
+        self._ids = itertools.count(self._start_id, ID_STRIDE)
         self._history: deque[ChangeEvent] = deque(maxlen=history)
         self._everything: list[Subscription] = []  # no device filter
         self._by_device: dict[str, list[Subscription]] = {}
@@ -177,7 +193,12 @@ class EventHub:
 
     @property
     def last_id(self) -> int:
-        return self._history[-1].id if self._history else 0
+        """The newest id issued; before the first, the id just before it (a resume from it misses nothing)."""
+        return self._history[-1].id if self._history else self._start_id - ID_STRIDE
+
+    def issued(self, event_id: int) -> bool:
+        """Did this run of this hub issue ``event_id`` (or is it the id just before its first)?"""
+        return event_id % ID_STRIDE == self._tag and self._start_id - ID_STRIDE <= event_id <= self.last_id
 
     def missed_unknown(self) -> None:
         """Events were lost on the way here (a listener that reconnected): every subscriber is told."""
@@ -233,10 +254,13 @@ class EventHub:
 
     def _replay(self, sub: Subscription, since: int) -> None:
         kept: Sequence[ChangeEvent] = self._history
-        if since < self._start_id - 1:
-            sub.note_missed(UNKNOWN)  # an id of an earlier run: what happened since is not known here
-        elif kept and since < kept[0].id - 1:
-            sub.note_missed(kept[0].id - 1 - since)
+        if not self.issued(since):
+            # Another process's or an earlier run's id: what came since is not known here, so all that is
+            # kept follows the gap (some of it the client may have seen: at least once, not at most once).
+            sub.note_missed(UNKNOWN)
+            since = -1
+        elif kept and since < kept[0].id - ID_STRIDE:
+            sub.note_missed((kept[0].id - since) // ID_STRIDE - 1)
         for event in kept:
             if event.id > since and sub.wants(event) and (sub.devices is None or event.device_id in sub.devices):
                 sub.offer(event)
