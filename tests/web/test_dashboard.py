@@ -258,7 +258,7 @@ def test_the_test_console_posts_and_shows_what_arrived(browsing: Browsing) -> No
 WRITE_LABELS = re.compile(
     r"Send command|Acknowledge|Clear|Rotate credentials|Create device|Create claim codes|Upload firmware|"
     r"Start rollout|Pause|Resume|Cancel|Save desired configuration|Send test message|Create rule|Save rule|Edit|"
-    r"Enable|Disable|Delete|Create webhook|Send test|Retry"
+    r"Enable|Disable|Delete|Create webhook|Send test|Retry|Rotate secret|Save changes"
 )
 
 

@@ -1,7 +1,8 @@
 """The Webhooks page in a real browser, against a real local HTTP receiver: a webhook made in the browser
 (its refusals said next to their fields), its secret shown once and signing what the receiver gets, a test
-delivery seen delivered in the log, a failed one retried by hand, disable and delete; an operator's and a
-viewer's view."""
+delivery seen delivered in the log, a failed one retried by hand, disable and delete; a webhook edited
+(only what changed is sent, a refusal said next to its field) and its secret rotated, the receiver seeing
+both; an operator's and a viewer's view."""
 
 from __future__ import annotations
 
@@ -149,6 +150,95 @@ def test_a_webhook_made_in_the_browser_signs_a_test_that_the_receiver_gets_and_t
     assert name not in server.http.get("/api/v1/webhooks", headers=ADMIN).text
 
 
+def test_a_webhook_edited_in_the_browser_delivers_to_its_new_url_and_a_rotated_secret_signs_the_next_delivery(
+    browsing: Browsing, receiver: Receiver, artifacts: Path
+) -> None:
+    server = browsing.server
+    browsing.watch.allow(r"status of 422")  # the refusal below, on purpose
+    name = f"edit-{secrets.token_hex(4)}"
+    r = server.http.post(
+        "/api/v1/webhooks", json={"url": receiver.url, "name": name, "events": ["alert.*"]}, headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    hook_id, old_secret = r.json()["id"], r.json()["secret"]
+    moved = Receiver().up()  # the URL it is moved to
+    try:
+        page = browsing.signed_in()
+        page.goto(f"/#/webhooks?log={hook_id}")
+        page.locator('main[data-page="webhooks"][data-ready]').wait_for()
+        row = page.locator(f'#webhooks tr[data-webhook="{hook_id}"]')
+        row.get_by_role("button", name="Edit").click()
+        form = page.locator("#webhook-edit-form")
+        expect(page.locator("#webhook-edit")).to_contain_text(f"Edit webhook {name}")
+        expect(form.get_by_label("URL")).to_have_value(receiver.url)  # prefilled
+        expect(form.get_by_label("Name", exact=True)).to_have_value(name)
+        expect(form.get_by_label("Events", exact=True)).to_have_value("alert.*")
+        expect(form.get_by_label("enabled")).to_be_checked()
+
+        # A refusal is said next to the field the answer names; nothing is stored.
+        form.get_by_label("Events", exact=True).fill("alert.*, device.ofline")
+        form.get_by_role("button", name="Save changes").click()
+        events_note = page.locator("#webhook-edit-events-error")
+        expect(events_note).to_contain_text("'device.ofline' matches no event")
+        expect(form.get_by_label("Events", exact=True)).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#webhook-edit-url-error")).to_be_hidden()
+        page.locator("#webhook-edit").screenshot(path=artifacts / "webhooks-edit-form-light-desktop.png")
+        assert server.http.get(f"/api/v1/webhooks/{hook_id}", headers=ADMIN).json()["events"] == ["alert.*"]
+
+        # The URL and events changed: only those are sent, and the next test goes to the new URL.
+        sent: list[Any] = []
+        page.on("request", lambda q: sent.append(q.post_data_json) if q.method == "PATCH" else None)
+        form.get_by_label("URL").fill(moved.url)
+        form.get_by_label("Events", exact=True).fill("device.offline, webhook.test")
+        form.get_by_role("button", name="Save changes").click()
+        expect(page.get_by_role("status").filter(has_text=f"{name} saved")).to_be_visible()
+        expect(form).to_have_count(0)  # closed
+        assert sent == [{"url": moved.url, "events": ["device.offline", "webhook.test"]}]
+        expect(row).to_contain_text(moved.url)
+        expect(row).to_contain_text("device.offline, webhook.test")
+        stored = server.http.get(f"/api/v1/webhooks/{hook_id}", headers=ADMIN).json()
+        assert (stored["url"], stored["events"], stored["name"]) == (
+            moved.url,
+            ["device.offline", "webhook.test"],
+            name,
+        )
+        first = send_test(page, row)
+        [got] = eventually(lambda: of_delivery(moved, first), what="the test at the new URL")
+        assert signed_by(old_secret, got)
+        assert of_delivery(receiver, first) == []  # not the old URL (the new one got it: the positive control)
+
+        # Rotate: confirmed, the new secret shown once, and the next delivery signed with it, not the old one.
+        row.get_by_role("button", name="Edit").click()
+        messages: list[str] = []
+        page.once("dialog", lambda dialog: (messages.append(dialog.message), dialog.accept()))
+        page.locator("#webhook-edit").get_by_role("button", name="Rotate secret").click()
+        box = page.locator("[data-webhook-secret]")
+        expect(box).to_contain_text("New signing secret")
+        expect(box).to_contain_text("Shown once")
+        expect(box.get_by_role("button", name="Copy")).to_be_visible()
+        new_secret = box.locator("[data-secret]").inner_text().strip()
+        assert new_secret.startswith("whsec_") and new_secret != old_secret
+        assert messages and "Rotate the signing secret" in messages[0]
+        assert new_secret not in server.http.get("/api/v1/webhooks", headers=ADMIN).text
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=artifacts / "webhooks-rotated-light-desktop.png", full_page=True)
+        second = send_test(page, row)
+        [got] = eventually(lambda: of_delivery(moved, second), what="the test after the rotation")
+        assert signed_by(new_secret, got) and not signed_by(old_secret, got)
+
+        phone = browsing.signed_in(viewport=PHONE, color_scheme="dark")
+        phone.goto(f"/#/webhooks?log={hook_id}")
+        phone.locator('main[data-page="webhooks"][data-ready]').wait_for()
+        phone.locator(f'#webhooks tr[data-webhook="{hook_id}"]').get_by_role("button", name="Edit").click()
+        phone.locator("#webhook-edit-form").wait_for()
+        phone.locator("#webhook-edit").screenshot(path=artifacts / "webhooks-edit-form-dark-phone.png")
+        phone.evaluate("window.scrollTo(0, 0)")  # the sticky header where it belongs in a full-page picture
+        phone.screenshot(path=artifacts / "webhooks-edit-dark-phone.png", full_page=True)
+    finally:
+        moved.down()
+        server.http.delete(f"/api/v1/webhooks/{hook_id}", headers=ADMIN)
+
+
 def test_an_operator_sends_tests_but_cannot_change_webhooks_and_a_viewer_is_told_the_page_is_not_theirs(
     browsing: Browsing, receiver: Receiver
 ) -> None:
@@ -164,7 +254,8 @@ def test_an_operator_sends_tests_but_cannot_change_webhooks_and_a_viewer_is_told
     expect(row).to_be_visible()
     expect(operator.get_by_text("needs an admin key")).to_be_visible()
     expect(operator.get_by_role("button", name="Create webhook")).to_have_count(0)
-    expect(row.get_by_role("button", name=re.compile("^(Enable|Disable|Delete)$"))).to_have_count(0)
+    expect(row.get_by_role("button", name=re.compile("^(Edit|Enable|Disable|Delete|Rotate secret)$"))).to_have_count(0)
+    expect(operator.locator("#webhook-edit-form")).to_have_count(0)
     delivery = send_test(operator, row)  # an operator's: the server allows it
     expect(operator.locator(f'#deliveries tr[data-delivery="{delivery}"]')).to_have_attribute(
         "data-status", "delivered"

@@ -227,6 +227,51 @@ async def test_the_api_checks_what_it_is_given(app_factory: AppFactory, receiver
         assert r.status_code == 404
 
 
+async def test_rotating_the_secret_signs_what_is_sent_next_with_the_new_one_only(
+    app_factory: AppFactory, receiver: Receiver
+) -> None:
+    async with app_factory(**QUICK, webhook_max_attempts=1, operator_keys=[OPERATOR_KEY]) as t:
+        hook = await make_webhook(t, receiver.url, ["webhook.test"])
+        old = hook["secret"]
+        receiver.fail_next(1, status=503)  # a delivery that failed under the old secret, retried after
+        r = await t.client.post(f"/api/v1/webhooks/{hook['id']}/test", headers=ADMIN)
+        failed = r.json()["delivery_id"]
+        await eventually(lambda: log(t, hook["id"], status="failed"), what="the test delivery failed")
+        assert signed_by(old, receiver.received[0])
+
+        operator = {"X-API-Key": OPERATOR_KEY}
+        r = await t.client.post(f"/api/v1/webhooks/{hook['id']}/rotate-secret", headers=operator)
+        assert r.status_code == 403, r.text
+        r = await t.client.post("/api/v1/webhooks/999999/rotate-secret", headers=ADMIN)
+        assert r.status_code == 404 and "webhook_id" in r.text
+        r = await t.client.post(f"/api/v1/webhooks/{hook['id']}/rotate-secret", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        rotated = r.json()
+        new = rotated["secret"]
+        assert new.startswith("whsec_") and len(new) >= 40 and new != old
+        assert (rotated["id"], rotated["url"], rotated["events"], rotated["enabled"]) == (
+            hook["id"],
+            receiver.url,
+            ["webhook.test"],
+            True,
+        )
+        assert rotated["deliveries"]["failed"] == 1
+        for path in ("/api/v1/webhooks", f"/api/v1/webhooks/{hook['id']}"):  # shown once
+            r = await t.client.get(path, headers=ADMIN)
+            assert r.status_code == 200 and new not in r.text and "secret" not in r.text
+
+        r = await t.client.post(f"/api/v1/webhooks/{hook['id']}/test", headers=ADMIN)
+        fresh = str(r.json()["delivery_id"])
+        r = await t.client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{failed}/retry", headers=ADMIN)
+        assert r.status_code == 202, r.text
+
+        def arrived() -> list[Any]:
+            return [x for x in receiver.delivered() if x.headers["X-Telemetra-Delivery"] in (fresh, str(failed))]
+
+        got = await eventually(lambda: asyncio.sleep(0, len(arrived()) == 2 and arrived()), what="both delivered")
+        assert all(signed_by(new, x) and not signed_by(old, x) for x in got)
+
+
 def test_signatures_and_backoff() -> None:
     body = b'{"a":1}'
     sig = W.signature("secret", 1700000000, body)

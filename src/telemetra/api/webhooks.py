@@ -1,9 +1,9 @@
 """Webhooks (issue 10): ``GET|POST /api/v1/webhooks``, ``GET|PATCH|DELETE /api/v1/webhooks/{id}``,
-``POST /api/v1/webhooks/{id}/test``, the delivery log ``GET /api/v1/webhooks/{id}/deliveries`` and
-``POST /api/v1/webhooks/{id}/deliveries/{delivery_id}/retry``.
+``POST /api/v1/webhooks/{id}/test``, ``POST /api/v1/webhooks/{id}/rotate-secret``, the delivery log
+``GET /api/v1/webhooks/{id}/deliveries`` and ``POST /api/v1/webhooks/{id}/deliveries/{delivery_id}/retry``.
 
 A webhook's secret signs its deliveries (``X-Telemetra-Signature``); it is shown once, in the answer that
-creates (or replaces) it, like a device's credentials — so creating and editing webhooks is for admin keys,
+creates (or replaces, or rotates) it, like a device's credentials — so creating and editing webhooks is for admin keys,
 reading them and their log for operators."""
 
 from __future__ import annotations
@@ -133,6 +133,10 @@ def delivery_out(row: WebhookDeliveryRow) -> dict[str, Any]:
     }
 
 
+def _new_secret() -> str:
+    return f"whsec_{secrets.token_urlsafe(32)}"
+
+
 def _capability(services: Any) -> Webhooks:
     capability: Webhooks | None = services.webhooks
     if capability is None:
@@ -150,7 +154,7 @@ async def list_webhooks(services: ServicesDep, _: Operator) -> dict[str, Any]:
 @router.post("/webhooks", status_code=201, **answers(WebhookCreated, 201))
 async def create_webhook(body: WebhookSpec, services: ServicesDep, _: Admin) -> dict[str, Any]:
     capability = _capability(services)
-    secret = body.secret or f"whsec_{secrets.token_urlsafe(32)}"
+    secret = body.secret or _new_secret()
     values = {
         "name": body.name or (urlsplit(body.url).hostname or body.url),
         "url": body.url,
@@ -183,6 +187,18 @@ async def update_webhook(
     await capability.reload()
     answer = webhook_out(row, (await capability.repo.counts()).get(webhook_id))
     return answer | ({"secret": values["secret"]} if "secret" in values else {})
+
+
+@router.post("/webhooks/{webhook_id}/rotate-secret", **answers(WebhookCreated))
+async def rotate_webhook_secret(webhook_id: WebhookIdPath, services: ServicesDep, _: Admin) -> dict[str, Any]:
+    """A new signing secret, generated here and shown once, in this answer. Every delivery sent after it
+    is signed with the new secret, retries of older ones too (a process sharing the database follows
+    within 5 s); give the receiver the new one. To set a secret of your own, PATCH `secret` instead."""
+    capability = _capability(services)
+    secret = _new_secret()
+    row = await capability.repo.update(webhook_id, {"secret": secret}, now_ms=now_ms())
+    await capability.reload()
+    return webhook_out(row, (await capability.repo.counts()).get(webhook_id)) | {"secret": secret}
 
 
 @router.delete("/webhooks/{webhook_id}", status_code=204)

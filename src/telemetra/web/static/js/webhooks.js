@@ -1,6 +1,7 @@
-// Webhooks (issue 10's API): list, create, enable / disable, delete, a test delivery and each webhook's
-// delivery log with retries. Operators read, send tests and retry; creating and changing webhooks is for
-// admin keys, because the answer that creates one carries its signing secret — shown here once.
+// Webhooks (issue 10's API): list, create, edit, enable / disable, delete, rotate the signing secret, a test
+// delivery and each webhook's delivery log with retries. Operators read, send tests and retry; creating and
+// changing webhooks is for admin keys, because the answer that creates one (or rotates its secret) carries
+// its signing secret — shown here once.
 
 import { api, session } from "./api.js";
 import { replaceQuery } from "./nav.js";
@@ -45,14 +46,42 @@ function counts(w) {
       `${w.deliveries[s]} ${s}`)));
 }
 
-function secretBox(created) {
+// The answer that sets a secret (creation, rotation) is the only one that carries it.
+function secretBox(created, { rotated = false } = {}) {
   return h("section", { class: "panel secret", "aria-label": `Secret of webhook ${created.name}`, dataset: { webhookSecret: created.id } },
-    h("h2", {}, `Signing secret of ${created.name}`),
-    h("p", { class: "message", role: "status" }, h("strong", {}, "Shown once: "), "copy the secret now. It is not shown again; the webhook's receiver needs it to check signatures."),
+    h("h2", {}, `${rotated ? "New signing secret" : "Signing secret"} of ${created.name}`),
+    h("p", { class: "message", role: "status" }, h("strong", {}, "Shown once: "), "copy the secret now. It is not shown again; the webhook's receiver needs it to check signatures.",
+      rotated ? " Deliveries from now on are signed with this secret only, not the old one." : null),
     h("div", { class: "row" }, h("strong", {}, "Secret"), h("span", { class: "spacer" }), copyButton(created.secret)),
     h("pre", { class: "mono", dataset: { secret: "" } }, created.secret),
     h("p", { class: "small muted" }, "Each delivery carries ", h("code", {}, "X-Telemetra-Signature: sha256=…"),
       ", the hex HMAC-SHA256 with this secret of ", h("code", {}, "<X-Telemetra-Timestamp>.<body>"), "."));
+}
+
+// The fields a webhook is made of, for the create form and the edit form alike (ids `${prefix}-url`, …;
+// each with its note for the server's word about it, see markField).
+function hookFields(prefix, { url = "", name = "", events = "alert.*", enabled = true, nameLabel = "Name (optional)", foldHelp = false } = {}) {
+  const urlIn = h("input", { id: `${prefix}-url`, type: "url", required: true, maxlength: 2048, autocomplete: "off", placeholder: "the receiver's http or https URL", value: url });
+  const nameIn = h("input", { id: `${prefix}-name`, maxlength: 128, autocomplete: "off", placeholder: "the URL's host", value: name });
+  const eventsIn = h("input", { id: `${prefix}-events`, required: true, autocomplete: "off", value: events, placeholder: "alert.*, device.offline" });
+  const enabledIn = h("input", { id: `${prefix}-enabled`, type: "checkbox", checked: enabled });
+  eventsIn.defaultValue = events; // what form.reset() goes back to
+  enabledIn.defaultChecked = enabled;
+  const notes = { url: fieldNote(urlIn), name: fieldNote(nameIn), events: fieldNote(eventsIn) };
+  const helpId = `${prefix}-events-help`;
+  const intro = h("p", {}, "Names or shell-style patterns, comma separated: ", h("code", {}, "alert.*"), ", ", h("code", {}, "device.offline"), ", ",
+    h("code", {}, "*"), " for everything. ", h("code", {}, "webhook.test"), " (the Send test button) reaches every webhook.", foldHelp ? null : " Known events:");
+  const help = foldHelp
+    ? h("div", { id: helpId, class: "muted small" }, intro, h("details", {}, h("summary", {}, "Known events"), eventHelp()))
+    : h("div", { id: helpId, class: "muted small" }, intro, eventHelp());
+  eventsIn.setAttribute("aria-describedby", `${eventsIn.getAttribute("aria-describedby")} ${helpId}`);
+  const field = (input, note, label, cls = "") => h("div", { class: `field ${cls}` }, h("label", { for: input.id }, label, input), note);
+  const rows = [
+    h("div", { class: "row" }, field(urlIn, notes.url, "URL", "grow"), field(nameIn, notes.name, nameLabel)),
+    h("div", { class: "row" }, field(eventsIn, notes.events, "Events", "grow"), h("label", { class: "check beside", for: enabledIn.id }, enabledIn, "enabled")),
+    help,
+  ];
+  return { urlIn, nameIn, eventsIn, enabledIn, notes, rows };
 }
 
 export async function renderWebhooks(root, { query }) {
@@ -65,20 +94,8 @@ export async function renderWebhooks(root, { query }) {
   let shownId = Number(query.get("log")) || null; // whose delivery log is open
 
   // -- the create form (admin) ---------------------------------------------------------------------
-  const urlIn = h("input", { id: "webhook-url", type: "url", required: true, maxlength: 2048, autocomplete: "off", placeholder: "the receiver's http or https URL" });
-  const nameIn = h("input", { id: "webhook-name", maxlength: 128, autocomplete: "off", placeholder: "the URL's host" });
-  const eventsIn = h("input", { id: "webhook-events", required: true, autocomplete: "off", value: "alert.*", placeholder: "alert.*, device.offline" });
-  const enabledIn = h("input", { id: "webhook-enabled", type: "checkbox", checked: true });
-  eventsIn.defaultValue = "alert.*"; // what form.reset() goes back to
-  enabledIn.defaultChecked = true;
-  const notes = { url: fieldNote(urlIn), name: fieldNote(nameIn), events: fieldNote(eventsIn) };
+  const { urlIn, nameIn, eventsIn, enabledIn, notes, rows: fields } = hookFields("webhook");
   const submit = h("button", { type: "submit", class: "primary" }, "Create webhook");
-  const help = h("div", { id: "webhook-events-help", class: "muted small" },
-    h("p", {}, "Names or shell-style patterns, comma separated: ", h("code", {}, "alert.*"), ", ", h("code", {}, "device.offline"), ", ",
-      h("code", {}, "*"), " for everything. ", h("code", {}, "webhook.test"), " (the Send test button) reaches every webhook. Known events:"),
-    eventHelp());
-  eventsIn.setAttribute("aria-describedby", `${eventsIn.getAttribute("aria-describedby")} webhook-events-help`);
-  const field = (input, note, label, cls = "") => h("div", { class: `field ${cls}` }, h("label", { for: input.id }, label, input), note);
 
   const form = h("form", { id: "webhook-form", dataset: { write: "" }, noValidate: true, onsubmit: async (e) => {
     e.preventDefault();
@@ -101,10 +118,85 @@ export async function renderWebhooks(root, { query }) {
       submit.disabled = false;
     }
   } },
-    h("div", { class: "row" }, field(urlIn, notes.url, "URL", "grow"), field(nameIn, notes.name, "Name (optional)")),
-    h("div", { class: "row" }, field(eventsIn, notes.events, "Events", "grow"), h("label", { class: "check", for: "webhook-enabled" }, enabledIn, "enabled")),
-    help,
+    fields,
     h("p", { class: "row" }, submit), out);
+
+  // -- the edit form of one webhook (admin): only what changed is sent; and its secret rotated -------
+  const editBox = h("div", { id: "webhook-edit-box" });
+  let editing = null; // the webhook whose edit form is open, as it was when opened
+
+  function closeEdit() {
+    editing = null;
+    clear(editBox);
+    for (const b of listBox.querySelectorAll("button[data-edit]")) b.setAttribute("aria-pressed", "false");
+  }
+
+  function openEdit(w) {
+    editing = w;
+    for (const b of listBox.querySelectorAll("button[data-edit]")) b.setAttribute("aria-pressed", String(Number(b.dataset.edit) === w.id));
+    const f = hookFields("webhook-edit", { url: w.url, name: w.name, events: w.events.join(", "), enabled: w.enabled, nameLabel: "Name", foldHelp: true });
+    const editOut = h("div", { "aria-live": "polite" });
+    const save = h("button", { type: "submit", class: "primary" }, "Save changes");
+    // The fields that differ from the webhook as it was opened: a PATCH of those only.
+    const changes = () => {
+      const body = {};
+      const url = f.urlIn.value.trim();
+      const name = f.nameIn.value.trim();
+      const events = list(f.eventsIn.value);
+      if (url !== w.url) body.url = url;
+      if (name !== w.name) body.name = name;
+      if (events.join("\n") !== w.events.join("\n")) body.events = events;
+      if (f.enabledIn.checked !== w.enabled) body.enabled = f.enabledIn.checked;
+      return body;
+    };
+    const form = h("form", { id: "webhook-edit-form", dataset: { write: "" }, noValidate: true, onsubmit: async (e) => {
+      e.preventDefault();
+      markField(f.notes, null);
+      const body = changes();
+      if (!Object.keys(body).length) {
+        clear(editOut, message("info", "Nothing to save: no field was changed."));
+        return;
+      }
+      save.disabled = true;
+      try {
+        const saved = await api(`/api/v1/webhooks/${w.id}`, { method: "PATCH", body });
+        closeEdit();
+        clear(listOut, message("ok", `Webhook #${saved.id} ${saved.name} saved (${Object.keys(body).join(", ")} changed).`));
+        await load();
+      } catch (error) {
+        // As in the create form: a refusal naming a field is said next to it, anything else under the form.
+        clear(editOut, markField(f.notes, error) ? null : errorMessage(error));
+      } finally {
+        save.disabled = false;
+      }
+    } },
+      f.rows,
+      h("p", { class: "row" }, save, h("button", { type: "button", onclick: closeEdit }, "Cancel")), editOut);
+    const rotateOut = h("div", { "aria-live": "polite" });
+    const rotate = writeButton("Rotate secret", async (e) => {
+      if (!confirm(`Rotate the signing secret of ${w.name}? From now on deliveries are signed with a new secret only; its receiver needs the new one, shown once.`)) return;
+      e.target.disabled = true;
+      try {
+        const rotated = await api(`/api/v1/webhooks/${w.id}/rotate-secret`, { method: "POST" });
+        clear(rotateOut, message("ok", "New secret made: it is shown once, above."));
+        clear(secretOut, secretBox(rotated, { rotated: true }));
+        secretOut.scrollIntoView({ block: "nearest" });
+      } catch (error) {
+        clear(rotateOut, errorMessage(error));
+      } finally {
+        e.target.disabled = false;
+      }
+    }, { class: "danger" });
+    clear(editBox, h("section", { class: "panel", id: "webhook-edit", "aria-labelledby": "webhook-edit-h", dataset: { editing: w.id } },
+      h("h2", { id: "webhook-edit-h" }, `Edit webhook ${w.name}`),
+      h("p", { class: "muted small" }, `#${w.id}. Only the fields you change are saved.`),
+      form,
+      h("h3", {}, "Signing secret"),
+      h("div", { class: "row centered" }, h("p", { class: "muted small grow-text" }, "Shown only when it is set. Rotating makes a new one on the server and shows it once; the old one signs nothing after that."), rotate),
+      rotateOut));
+    editBox.scrollIntoView({ block: "nearest" });
+    f.urlIn.focus();
+  }
 
   // -- the delivery log of one webhook -------------------------------------------------------------
   const logTitle = h("h2", { id: "deliveries-h" }, "Delivery log");
@@ -201,6 +293,7 @@ export async function renderWebhooks(root, { query }) {
       return;
     }
     if (!hooks.some((w) => w.id === shownId)) shownId = hooks[0]?.id ?? null;
+    if (editing && !hooks.some((w) => w.id === editing.id)) closeEdit(); // deleted meanwhile
     const headers = ["Webhook", "Events", "State", "Deliveries", "Actions"];
     clear(listBox, hooks.length ? table(headers, hooks.map((w) =>
       h("tr", { dataset: { webhook: w.id }, class: w.id === shownId ? "selected" : null },
@@ -215,6 +308,7 @@ export async function renderWebhooks(root, { query }) {
             clear(listOut, message("ok", `Test delivery #${queued.delivery_id} to ${w.name} queued.`));
             await showLog(w.id);
           }), { disabled: !w.enabled, title: w.enabled ? "POST a webhook.test event now" : "enable the webhook to send a test" }) : null,
+          admin ? writeButton("Edit", () => openEdit(w), { "aria-pressed": String(w.id === editing?.id), dataset: { write: "", edit: w.id }, title: "change its URL, events or name; rotate its secret" }) : null,
           admin ? writeButton(w.enabled ? "Disable" : "Enable", (e) => act(e, () => api(`/api/v1/webhooks/${w.id}`, { method: "PATCH", body: { enabled: !w.enabled } }))) : null,
           admin ? writeButton("Delete", (e) => act(e, async () => {
             if (!confirm(`Delete webhook ${w.name}? Its delivery log goes with it.`)) return;
@@ -236,6 +330,7 @@ export async function renderWebhooks(root, { query }) {
       admin ? null : h("p", { class: "message", role: "status" }, "Creating, changing and deleting webhooks needs an admin key; an operator sends tests and retries deliveries."),
       listOut, listBox),
     secretOut,
+    editBox,
     logPanel,
     admin ? h("section", { class: "panel", "aria-labelledby": "webhook-form-h" }, h("h2", { id: "webhook-form-h" }, "New webhook"), form) : null,
   );
