@@ -83,7 +83,7 @@ def settled_budget_state(
         warn_days=warn_days,
         warn_fraction=warn_fraction,
     )
-    if not budget_bytes or previous not in (WARNING, CRITICAL):
+    if not budget_bytes or not clear_margin or previous not in (WARNING, CRITICAL):
         return raised
     if raised is not None and (raised.severity == CRITICAL or previous == WARNING):
         return raised  # raising and escalating are never held back
@@ -97,12 +97,12 @@ def settled_budget_state(
         )
     if raised is not None:
         return raised  # a critical gone down to a warning that holds without the margin
-    floor = (warn_fraction - clear_margin) * budget_bytes
-    if warn_fraction and used_bytes >= floor:
+    share = used_bytes / budget_bytes
+    if warn_fraction and share >= warn_fraction - clear_margin:
         return BudgetState(
             WARNING,
             USED,
-            f"storage: {used_bytes / budget_bytes:.0%} of the budget of {budget_bytes} bytes used"
+            f"storage: {share:.0%} of the budget of {budget_bytes} bytes used"
             f" (a warning until below {warn_fraction - clear_margin:.0%})",
         )
     if growth_bytes_per_day > 0 and used_bytes + growth_bytes_per_day * warn_days >= budget_bytes - margin:
