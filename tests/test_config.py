@@ -3,6 +3,7 @@ async drivers, and refusals that stop a bad deployment at start rather than at t
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -286,3 +287,31 @@ def test_file_secrets(tmp_path: Path) -> None:
     assert values == {"admin_keys": key}  # OTA_SIGNING_KEY_FILE is a setting of its own
     with pytest.raises(ValueError, match="TELEMETRA_DATABASE_URL_FILE=/nope: cannot read"):
         file_values({"TELEMETRA_DATABASE_URL_FILE": "/nope"})
+
+
+def test_the_readme_configuration_table_lists_every_setting() -> None:
+    """Each setting's TELEMETRA_ name is in the README's table (``/ `_SUFFIX``` shorthand for its
+    neighbours: ``TELEMETRA_TLS_CERT`` / ``_KEY``), and the table names no setting that does not exist."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("## Configuration") : text.index("## Operations")]
+    listed: set[str] = set()
+    named: set[str] = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        base = ""
+        for token in re.findall(r"`([A-Z0-9_]+)`", row.split("|")[1]):
+            if token.startswith("TELEMETRA_"):
+                base = token
+                listed.add(token)
+                named.add(token)
+            elif token.startswith("_") and base:
+                parts = base.split("_")
+                listed.update("_".join(parts[:k]) + token for k in range(1, len(parts)))
+    names = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else []
+        names.update(c for c in choices if isinstance(c, str) and c.startswith("TELEMETRA_"))
+    assert sorted(names - listed) == []
+    assert sorted(named - names) == []
