@@ -111,6 +111,6 @@ def settled_budget_state(
             WARNING,
             SOON,
             f"storage: the budget of {budget_bytes} bytes is reached in {left:.1f} days"
-            f" (a warning until {warn_days:g} days ahead stay below {budget_bytes - margin:.0f} bytes)",
+            f" (a warning until the size {warn_days:g} days ahead is below {budget_bytes - margin:.0f} bytes)",
         )
     return None
