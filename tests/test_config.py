@@ -3,6 +3,7 @@ async drivers, and refusals that stop a bad deployment at start rather than at t
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def test_defaults() -> None:
     assert s.admin_keys == [] and s.device_api_keys == [] and s.all_admin_keys == []
     assert s.mqtt_presets == ["default"] and s.mqtt_prefix == "telemetra"
     assert s.allow_anonymous_nodes is False and s.gateway_auto_register is True
+    assert (s.storage_budget_bytes, s.storage_warn_fraction, s.storage_clear_margin) == (0, 0.9, 0.05)
+
+
+def test_a_clear_margin_past_a_share_turned_off_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TELEMETRA_STORAGE_WARN_FRACTION", "0")
+    monkeypatch.setenv("TELEMETRA_STORAGE_CLEAR_MARGIN", "0.5")
+    assert load().storage_clear_margin == 0.5
 
 
 @pytest.mark.parametrize(
@@ -74,6 +82,7 @@ def test_defaults() -> None:
         ("TELEMETRA_REJECTED_PER_MINUTE", "3", "rejected_per_minute", 3),
         ("TELEMETRA_STORAGE_WARN_FRACTION", "0.75", "storage_warn_fraction", 0.75),
         ("TELEMETRA_STORAGE_WARN_DAYS", "30", "storage_warn_days", 30.0),
+        ("TELEMETRA_STORAGE_CLEAR_MARGIN", "0.1", "storage_clear_margin", 0.1),
     ],
 )
 def test_environment_names(
@@ -174,6 +183,9 @@ def test_weak_admin_key_is_fine_in_development(monkeypatch: pytest.MonkeyPatch) 
         ("TELEMETRA_INGEST_QUEUE_MAX_POINTS", "10"),
         ("TELEMETRA_MAX_PAYLOAD_BYTES", "100"),
         ("TELEMETRA_STORAGE_WARN_FRACTION", "1.5"),
+        ("TELEMETRA_STORAGE_CLEAR_MARGIN", "1"),
+        ("TELEMETRA_STORAGE_CLEAR_MARGIN", "-0.05"),
+        ("TELEMETRA_STORAGE_CLEAR_MARGIN", "0.9"),  # not below the warning's share (0.9): never clears
     ],
 )
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -197,6 +209,11 @@ def test_unknown_preset_message_lists_the_known_ones(monkeypatch: pytest.MonkeyP
         ({"PORT": "70000"}, "PORT: input should be less than or equal to 65535 (got '70000')"),  # as it was set
         ({"TELEMETRA_MQTT_PREFIX": "a/b"}, "TELEMETRA_MQTT_PREFIX: must be one topic level"),
         ({"TELEMETRA_MQTT_PRESETS": "paku,paku-iot"}, "TELEMETRA_MQTT_PRESETS / TELEMETRA_MQTT_ROUTES: MQTT routes"),
+        (
+            {"TELEMETRA_STORAGE_WARN_FRACTION": "0.5", "TELEMETRA_STORAGE_CLEAR_MARGIN": "0.6"},
+            "TELEMETRA_STORAGE_CLEAR_MARGIN: must be less than TELEMETRA_STORAGE_WARN_FRACTION (0.5)",
+        ),
+        ({"TELEMETRA_STORAGE_CLEAR_MARGIN": "1"}, "TELEMETRA_STORAGE_CLEAR_MARGIN: input should be less than 1"),
         (
             {"TELEMETRA_ENV": "production", "TELEMETRA_ADMIN_KEYS": "weak-0xA1"},
             "TELEMETRA_ADMIN_KEYS / TELEMETRA_OPERATOR_KEYS / TELEMETRA_VIEWER_KEYS: keys must be at least",
@@ -270,3 +287,31 @@ def test_file_secrets(tmp_path: Path) -> None:
     assert values == {"admin_keys": key}  # OTA_SIGNING_KEY_FILE is a setting of its own
     with pytest.raises(ValueError, match="TELEMETRA_DATABASE_URL_FILE=/nope: cannot read"):
         file_values({"TELEMETRA_DATABASE_URL_FILE": "/nope"})
+
+
+def test_the_readme_configuration_table_lists_every_setting() -> None:
+    """Each setting's TELEMETRA_ name is in the README's table (``/ `_SUFFIX``` shorthand for its
+    neighbours: ``TELEMETRA_TLS_CERT`` / ``_KEY``), and the table names no setting that does not exist."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("## Configuration") : text.index("## Operations")]
+    listed: set[str] = set()
+    named: set[str] = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        base = ""
+        for token in re.findall(r"`([A-Z0-9_]+)`", row.split("|")[1]):
+            if token.startswith("TELEMETRA_"):
+                base = token
+                listed.add(token)
+                named.add(token)
+            elif token.startswith("_") and base:
+                parts = base.split("_")
+                listed.update("_".join(parts[:k]) + token for k in range(1, len(parts)))
+    names = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else []
+        names.update(c for c in choices if isinstance(c, str) and c.startswith("TELEMETRA_"))
+    assert sorted(names - listed) == []
+    assert sorted(named - names) == []

@@ -149,6 +149,34 @@ def test_env_example_keeps_the_same_bindings() -> None:
     assert int(prod["services"]["telemetra"]["deploy"]["replicas"]) == 2
 
 
+# In deploy/.env.example but not passed on to Telemetra: compose's own, or needing more than a value.
+NOT_PASSED_ON = {
+    "TELEMETRA_REPLICAS": "compose's own: how many replicas",
+    "TELEMETRA_RULES_FILE": "a path in the container: needs the file mounted too (an override file)",
+}
+
+
+def test_every_setting_in_env_example_reaches_telemetra(tmp_path: Path, prod: dict[str, Any]) -> None:
+    """deploy/.env only fills in compose's ${…}: a setting it offers that the telemetra service does not
+    pass on would silently do nothing. Each one reaches the container as set, and unset it is the
+    server's own default."""
+    from telemetra.config import Settings, known_names
+
+    text = (DEPLOY / ".env.example").read_text()
+    names = sorted(set(re.findall(r"^#?\s*(TELEMETRA_[A-Z0-9_]+)=", text, re.M)) - set(NOT_PASSED_ON))
+    assert "TELEMETRA_STORAGE_CLEAR_MARGIN" in names and "TELEMETRA_STORAGE_WARN_FRACTION" in names
+    env = tmp_path / ".env"
+    env.write_text("".join(f"{name}=value-{i}\n" for i, name in enumerate(names)))
+    passed_on = compose_config("compose.prod.yaml", env)["services"]["telemetra"]["environment"]
+    assert {n: passed_on.get(n) for n in names} == {n: f"value-{i}" for i, n in enumerate(names)}
+    unset = prod["services"]["telemetra"]["environment"]
+    fields = known_names()
+    for name in names:
+        field = fields[name]
+        parsed = getattr(Settings(_env_file=None, **{field: unset[name]}), field)  # type: ignore[call-arg]
+        assert parsed == Settings.model_fields[field].get_default(call_default_factory=True), name
+
+
 def test_postgres_volume_and_backups(prod: dict[str, Any]) -> None:
     postgres, backup = prod["services"]["postgres"], prod["services"]["backup"]
     assert any(

@@ -237,6 +237,7 @@ def retention_from(services: Services) -> Retention:
         budget_bytes=settings.storage_budget_bytes,
         warn_days=settings.storage_warn_days,
         warn_fraction=settings.storage_warn_fraction,
+        clear_margin=settings.storage_clear_margin,
         on_budget=budget_alerts.check if budget_alerts is not None else None,
         database=services.database,
     )

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     storage_warn_days: float = Field(14.0, ge=0, validation_alias=_alias("STORAGE_WARN_DAYS"))
     # The storage_budget alert also warns once this share of the budget is used, whatever the growth (0: off).
     storage_warn_fraction: float = Field(0.9, ge=0, le=1, validation_alias=_alias("STORAGE_WARN_FRACTION"))
+    # Hysteresis, as a share of the budget: an open critical goes down to a warning only below the budget
+    # minus this, an open warning clears only this far below what raised it (0: at the thresholds).
+    storage_clear_margin: float = Field(0.05, ge=0, lt=1, validation_alias=_alias("STORAGE_CLEAR_MARGIN"))
     rules_file: Path | None = Field(None, validation_alias=_alias("RULES_FILE"))  # JSON or TOML, loaded at start
     presence_sweep_s: float = Field(10.0, gt=0, le=3600, validation_alias=_alias("PRESENCE_SWEEP_S"))
     # An offline alert for any device silent past its interval, even without an offline rule naming it.
@@ -252,6 +255,15 @@ class Settings(BaseSettings):
             build_table(self.mqtt_prefix, self.mqtt_presets, self.mqtt_routes)
         except ValueError as exc:
             raise ValueError(f"TELEMETRA_MQTT_PRESETS / TELEMETRA_MQTT_ROUTES: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _clear_margin_below_warning(self) -> Settings:
+        if self.storage_warn_fraction and self.storage_clear_margin >= self.storage_warn_fraction:
+            raise ValueError(
+                f"TELEMETRA_STORAGE_CLEAR_MARGIN: must be less than TELEMETRA_STORAGE_WARN_FRACTION"
+                f" ({self.storage_warn_fraction:g}), or a warning raised by the share used would never clear"
+            )
         return self
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@ policy keeps no longer (``storage.retention``), with its progress in the metrics
 figures (``storage.usage``) refreshed after each pass. It also tells ``/aggregate`` how far back each
 tier still holds a device's data, so an answer never silently mixes in a tier that lost part of the
 range (``domain.rollups.choose_resolution``). After each pass the figures go to ``on_budget`` with where
-the database stands against its budget (``domain.budget``): the ``storage_budget`` alert's cadence.
+the database stands against its budget (``domain.budget``, with the hysteresis of its clear margin,
+decided from the open alert's severity): the ``storage_budget`` alert's cadence.
 App layer: it wires storage and metrics."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from telemetra.aio import every
-from telemetra.domain.budget import BudgetState, budget_state
+from telemetra.domain.budget import BudgetState, settled_budget_state
 from telemetra.domain.rollups import TIERS
 from telemetra.domain.timeutil import now_ms
 from telemetra.metrics import Metrics
@@ -27,7 +28,8 @@ from telemetra.supervise import Failures, Supervisor
 
 log = logging.getLogger(__name__)
 
-OnBudget = Callable[[Usage, BudgetState | None], Awaitable[None]]
+# The figures, and what the alert should be given the open one's severity (None: none open).
+OnBudget = Callable[[Usage, Callable[[str | None], BudgetState | None]], Awaitable[None]]
 
 
 class Retention:
@@ -45,6 +47,7 @@ class Retention:
         budget_bytes: int = 0,
         warn_days: float = 14.0,
         warn_fraction: float = 0.0,
+        clear_margin: float = 0.0,
         on_budget: OnBudget | None = None,
         database: DatabaseState | None = None,
     ) -> None:
@@ -58,6 +61,7 @@ class Retention:
         self._budget = budget_bytes or None
         self._warn_days = warn_days
         self._warn_fraction = warn_fraction
+        self._clear_margin = clear_margin
         self._on_budget = on_budget
         self.policies = Policies(defaults)
         self.last: PassResult | None = None
@@ -109,7 +113,7 @@ class Retention:
             log.info("retention deleted %s in %.1f s", result.deleted, result.seconds)
         usage = await self.usage()
         if self._on_budget is not None:
-            await self._on_budget(usage, self.budget_state(usage))
+            await self._on_budget(usage, lambda previous: self.budget_state(usage, previous))
         return result
 
     async def usage(self, top: int = 10) -> Usage:
@@ -124,11 +128,14 @@ class Retention:
             log.warning("%s", state.message)
         return usage
 
-    def budget_state(self, usage: Usage) -> BudgetState | None:
-        return budget_state(
+    def budget_state(self, usage: Usage, previous: str | None = None) -> BudgetState | None:
+        """Where the database stands against its budget, given the open alert's severity (None: none)."""
+        return settled_budget_state(
+            previous,
             budget_bytes=usage.budget_bytes,
             used_bytes=usage.database_bytes,
-            days_left=usage.days_left,
+            growth_bytes_per_day=usage.growth_bytes_per_day,
             warn_days=self._warn_days,
             warn_fraction=self._warn_fraction,
+            clear_margin=self._clear_margin,
         )

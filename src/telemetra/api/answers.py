@@ -254,7 +254,8 @@ class StorageUsage(BaseModel):
     days_left: float | None
     warning: bool = Field(
         description="past the budget, over TELEMETRA_STORAGE_WARN_FRACTION of it, or days_left within"
-        " TELEMETRA_STORAGE_WARN_DAYS: what raises the storage_budget alert"
+        " TELEMETRA_STORAGE_WARN_DAYS (an open alert held until TELEMETRA_STORAGE_CLEAR_MARGIN below):"
+        " what the storage_budget alert says"
     )
     budget_alert: str | None = Field(description="the storage_budget alert's severity now: warning, critical or null")
     retention: StorageRetention

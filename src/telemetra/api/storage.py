@@ -48,7 +48,9 @@ def _days(days: Days) -> dict[str, int | None]:
 async def storage(services: ServicesDep, _: Viewer, top: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
     retention = _retention(services)
     usage = await retention.usage(top=top)
-    state = retention.budget_state(usage)
+    # The alert's verdict, hysteresis included: from the open alert's severity, as the pass decides it.
+    alerts = services.budget_alerts
+    state = retention.budget_state(usage, await alerts.open_severity() if alerts is not None else None)
     last = retention.last
     return {
         "tiers": {t: {"rows": usage.tiers[t].rows, "bytes": usage.tiers[t].bytes} for t in TIERS},

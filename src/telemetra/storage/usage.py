@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from telemetra.domain.budget import days_left
 from telemetra.domain.rollups import HOUR, MINUTE, RAW, TIERS
 from telemetra.storage.schema import Rollup1h
 
@@ -97,9 +98,6 @@ class UsageQueries:
         points_per_day = float(recent or 0) / GROWTH_DAYS
         growth = points_per_day * bytes_per_point
         total = sum(t.bytes for t in tiers.values())
-        days_left = None
-        if budget_bytes:
-            days_left = 0.0 if database >= budget_bytes else ((budget_bytes - database) / growth if growth else None)
         top_devices = [
             {"device_id": d, "points": int(p), "bytes": int(int(p) * bytes_per_point)} for d, p in per_device
         ]
@@ -111,6 +109,6 @@ class UsageQueries:
             points_per_day=points_per_day,
             growth_bytes_per_day=growth,
             budget_bytes=budget_bytes,
-            days_left=days_left,
+            days_left=days_left(budget_bytes, database, growth),
             rows_estimated=self._pg,
         )
