@@ -46,7 +46,7 @@ async def post(client: httpx.AsyncClient, key: str, body: Any, path: str = "/api
 
 def connect(s: Served, path: str, *, key: str | None = ADMIN_KEY, **kwargs: Any) -> Any:
     headers = {"X-API-Key": key} if key else None
-    return websockets.connect(s.ws + path, additional_headers=headers, open_timeout=5, **kwargs)
+    return websockets.connect(s.ws + path, additional_headers=headers, open_timeout=20, **kwargs)
 
 
 async def receive(ws: ClientConnection, *, skip: tuple[str, ...] = ("heartbeat",), within: float = 5) -> dict[str, Any]:

@@ -542,7 +542,7 @@ class PahoTestClient:
         *,
         protocol: int = mqtt.MQTTv5,
         client_id: str | None = None,
-        timeout: float = 3.0,
+        timeout: float = 10.0,  # a ceiling for an ack or a message, not a wait: a box at load 10 took over 3 s
         transport: Literal["tcp", "websockets"] = "tcp",
         port: int | None = None,
         persistent: bool = False,
