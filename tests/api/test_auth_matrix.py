@@ -208,6 +208,36 @@ ROWS = [
     ),
     Row("GET", "/api/admin/devices?device_model=m&limit=500", VIEW),
     Row("GET", "/api/admin/update-status?limit=10", VIEW),
+    # Webhooks: their secrets and targets are an admin's; operators read them, test and resend.
+    Row("GET", "/api/v1/webhooks", OPERATE),
+    Row(
+        "POST",
+        "/api/v1/webhooks",
+        codes("201 403 403 403 403 403 403 401 401"),
+        {"url": "http://127.0.0.1:9/hook", "events": ["alert.*"]},
+    ),
+    Row("GET", "/api/v1/webhooks/{HOOK}", OPERATE),
+    Row("PATCH", "/api/v1/webhooks/{HOOK}", ADMIN_ONLY, {"events": ["device.*"]}),
+    Row("POST", "/api/v1/webhooks/{HOOK}/rotate-secret", ADMIN_ONLY),
+    Row("DELETE", "/api/v1/webhooks/{HOOK}", codes("204 403 403 403 403 403 403 401 401")),
+    Row("POST", "/api/v1/webhooks/{HOOK}/test", codes("202 202 403 403 403 403 403 401 401")),
+    Row("GET", "/api/v1/webhooks/{HOOK}/deliveries", OPERATE),
+    Row("POST", "/api/v1/webhooks/{HOOK}/deliveries/999999/retry", codes("404 404 403 403 403 403 403 401 401")),
+    # Rules, storage and retention: staff read them, operators change them.
+    Row("GET", "/api/v1/rules", VIEW),
+    Row(
+        "POST",
+        "/api/v1/rules",
+        codes("201 201 403 403 403 403 403 401 401"),
+        {"name": "{NEW}", "key": "t", "op": ">", "value": 1},
+    ),
+    Row("GET", "/api/v1/rules/{RULE}", VIEW),
+    Row("PATCH", "/api/v1/rules/{RULE}", OPERATE, {"value": 2}),
+    Row("DELETE", "/api/v1/rules/{RULE}", codes("204 204 403 403 403 403 403 401 401")),
+    Row("GET", "/api/v1/storage", VIEW),
+    Row("GET", "/api/v1/retention", VIEW),
+    Row("PUT", "/api/v1/retention/models/{MODEL}", OPERATE, {"raw_days": 30}),
+    Row("DELETE", "/api/v1/retention/models/{MODEL}", codes("204 204 403 403 403 403 403 401 401")),
     # Operations: open to probes and scrapers, whatever they send.
     Row("GET", "/health", PUBLIC),
     Row("GET", "/api/v1/health", PUBLIC),
@@ -222,6 +252,22 @@ async def _placeholders(running: Running, w: World, row: Row) -> dict[str, str]:
     if "{FRESH}" in text:
         values["FRESH"] = unique("fresh")
         await running.create_device(values["FRESH"])
+    if "{HOOK}" in text:
+        r = await running.client.post(
+            "/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["alert.*"]}, headers=ADMIN
+        )
+        assert r.status_code == 201, r.text
+        values["HOOK"] = str(r.json()["id"])
+    if "{RULE}" in text:
+        r = await running.client.post(
+            "/api/v1/rules", json={"name": unique("rule"), "key": "t", "op": ">", "value": 1}, headers=ADMIN
+        )
+        assert r.status_code == 201, r.text
+        values["RULE"] = str(r.json()["id"])
+    if "{MODEL}" in text:  # a model with an override to change or remove
+        values["MODEL"] = unique("model")
+        r = await running.client.put(f"/api/v1/retention/models/{values['MODEL']}", json={"raw_days": 7}, headers=ADMIN)
+        assert r.status_code == 200, r.text
     if "{CLAIM}" in text:
         r = await running.client.post("/api/v1/claim-codes", json={"count": 1}, headers=ADMIN)
         assert r.status_code == 201, r.text
@@ -404,11 +450,15 @@ def test_matrix_covers_every_route() -> None:
         health,
         ingest,
         me,
+        rules,
+        storage,
         telemetry,
+        webhooks,
     )
 
     modules = (
-        ingest, devices, telemetry, health, commands, alerts, me, compat_iotmesh, compat_heatpump, compat_paku_ota
+        ingest, devices, telemetry, health, commands, alerts, me, compat_iotmesh, compat_heatpump, compat_paku_ota,
+        rules, storage, webhooks,
     )  # fmt: skip
     routes: set[tuple[str, str]] = set()
     for module in (*modules, compat_telemetry_app):
@@ -418,7 +468,7 @@ def test_matrix_covers_every_route() -> None:
     covered = set()
     for row in ROWS:
         path = row.path.split("?")[0]
-        for name in ("{A}", "{C}", "{FRESH}", "999999", "nope", "9.9.9"):
+        for name in ("{A}", "{C}", "{FRESH}", "{HOOK}", "{RULE}", "{MODEL}", "999999", "nope", "9.9.9"):
             path = path.replace(name, "{X}")
         covered.add((row.method, path))
     assert len(routes) >= 60, "the routers are listed differently now; fix this test"
