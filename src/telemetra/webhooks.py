@@ -16,6 +16,10 @@
   before the receiver's ``Retry-After``), until ``max_attempts`` have failed. Deliveries survive restarts;
   one claimed by a process that died is tried again when its lease ends (receivers dedupe on the body's
   ``id``, the same for every attempt). Delivered and failed rows leave the log after ``log_days``.
+- **SQLite.** Every write here (enqueue, claim, record) queues at the process's write gate
+  (``storage.database.write_gate``) with the ingest writer's group commits, rather than polling SQLite's
+  busy handler, and a round's outcomes are written with the next claim: one transaction per round. Each
+  waits for at most the commit under way, so a delivery trails its event by a few group commits.
 
 Headers of every POST: ``X-Telemetra-Event`` (the event name), ``X-Telemetra-Delivery`` (the delivery's
 id), ``X-Telemetra-Timestamp`` (Unix seconds) and ``X-Telemetra-Signature`` (``domain.webhooks.signature``).
@@ -46,7 +50,7 @@ from telemetra.logs import Throttle
 from telemetra.metrics import Metrics
 from telemetra.storage.faults import DatabaseState, report_failure
 from telemetra.storage.schema import WebhookRow
-from telemetra.storage.webhooks import Claimed, WebhookRepository
+from telemetra.storage.webhooks import Claimed, Outcome, WebhookRepository
 from telemetra.supervise import Failures, Supervisor
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ ENQUEUE_BATCH = 1_000  # events taken from the subscription per insert
 RELOAD_S = 5.0  # webhooks changed through another process are seen within this
 POLL_S = 1.0  # deliveries enqueued by another process are seen within this
 PRUNE_EVERY_S = 3600.0
+RECORD_WITHIN_S = 0.5  # an outcome waits at most this for the rest of its round before it is written alone
 ERROR_TEXT = 300  # characters of a receiver's answer (or of the error) kept in the log
 _TYPES = (model.ALERT, model.STATE, model.DEVICE, model.OTA)
 _KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
@@ -147,6 +152,7 @@ class Webhooks:
         self._names = EventNames()
         self._client: httpx.AsyncClient | None = None
         self._in_flight = 0
+        self._unrecorded: list[Outcome] = []  # attempts made, their outcomes not yet written
         self._throttle = Throttle(60.0)
         self.enqueued = 0
         self.pending = 0  # deliveries waiting, as last counted (every RELOAD_S)
@@ -317,12 +323,25 @@ class Webhooks:
     # --- deliver --------------------------------------------------------------------------------------
 
     async def _deliver_forever(self) -> None:
+        try:
+            await self._deliver_rounds()
+        finally:  # stopping: what was attempted is written, or it would be sent again after the restart
+            if self._unrecorded:
+                with contextlib.suppress(Exception):
+                    await self.repo.record(self._unrecorded)
+                self._unrecorded = []
+
+    async def _deliver_rounds(self) -> None:
+        """Rounds of claim, attempt, record. The last round's outcomes ride on the next claim's transaction
+        (on SQLite each write transaction waits its turn for the write lock: a round is one turn)."""
         last_prune = 0.0
         last_count = 0.0
         while True:
             began = DatabaseState.attempt()
             try:
-                claimed = await self.repo.claim(now_ms=now_ms(), limit=self._concurrency * 4, lease_ms=self._lease_ms)
+                outcomes = list(self._unrecorded)
+                claimed = await self._claim(outcomes)
+                del self._unrecorded[: len(outcomes)]
                 if time.monotonic() - last_count > RELOAD_S:
                     self.pending = await self.repo.pending()
                     self._metrics.webhook_pending.set(self.pending)
@@ -342,6 +361,22 @@ class Webhooks:
             self._due.clear()
             await wait_set(self._due, await self._idle_for())
 
+    async def _claim(self, outcomes: list[Outcome]) -> list[Claimed]:
+        """The next round (and ``outcomes`` written). A stop while the claim runs waits for it and gives
+        back what it claimed — cancelled blind, a claim that committed would leave its rows to wait for
+        their leases to end."""
+        claim = asyncio.ensure_future(
+            self.repo.claim(now_ms=now_ms(), limit=self._concurrency * 4, lease_ms=self._lease_ms, record=outcomes)
+        )
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                claimed = await claim
+                del self._unrecorded[: len(outcomes)]
+                await self.repo.release([c.id for c in claimed], now_ms=now_ms())
+            raise
+
     async def _idle_for(self) -> float:
         """Until the next retry is due, at most ``POLL_S``."""
         try:
@@ -353,26 +388,59 @@ class Webhooks:
         return min(POLL_S, max(0.01, (due - now_ms()) / 1000))
 
     async def _send_all(self, claimed: list[Claimed]) -> None:
+        """Attempt the claimed deliveries, up to ``concurrency`` at once. Their outcomes wait in
+        ``_unrecorded`` for the next claim, which writes them in its transaction; one that waited
+        ``RECORD_WITHIN_S`` for a slow neighbour is written at once (with whatever else ended)."""
         limit = asyncio.Semaphore(self._concurrency)
-        done: set[int] = set()
+        attempted: set[int] = set()
+        ended: asyncio.Queue[tuple[int, Outcome | None]] = asyncio.Queue()
 
         async def one(delivery: Claimed) -> None:
+            outcome: Outcome | None = None
             async with limit:
                 try:
-                    await self._send(delivery)
-                except Exception as exc:  # the outcome was not recorded: tried again when the lease ends
-                    report_failure(self._database, exc, "webhooks: recording delivery %d failed", delivery.id)
-                done.add(delivery.id)
+                    outcome = await self._send(delivery)
+                except Exception as exc:  # nothing to record: tried again when the lease ends
+                    report_failure(self._database, exc, "webhooks: delivery %d failed unexpectedly", delivery.id)
+            ended.put_nowait((delivery.id, outcome))
+
+        async def collect() -> None:
+            oldest: float | None = None  # when the oldest outcome not yet written came in (loop time)
+            while len(attempted) < len(claimed):
+                try:
+                    async with asyncio.timeout_at(None if oldest is None else oldest + RECORD_WITHIN_S):
+                        delivery_id, outcome = await ended.get()
+                except TimeoutError:
+                    await self._record_now()
+                    oldest = None
+                    continue
+                attempted.add(delivery_id)
+                if outcome is not None:
+                    self._unrecorded.append(outcome)
+                    oldest = asyncio.get_running_loop().time() if oldest is None else oldest
 
         try:
             async with asyncio.TaskGroup() as group:
                 for delivery in claimed:
                     group.create_task(one(delivery))
+                group.create_task(collect())
         except asyncio.CancelledError:
-            # Stopping: what was claimed but not attempted goes back, due now, its attempt not counted.
+            # Stopping: what was claimed but not attempted goes back, due now, its attempt not counted
+            # (what was attempted is written by _deliver_forever).
             with contextlib.suppress(Exception):
-                await self.repo.release([c.id for c in claimed if c.id not in done], now_ms=now_ms())
+                await self.repo.release([c.id for c in claimed if c.id not in attempted], now_ms=now_ms())
             raise
+
+    async def _record_now(self) -> None:
+        # Kept in _unrecorded until written: a failure leaves them for the next claim's transaction, a
+        # stop for _deliver_forever's last write (dropped, they would wait for their leases to end).
+        outcomes = list(self._unrecorded)
+        try:
+            await self.repo.record(outcomes)
+        except Exception as exc:
+            report_failure(self._database, exc, "webhooks: recording %d deliveries failed", len(outcomes))
+            return
+        del self._unrecorded[: len(outcomes)]
 
     async def _webhook(self, webhook_id: int) -> WebhookRow | None:
         webhook = self._webhooks.get(webhook_id)
@@ -381,10 +449,11 @@ class Webhooks:
             webhook = self._webhooks.get(webhook_id)
         return webhook
 
-    async def _send(self, delivery: Claimed) -> None:
+    async def _send(self, delivery: Claimed) -> Outcome | None:
+        """One attempt; its outcome, to be recorded (None: the webhook was deleted meanwhile, with its log)."""
         webhook = await self._webhook(delivery.webhook_id)
         if webhook is None:
-            return  # deleted meanwhile, with its log
+            return None
         assert self._client is not None
         body = delivery.body.encode()
         stamp = int(time.time())
@@ -432,9 +501,9 @@ class Webhooks:
                 error,
             )
         self._metrics.webhook_attempts.labels(outcome).inc()
-        await self.repo.record(
+        return Outcome(
             delivery.id,
-            now_ms=now_ms(),
+            finished_at=now_ms(),
             delivered=delivered,
             retry_at=retry_at,
             response_status=status,

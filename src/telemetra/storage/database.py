@@ -4,7 +4,10 @@ import."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+# One FIFO lock per SQLite engine and event loop (an asyncio.Lock belongs to one loop; tests run several).
+_GATES: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def write_gate(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Around a write transaction on SQLite: this process's writers take SQLite's single write lock in
+    turn. Without it a writer that finds the lock taken sleeps in SQLite's busy handler (1, 2, 5 … 100 ms
+    between looks) and, beside the ingest writer's back-to-back group commits, finds it taken again at
+    almost every look — a short webhook or alert write waited 0.1–2 s. Queued here, it goes right after
+    the commit under way, and the ingest writer waits for at most that one short transaction. Only
+    writers of this process queue (another process, or a writer that does not take the gate, still meets
+    the busy handler). PostgreSQL has row locks: nothing to queue."""
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    gate = _GATES.setdefault(engine.sync_engine, {}).setdefault(loop, asyncio.Lock())
+    async with gate:
+        yield
 
 
 def alembic_config() -> Config:

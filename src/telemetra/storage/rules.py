@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from telemetra.domain.errors import Conflict, NotFound
 from telemetra.domain.rules import FIRING, OFFLINE, PENDING, Rule, Standing
+from telemetra.storage.database import write_gate
 from telemetra.storage.schema import AlertRow, Device, LatestRow, RuleRow, RuleStateRow
 
 OPEN = ("active", "acknowledged")
@@ -174,11 +175,11 @@ class RuleRepository:
             set_={"value": standing.value, "updated_at": now_ms},
             where=RuleStateRow.status == PENDING,
         )
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             await conn.execute(stmt)
 
     async def forget_pending(self, rule_id: int, device_id: str) -> None:
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             await conn.execute(
                 delete(RuleStateRow).where(
                     RuleStateRow.rule_id == rule_id, RuleStateRow.device_id == device_id, RuleStateRow.status == PENDING
@@ -206,14 +207,14 @@ class RuleRepository:
             )
             .returning(RuleStateRow.rule_id)
         )
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             if (await conn.execute(stmt)).first() is None:
                 return None
             return await self._raise(conn, rule, device_id, standing.value, message=message, now_ms=now_ms)
 
     async def clear(self, rule_id: int, device_id: str, *, now_ms: int) -> list[dict[str, Any]]:
         """Firing → cleared; the alerts cleared (none when another process got there first)."""
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             gone = await conn.execute(
                 delete(RuleStateRow)
                 .where(
@@ -256,7 +257,7 @@ class RuleRepository:
     ) -> dict[str, Any] | None:
         """Online → offline if still silent since ``cutoff``, and the offline alert raised; None when the
         device spoke meanwhile or another process marked it first."""
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             result = await conn.execute(
                 update(Device)
                 .where(Device.id == device_id, Device.online.is_(True), Device.last_seen_at <= cutoff)
@@ -271,7 +272,7 @@ class RuleRepository:
     ) -> dict[str, Any] | None:
         """A device that said it went offline (Last Will, a state message): the alert, if it still is and
         none is open yet."""
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             online = (await conn.execute(select(Device.online).where(Device.id == device_id))).scalar_one_or_none()
             if online is None or online:
                 return None
@@ -293,7 +294,7 @@ class RuleRepository:
         )
         if device_id is not None:
             stmt = stmt.where(AlertRow.device_id == device_id)
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             ids = [r[0] for r in (await conn.execute(stmt)).all()]
             if not ids:
                 return []

@@ -15,10 +15,11 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from telemetra.domain.errors import NotFound
 from telemetra.domain.webhooks import DELIVERED, FAILED, PENDING
+from telemetra.storage.database import write_gate
 from telemetra.storage.schema import WebhookDeliveryRow, WebhookRow
 
 _WEBHOOKS = WebhookRow.__table__
@@ -34,6 +35,20 @@ class Claimed:
     event: str
     body: str
     attempts: int  # this one included
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An attempt's outcome: delivered; or failed and due again at ``retry_at``; or (``retry_at`` None)
+    failed for good."""
+
+    delivery_id: int
+    finished_at: int  # when the attempt ended (``delivered_at`` when delivered)
+    delivered: bool
+    retry_at: int | None
+    response_status: int | None
+    error: str | None
+    duration_ms: int
 
 
 class WebhookRepository:
@@ -87,15 +102,16 @@ class WebhookRepository:
         insert = postgresql.insert(_DELIVERIES) if self._pg else sqlite.insert(_DELIVERIES)
         fresh = {"status": PENDING, "attempts": 0, "next_attempt_at": now_ms, "created_at": now_ms}
         ids: list[int] = []
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             for start in range(0, len(rows), _INSERT_CHUNK):
                 chunk = [dict(r) | fresh for r in rows[start : start + _INSERT_CHUNK]]
                 statement = insert.values(chunk).on_conflict_do_nothing(index_elements=["webhook_id", "event_key"])
                 ids.extend((await conn.execute(statement.returning(WebhookDeliveryRow.id))).scalars())
         return ids
 
-    async def claim(self, *, now_ms: int, limit: int, lease_ms: int) -> list[Claimed]:
-        """Up to ``limit`` due deliveries of enabled webhooks, oldest due first, each claimed for ``lease_ms``."""
+    async def claim(self, *, now_ms: int, limit: int, lease_ms: int, record: Sequence[Outcome] = ()) -> list[Claimed]:
+        """Up to ``limit`` due deliveries of enabled webhooks, oldest due first, each claimed for ``lease_ms``;
+        first, in the same transaction, the outcomes in ``record`` (the last round's, see ``record``)."""
         enabled = select(WebhookRow.id).where(WebhookRow.enabled.is_(True))
         due = (
             select(WebhookDeliveryRow.id)
@@ -125,42 +141,24 @@ class WebhookRepository:
                 WebhookDeliveryRow.attempts,
             )
         )
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
+            await _record(conn, record)
             rows = (await conn.execute(statement)).all()
         return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
 
-    async def record(
-        self,
-        delivery_id: int,
-        *,
-        now_ms: int,
-        delivered: bool,
-        retry_at: int | None,
-        response_status: int | None,
-        error: str | None,
-        duration_ms: int,
-    ) -> None:
-        """An attempt's outcome: delivered; or failed and due again at ``retry_at``; or (``retry_at`` None)
-        failed for good."""
-        values: dict[str, Any] = {"response_status": response_status, "last_error": error, "duration_ms": duration_ms}
-        if delivered:
-            values |= {"status": DELIVERED, "delivered_at": now_ms}
-        elif retry_at is not None:
-            values |= {"next_attempt_at": retry_at}
-        else:
-            values |= {"status": FAILED}
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(_DELIVERIES)
-                .where(WebhookDeliveryRow.id == delivery_id, WebhookDeliveryRow.status == PENDING)
-                .values(**values)
-            )
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Attempts' outcomes, all in one transaction: on SQLite, where every write transaction waits its
+        turn for the single write lock, a round of attempts is one turn, not one per delivery."""
+        if not outcomes:
+            return
+        async with write_gate(self._engine), self._engine.begin() as conn:
+            await _record(conn, outcomes)
 
     async def release(self, delivery_ids: Sequence[int], *, now_ms: int) -> None:
         """Claims given back unattempted (a stop mid-way): due now, the attempt not counted."""
         if not delivery_ids:
             return
-        async with self._engine.begin() as conn:
+        async with write_gate(self._engine), self._engine.begin() as conn:
             await conn.execute(
                 update(_DELIVERIES)
                 .where(WebhookDeliveryRow.id.in_(list(delivery_ids)), WebhookDeliveryRow.status == PENDING)
@@ -236,3 +234,23 @@ class WebhookRepository:
                 )
             )
         return int(result.rowcount or 0)
+
+
+async def _record(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
+    for o in outcomes:
+        values: dict[str, Any] = {
+            "response_status": o.response_status,
+            "last_error": o.error,
+            "duration_ms": o.duration_ms,
+        }
+        if o.delivered:
+            values |= {"status": DELIVERED, "delivered_at": o.finished_at}
+        elif o.retry_at is not None:
+            values |= {"next_attempt_at": o.retry_at}
+        else:
+            values |= {"status": FAILED}
+        await conn.execute(
+            update(_DELIVERIES)
+            .where(WebhookDeliveryRow.id == o.delivery_id, WebhookDeliveryRow.status == PENDING)
+            .values(**values)
+        )
