@@ -51,8 +51,12 @@ def database_location(database_url: str) -> DatabaseLocation:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # Takes effect only when the file is new (before the first table): retention then gives freed pages
-    # back with ``PRAGMA incremental_vacuum`` instead of keeping them (storage.retention).
-    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # back with ``PRAGMA incremental_vacuum`` instead of keeping them (storage.retention). Set only then:
+    # on an existing file the PRAGMA still waits for the write lock (it writes the header), so every new
+    # pool connection stalled behind the ingest writer's commits, up to the 30 s timeout.
+    cursor.execute("PRAGMA page_count")
+    if cursor.fetchone()[0] == 0:
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     # WAL lets readers run beside the single writer; NORMAL sync is durable across an application crash
     # (only a power loss can take the last commits) and is what makes group commit fast on SQLite.
     cursor.execute("PRAGMA journal_mode=WAL")
