@@ -72,6 +72,67 @@ async def test_wait_ends_on_publish_on_wake_and_on_close() -> None:
     await asyncio.wait_for(again, 1)
 
 
+async def test_a_taker_gets_each_publish_once_in_order_without_waking_the_waiter() -> None:
+    hub = EventHub()
+    sub = hub.subscribe(maxsize=100)
+    calls: list[list[int]] = []
+
+    def taker(s: Any) -> bool:
+        calls.append([e.data["values"]["n"] for e in s.take_many(s.pending)])
+        return True
+
+    sub.take_directly(taker)
+    waiting = asyncio.create_task(sub.wait())
+    await asyncio.sleep(0)
+    hub.publish(telemetry("a", n) for n in range(5))
+    hub.publish([telemetry("b", 5)])
+    assert calls == [[0, 1, 2, 3, 4], [5]]  # one hand-over per publish, at its end, in order
+    await asyncio.sleep(0)
+    assert not waiting.done()  # nobody woke: the taker took everything
+    sub.wake()  # the positive control: the same wait does end
+    await asyncio.wait_for(waiting, 1)
+    sub.close()
+
+
+async def test_a_taker_that_declines_or_fails_leaves_the_events_to_the_waiter() -> None:
+    hub = EventHub()
+    sub = hub.subscribe(maxsize=100)
+    answers = [False]
+
+    def taker(_s: Any) -> bool:
+        if not answers:
+            raise RuntimeError("broken taker")
+        return answers.pop()
+
+    sub.take_directly(taker)
+    for attempt in range(2):  # declines, then raises: either way the waiter is woken with the events queued
+        waiting = asyncio.create_task(sub.wait())
+        await asyncio.sleep(0)
+        hub.publish([telemetry("a", attempt)])
+        await asyncio.wait_for(waiting, 1)
+        assert [e.data["values"]["n"] for e in sub.take_many(64)] == [attempt]  # type: ignore[union-attr]
+    sub.close()
+
+
+async def test_a_lagging_subscription_is_not_handed_to_its_taker_the_gap_comes_first() -> None:
+    hub = EventHub()
+    sub = hub.subscribe(maxsize=3)
+    taken: list[int] = []
+    sub.take_directly(lambda s: bool(taken.extend(range(s.pending))) or True)
+    sub.take_directly(None)  # back to waking: these overflow the queue
+    hub.publish(telemetry("a", n) for n in range(5))
+    assert sub.lagging
+    sub.take_directly(lambda s: bool(taken.extend(range(s.pending))) or True)
+    waiting = asyncio.create_task(sub.wait())
+    hub.publish([telemetry("a", 5)])
+    await asyncio.wait_for(waiting, 1)
+    assert taken == []  # the taker never saw it: the Gap is told first, by the waiter's own path
+    first = sub.take_many(64)
+    assert isinstance(first[0], Gap) and first[0].missed == 3
+    assert [e.data["values"]["n"] for e in first[1:]] == [3, 4, 5]  # type: ignore[union-attr]
+    sub.close()
+
+
 # --- frames -------------------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from starlette.websockets import WebSocketState
 
 from telemetra.api.deps import _presented_key, resolve_principal
 from telemetra.api.realtime_formats import encoded, frame
-from telemetra.api.ws_transport import FRAMES_EXTENSION, WriteFrames, text_frame
+from telemetra.api.ws_transport import FRAMES_EXTENSION, WriteFrames, WriteFramesNowait, text_frame
 from telemetra.domain.errors import Forbidden, NotFound, TelemetraError, Unauthorized
 from telemetra.domain.principal import Principal, Role
 from telemetra.domain.timeutil import ms_to_iso, now_ms
@@ -46,6 +46,7 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 # Registry changes after which a device key open on a stream must be checked again.
 REVOKING = frozenset({"rotated", "claimed", "disabled", "deleted", "resync"})
@@ -168,6 +169,10 @@ class Stream:
         self.last_id: int | None = None
         self.closing: Refused | None = None  # why the server ends the stream, when it does
         self._watch: asyncio.Task[None] | None = None
+        # The fast path (``_take_now``): the format and the connection's synchronous frame writer, while
+        # ``run`` sends a format's prebuilt frames; and the subscription whose ``wait()`` the sender is in.
+        self._direct: tuple[str, WriteFramesNowait] | None = None
+        self._parked: Subscription | None = None
 
     def watch_key(self, principal: Principal) -> None:
         """A device's (or gateway's) key is checked at connect; if it is rotated, disabled or deleted while
@@ -217,6 +222,8 @@ class Stream:
             types=types, devices=devices, since=since, maxsize=self.services.settings.ws_queue_size
         )
         self.services.streams.track(self.sub)
+        if self._direct is not None:
+            self.sub.take_directly(self._take_now)
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.ws.send_text(orjson.dumps(message).decode())
@@ -225,6 +232,40 @@ class Stream:
         """The server's way of taking prebuilt frames, when this connection has one (no compression)."""
         extension = self.ws.scope.get("extensions", {}).get(FRAMES_EXTENSION)
         return extension.get("write") if isinstance(extension, dict) else None
+
+    def _frames_writer_nowait(self) -> WriteFramesNowait | None:
+        extension = self.ws.scope.get("extensions", {}).get(FRAMES_EXTENSION)
+        return extension.get("write_nowait") if isinstance(extension, dict) else None
+
+    def _take_now(self, sub: Subscription) -> bool:
+        """The hub's synchronous hand-over, right after a publish: while the sender is idle in this
+        subscription's ``wait()`` and the connection is writable, what was offered goes out now as one write
+        of prebuilt frames — no task switch per delivery, the same order, the same bounded queue (a client
+        that does not read pauses the transport, and then the sender's own path waits for it)."""
+        direct = self._direct
+        if direct is None or self._parked is not sub or sub is not self.sub or self.closing is not None:
+            return False
+        fmt, write_nowait = direct
+        if not write_nowait(b""):  # closing, or paused by flow control: the sender waits for it
+            return False
+        items = sub.take_many(sub.pending)
+        out: list[bytes] = []
+        last_id = self.last_id
+        try:
+            for item in items:
+                if type(item) is ChangeEvent:
+                    last_id = item.id
+                    built = item.frames.get(fmt) or frame(item, fmt)
+                    if built:
+                        out.append(built)
+        except Exception:
+            log.exception("realtime %s stream: an event could not be framed", self.name)
+            self.end(Refused(CLOSE_INTERNAL, "an event could not be sent"))
+            return True
+        self.last_id = last_id
+        if out:
+            write_nowait(out[0] if len(out) == 1 else b"".join(out))
+        return True
 
     async def run(
         self,
@@ -246,6 +287,10 @@ class Stream:
         reader = asyncio.create_task(self._read(on_message), name=f"ws-read-{self.name}")
         writer = self._frames_writer()
         beat = _Heartbeat(self, heartbeat_s) if heartbeat_s else None
+        nowait = self._frames_writer_nowait() if writer is not None and fmt is not None else None
+        if nowait is not None and fmt is not None and self.sub is not None:
+            self._direct = (fmt, nowait)
+            self.sub.take_directly(self._take_now)
         try:
             while not reader.done():
                 sub = self.sub
@@ -259,7 +304,11 @@ class Stream:
                         if sub is self.sub:  # closed by the server, not replaced by a subscribe action
                             break
                         continue
-                    await sub.wait()
+                    self._parked = sub
+                    try:
+                        await sub.wait()
+                    finally:
+                        self._parked = None
                     continue
                 try:
                     if writer is not None:
@@ -274,6 +323,9 @@ class Stream:
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client went away mid-send
         finally:
+            self._direct = None
+            if self.sub is not None:
+                self.sub.take_directly(None)
             if beat is not None:
                 beat.cancel()
             streams.closed(self.name)

@@ -3,8 +3,11 @@
 ``publish`` is synchronous and never blocks the writer: each subscriber has a bounded queue, and a
 subscriber that falls behind loses its oldest events and is told how many (a ``Gap``) before the next
 one it gets. Subscribers filter by event type and by device; the hub indexes them by device, so a
-per-device subscriber costs nothing for other devices' events. The last ``history`` events are kept, so
-a client that reconnects with the last id it saw gets what it missed — or a ``Gap`` when that is gone.
+per-device subscriber costs nothing for other devices' events. A subscriber may also take what a publish
+offered it synchronously, right after that publish (``take_directly``: a realtime stream writes it to its
+socket at once), instead of being woken — a task switch per delivery saved. The last ``history`` events
+are kept, so a client that reconnects with the last id it saw gets what it missed — or a ``Gap`` when that
+is gone.
 
 Event ids are this process's: every process numbers the events it hands out (its own and, through the
 event bridge, the others'), so behind a load balancer a client's reconnect may reach a process to which
@@ -23,7 +26,7 @@ import itertools
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from telemetra.domain.timeutil import now_ms
 from telemetra.events.model import ChangeEvent, Gap
@@ -35,6 +38,10 @@ DEFAULT_QUEUE = 1_000
 RESUME_WINDOW_S = 600.0
 UNKNOWN = -1  # Gap.missed when the count cannot be known (a resume with an id this run did not issue)
 ID_STRIDE = 1_000  # an event id is sequence * ID_STRIDE + the hub's tag
+
+# A subscriber's synchronous taker (``Subscription.take_directly``): given the subscription after a publish
+# that offered it something, takes what it can now and says whether it did; False wakes ``wait()`` instead.
+Taker = Callable[["Subscription"], bool]
 
 
 class Subscription:
@@ -57,6 +64,8 @@ class Subscription:
         self._ready = asyncio.Event()
         self.closed = False
         self.delivered = 0
+        self._taker: Taker | None = None
+        self._marked = False  # on the hub's list of subscriptions to hand to their taker
 
     def wants(self, event: ChangeEvent) -> bool:
         return self.types is None or event.type in self.types
@@ -67,7 +76,39 @@ class Subscription:
             if self._missed != UNKNOWN:  # "unknown" stays unknown
                 self._missed += 1
         self._queue.append(event)
-        self._ready.set()
+        if self._taker is None:
+            self._ready.set()
+        elif not self._marked:  # handed to the taker once, after the publish (one call for a batch)
+            self._marked = True
+            self._hub._mark(self)
+
+    def take_directly(self, taker: Taker | None) -> None:
+        """Let ``taker`` take what a publish offered synchronously, right after that publish, instead of
+        waking ``wait()`` — no task switch per delivery. When it returns False (it cannot now: the client
+        is not writable, say), ``wait()`` is woken as usual and the items are still queued. A ``Gap``, a
+        ``wake()`` and ``close()`` always wake ``wait()``. ``None``: back to waking ``wait()``."""
+        self._taker = taker
+        if taker is None and (self._queue or self._missed):
+            self._ready.set()
+
+    def _hand_over(self) -> None:
+        self._marked = False
+        if self.closed or not (self._queue or self._missed):
+            return
+        taker = self._taker
+        handled = False
+        if taker is not None and not self._missed:
+            try:
+                handled = taker(self)
+            except Exception:  # the taker's failure is its subscriber's, never the hub's: wake it instead
+                handled = False
+        if not handled or self._queue or self._missed:
+            self._ready.set()
+
+    @property
+    def lagging(self) -> bool:
+        """Events were lost: the next take starts with a ``Gap``."""
+        return bool(self._missed)
 
     def note_missed(self, missed: int) -> None:
         self._missed = UNKNOWN if missed == UNKNOWN or self._missed == UNKNOWN else self._missed + missed
@@ -178,6 +219,8 @@ class EventHub:
         self._by_type: Counter[str] = Counter()
         self._left_at: dict[str | None, float] = {}  # type (None: every type) → when its last subscriber left
         self.published = 0
+        self._marked: list[Subscription] = []  # offered something by the publish in progress; have a taker
+        self._handing_over = False
 
     def wants(self, event_type: str) -> bool:
         """Does any subscriber take events of ``event_type``, or may one resume soon? (Saves building the
@@ -224,6 +267,25 @@ class EventHub:
                 for sub in by_device.get(event.device_id, ()):
                     if sub.types is None or event.type in sub.types:
                         sub.offer(event)
+        if self._marked and not self._handing_over:
+            self._hand_over()
+
+    def _mark(self, sub: Subscription) -> None:
+        self._marked.append(sub)
+
+    def _hand_over(self) -> None:
+        """Every subscription with a taker that was offered something, to its taker, once per publish. (A
+        publish from within a taker adds to the list being handed over, not a nested round.)"""
+        self._handing_over = True
+        try:
+            marked = self._marked
+            i = 0
+            while i < len(marked):
+                marked[i]._hand_over()
+                i += 1
+        finally:
+            self._marked = []
+            self._handing_over = False
 
     def subscribe(
         self,
