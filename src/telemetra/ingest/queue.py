@@ -48,7 +48,7 @@ from telemetra.events.model import ChangeEvent
 from telemetra.ingest.announce import events_of
 from telemetra.logs import Throttle
 from telemetra.metrics import Metrics
-from telemetra.storage.database import write_gate
+from telemetra.storage.database import after_gated_writers
 from telemetra.storage.faults import DatabaseState, describe, is_transient
 from telemetra.storage.writes import WriteResult, write_batch
 
@@ -341,8 +341,9 @@ class IngestQueue:
         started = time.perf_counter()
         began = self._state.attempt()
         announcer = self._announcer if self._announcer is not None and self._announcer.active else None
-        # The write gate (SQLite): the webhooks' and alerts' short writes take their turn between commits.
-        async with write_gate(self._engine), self._engine.begin() as conn:
+        # SQLite: the webhooks' and alerts' short writes waiting at the write gate go first.
+        await after_gated_writers(self._engine)
+        async with self._engine.begin() as conn:
             now = now_ms()
             result = await write_batch(conn, merged, now_ms=now, rollups=self._rollups)
             wanted = announcer is not None or (self._hub is not None and self._hub.wants(model.TELEMETRY))
