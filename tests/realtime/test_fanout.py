@@ -192,6 +192,9 @@ async def test_writes_in_one_loop_turn_leave_as_one_in_order_and_close_flushes()
 # --- on a real server ---------------------------------------------------------------------------------------
 
 
+WAIT_S = 20  # a ceiling for a handshake or a frame (5 s ran out in a full parallel run), never a passing test's time
+
+
 async def _raw_client(s: Served, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A WebSocket client that offers no extension and keeps the frames as bytes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
@@ -202,14 +205,14 @@ async def _raw_client(s: Served, path: str) -> tuple[asyncio.StreamReader, async
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nX-API-Key: {ADMIN_KEY}\r\n\r\n"
         ).encode()
     )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer
 
 
 async def _raw_frame(reader: asyncio.StreamReader) -> bytes:
     """One whole frame as it came off the socket (a server's frames are not masked)."""
-    header = await asyncio.wait_for(reader.readexactly(2), 5)
+    header = await asyncio.wait_for(reader.readexactly(2), WAIT_S)
     n = header[1] & 0x7F
     extended = b""
     if n == 126:
@@ -218,7 +221,7 @@ async def _raw_frame(reader: asyncio.StreamReader) -> bytes:
     elif n == 127:
         extended = await reader.readexactly(8)
         n = int.from_bytes(extended)
-    return header + extended + await asyncio.wait_for(reader.readexactly(n), 5)
+    return header + extended + await asyncio.wait_for(reader.readexactly(n), WAIT_S)
 
 
 async def test_every_uncompressed_client_gets_the_same_frame_bytes(sqlite_url: str, tmp_path: Path) -> None:
