@@ -17,9 +17,10 @@
   one claimed by a process that died is tried again when its lease ends (receivers dedupe on the body's
   ``id``, the same for every attempt). Delivered and failed rows leave the log after ``log_days``.
 - **SQLite.** Every write here (enqueue, claim, record) queues at the process's write gate
-  (``storage.database.write_gate``) with the ingest writer's group commits, rather than polling SQLite's
-  busy handler, and a round's outcomes are written with the next claim: one transaction per round. Each
-  waits for at most the commit under way, so a delivery trails its event by a few group commits.
+  (``storage.database.write_gate``; the ingest writer lets what waits there go before its next group
+  commit) rather than polling SQLite's busy handler, and a round's outcomes are written with the next
+  claim: one transaction per round. Each waits for at most the commit under way, so a delivery trails
+  its event by a few group commits.
 
 Headers of every POST: ``X-Telemetra-Event`` (the event name), ``X-Telemetra-Delivery`` (the delivery's
 id), ``X-Telemetra-Timestamp`` (Unix seconds) and ``X-Telemetra-Signature`` (``domain.webhooks.signature``).
