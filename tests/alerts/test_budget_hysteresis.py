@@ -22,6 +22,17 @@ from telemetra.domain.budget import (
 RANK = {None: 0, WARNING: 1, CRITICAL: 2}
 
 
+def raising_rule(budget: int, used: int, growth: float, warn_days: float, warn_fraction: float) -> BudgetState | None:
+    """The thresholds alone, no hysteresis: what the settled state is checked against."""
+    return budget_state(
+        budget_bytes=budget,
+        used_bytes=used,
+        days_left=days_left(budget, used, growth),
+        warn_days=warn_days,
+        warn_fraction=warn_fraction,
+    )
+
+
 def settle(previous: str | None, used: int, **more: float) -> BudgetState | None:
     figures: dict[str, float] = {
         "budget_bytes": 1000,
@@ -131,13 +142,7 @@ def test_a_zero_margin_is_the_raising_rule_itself(
     previous: str | None, budget: int, share: float, growth: float, warn_days: float, warn_fraction: float
 ) -> None:
     used = int(share * budget)
-    raw = budget_state(
-        budget_bytes=budget,
-        used_bytes=used,
-        days_left=days_left(budget, used, growth),
-        warn_days=warn_days,
-        warn_fraction=warn_fraction,
-    )
+    raw = raising_rule(budget, used, growth, warn_days, warn_fraction)
     both = {"growth_bytes_per_day": growth, "warn_days": warn_days, "warn_fraction": warn_fraction}
     assert settle(previous, used, budget_bytes=budget, clear_margin=0, **both) == raw
     assert settle(None, used, budget_bytes=budget, clear_margin=0.1, **both) == raw  # nothing open: no hysteresis
@@ -155,13 +160,7 @@ def test_raising_is_never_held_back_and_far_enough_below_it_clears(
 ) -> None:
     used = int(share * budget)
     figures = {"growth_bytes_per_day": growth, "warn_days": warn_days, "warn_fraction": warn_fraction}
-    raw = budget_state(
-        budget_bytes=budget,
-        used_bytes=used,
-        days_left=days_left(budget, used, growth),
-        warn_days=warn_days,
-        warn_fraction=warn_fraction,
-    )
+    raw = raising_rule(budget, used, growth, warn_days, warn_fraction)
     state = settle(previous, used, budget_bytes=budget, clear_margin=margin, **figures)
     severity = state.severity if state else None
     assert RANK[severity] >= RANK[raw.severity if raw else None]  # never below what the thresholds say
