@@ -105,11 +105,6 @@ class Subscription:
         if not handled or self._queue or self._missed:
             self._ready.set()
 
-    @property
-    def lagging(self) -> bool:
-        """Events were lost: the next take starts with a ``Gap``."""
-        return bool(self._missed)
-
     def note_missed(self, missed: int) -> None:
         self._missed = UNKNOWN if missed == UNKNOWN or self._missed == UNKNOWN else self._missed + missed
         self._ready.set()
